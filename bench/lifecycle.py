@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Pod lifecycle benchmark through a CRI socket: pull, runp, create, start, stop, rm, stopp, rmp.
+
+    python bench/lifecycle.py -n 20                      # starts its own kiyot-py serve
+    python bench/lifecycle.py --socket unix:///run/kiyot-py/kiyot.sock
+    python bench/lifecycle.py --reference unix:///run/containerd/containerd.sock
+
+Prints min / median / p90 per operation in milliseconds, one column group per runtime
+(kiyot-py, and the reference runtime when given). Each iteration is bounded; no timing
+is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kiyot_py.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
+from kiyot_py.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
+
+OPS = ["pull", "runp", "create", "start", "stop", "rm", "stopp", "rmp"]
+
+
+@contextmanager
+def own_service():
+    """A kiyot-py serve of the benchmark's own, on a bridge and subnet apart."""
+    base = Path(tempfile.mkdtemp(prefix="kiyot-bench-"))
+    config = base / "kiyot.toml"
+    config.write_text(
+        f'socket = "{base}/kiyot.sock"\nstate_dir = "{base}/state"\nlog_level = "warning"\n'
+        '[local]\nbridge = "kiyotb0"\nsubnet = "10.124.0.0/24"\n'
+    )
+    log = open(base / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "kiyot_py.cli", "serve", "--config", str(config)],
+                            stdout=log, stderr=log)
+    try:
+        yield f"unix://{base}/kiyot.sock"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        subprocess.run(["ip", "link", "del", "kiyotb0"], capture_output=True)
+
+
+def wait_ready(target: str) -> grpc.Channel:
+    channel = grpc.insecure_channel(target)
+    rt = api_pb2_grpc.RuntimeServiceStub(channel)
+    for _ in range(300):
+        try:
+            rt.Version(pb.VersionRequest(), timeout=1)
+            return channel
+        except grpc.RpcError:
+            time.sleep(0.1)
+    raise SystemExit(f"{target} does not answer")
+
+
+def one_iteration(channel: grpc.Channel, image: str, log_dir: Path) -> dict[str, float]:
+    rt = api_pb2_grpc.RuntimeServiceStub(channel)
+    im = api_pb2_grpc.ImageServiceStub(channel)
+    times: dict[str, float] = {}
+
+    def timed(op, call, *args):
+        t0 = time.perf_counter()
+        result = call(*args, timeout=120)
+        times[op] = (time.perf_counter() - t0) * 1000
+        return result
+
+    uid = str(uuid.uuid4())
+    sandbox_config = pb.PodSandboxConfig(
+        metadata=pb.PodSandboxMetadata(name=f"bench-{uid[:8]}", namespace="bench", uid=uid),
+        hostname="bench", log_directory=str(log_dir / uid),
+    )
+    timed("pull", im.PullImage, pb.PullImageRequest(image=pb.ImageSpec(image=image)))
+    sandbox = timed("runp", rt.RunPodSandbox, pb.RunPodSandboxRequest(config=sandbox_config)).pod_sandbox_id
+    try:
+        config = pb.ContainerConfig(
+            metadata=pb.ContainerMetadata(name="sleeper"), image=pb.ImageSpec(image=image),
+            command=["sleep", "3600"], log_path="sleeper.log",
+        )
+        cid = timed("create", rt.CreateContainer, pb.CreateContainerRequest(
+            pod_sandbox_id=sandbox, config=config, sandbox_config=sandbox_config)).container_id
+        timed("start", rt.StartContainer, pb.StartContainerRequest(container_id=cid))
+        timed("stop", rt.StopContainer, pb.StopContainerRequest(container_id=cid, timeout=0))
+        timed("rm", rt.RemoveContainer, pb.RemoveContainerRequest(container_id=cid))
+    finally:
+        timed("stopp", rt.StopPodSandbox, pb.StopPodSandboxRequest(pod_sandbox_id=sandbox))
+        timed("rmp", rt.RemovePodSandbox, pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox))
+    return times
+
+
+def measure(target: str, image: str, n: int) -> dict[str, list[float]]:
+    channel = wait_ready(target)
+    samples: dict[str, list[float]] = {op: [] for op in OPS}
+    with tempfile.TemporaryDirectory(prefix="kiyot-bench-logs-") as logs:
+        for _ in range(n):
+            for op, ms in one_iteration(channel, image, Path(logs)).items():
+                samples[op].append(ms)
+    channel.close()
+    return samples
+
+
+def p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+
+
+def print_table(results: dict[str, dict[str, list[float]]], n: int) -> None:
+    names = list(results)
+    header = f"{'op':<8}" + "".join(f"| {name + ' min/med/p90 (ms)':<36}" for name in names)
+    print(f"\n{n} iterations\n{header}\n{'-' * len(header)}")
+    for op in OPS:
+        row = f"{op:<8}"
+        for name in names:
+            v = results[name][op]
+            row += f"| {min(v):9.1f} {statistics.median(v):9.1f} {p90(v):9.1f}       "
+        print(row)
+    totals = {name: sum(statistics.median(results[name][op]) for op in OPS) for name in names}
+    print(f"{'total':<8}" + "".join(f"| {'':9} {totals[name]:9.1f} {'':9}       " for name in names))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", "--iterations", type=int, default=10)
+    parser.add_argument("--image", default="127.0.0.1:5000/test/busybox:latest",
+                        help="image to run (must hold sleep); default %(default)s")
+    parser.add_argument("--socket", help="a running kiyot-py's CRI endpoint; default: start one")
+    parser.add_argument("--reference", help="a reference runtime's CRI endpoint, e.g. containerd's")
+    args = parser.parse_args()
+    if not 1 <= args.iterations <= 1000:
+        parser.error("--iterations must be between 1 and 1000")
+
+    results: dict[str, dict[str, list[float]]] = {}
+    if args.socket:
+        results["kiyot-py"] = measure(args.socket, args.image, args.iterations)
+    else:
+        with own_service() as target:
+            results["kiyot-py"] = measure(target, args.image, args.iterations)
+    if args.reference:
+        results["reference"] = measure(args.reference, args.image, args.iterations)
+    print_table(results, args.iterations)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

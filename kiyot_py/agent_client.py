@@ -1,0 +1,150 @@
+"""The node's side of the cell agent's HTTP contract (cells/API.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+
+class AgentError(RuntimeError):
+    """The agent answered with an error, or could not be reached (status 0)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+class AgentClient:
+    """One client per cell. Holds the cell's secret; never prints it."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, token: str) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"}
+
+    def __repr__(self) -> str:
+        return f"AgentClient({self._base})"
+
+    async def _call(
+        self, method: str, path: str, body: Any = None, *, timeout: float | None = 30.0
+    ) -> Any:
+        try:
+            async with self._session.request(
+                method,
+                self._base + path,
+                json=body,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                data = await resp.read()
+                if resp.status >= 400:
+                    raise _error(resp.status, data)
+                return json.loads(data) if data else {}
+        except aiohttp.ClientError as exc:
+            raise AgentError(0, "unreachable", f"cell agent {self._base}: {exc}") from exc
+        except asyncio.TimeoutError as exc:
+            raise AgentError(0, "unreachable", f"cell agent {self._base}: timed out") from exc
+
+    async def health(self, timeout: float = 2.0) -> dict:
+        return await self._call("GET", "/v1/health", timeout=timeout)
+
+    async def put_pod(self, pod: dict) -> dict:
+        return await self._call("PUT", "/v1/pod", pod)
+
+    async def pull(self, ref: str, digest: str, tls_verify: bool, auth: dict | None) -> dict:
+        body: dict[str, Any] = {"ref": ref, "digest": digest, "tls_verify": tls_verify}
+        if auth:
+            body["auth"] = auth
+        return await self._call("POST", "/v1/images/pull", body, timeout=None)
+
+    async def list_containers(self) -> list[dict]:
+        return await self._call("GET", "/v1/containers")
+
+    async def create_container(self, body: dict) -> dict:
+        return await self._call("POST", "/v1/containers", body, timeout=None)
+
+    async def get_container(self, container_id: str) -> dict:
+        return await self._call("GET", f"/v1/containers/{container_id}")
+
+    async def start_container(self, container_id: str) -> dict:
+        return await self._call("POST", f"/v1/containers/{container_id}/start")
+
+    async def stop_container(self, container_id: str, timeout: int, signal: str) -> dict:
+        return await self._call(
+            "POST",
+            f"/v1/containers/{container_id}/stop",
+            {"timeout": timeout, "signal": signal},
+            timeout=timeout + 30,
+        )
+
+    async def delete_container(self, container_id: str) -> None:
+        await self._call("DELETE", f"/v1/containers/{container_id}")
+
+    async def exec_sync(self, container_id: str, cmd: list[str], timeout: int) -> ExecResult:
+        data = await self._call(
+            "POST",
+            f"/v1/containers/{container_id}/exec",
+            {"cmd": cmd, "timeout": timeout},
+            timeout=None if timeout == 0 else timeout + 30,
+        )
+        return ExecResult(
+            exit_code=int(data["exit_code"]),
+            stdout=base64.b64decode(data.get("stdout", "")),
+            stderr=base64.b64decode(data.get("stderr", "")),
+        )
+
+    async def logs(self, container_id: str, offset: int, follow: bool) -> AsyncIterator[bytes]:
+        """The container's CRI-format log bytes from `offset`; with follow, until it ends."""
+        url = f"{self._base}/v1/containers/{container_id}/logs"
+        params = {"offset": str(offset), "follow": "1" if follow else "0"}
+        try:
+            async with self._session.get(
+                url, params=params, headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            ) as resp:
+                if resp.status >= 400:
+                    raise _error(resp.status, await resp.read())
+                async for chunk in resp.content.iter_any():
+                    yield chunk
+        except aiohttp.ClientError as exc:
+            raise AgentError(0, "unreachable", f"cell agent {self._base}: {exc}") from exc
+
+    async def events(self, heartbeat_timeout: float = 15.0) -> AsyncIterator[dict]:
+        """The agent's event stream; raises AgentError when it breaks or goes silent."""
+        try:
+            async with self._session.get(
+                f"{self._base}/v1/events", headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
+                                              sock_read=heartbeat_timeout),
+            ) as resp:
+                if resp.status >= 400:
+                    raise _error(resp.status, await resp.read())
+                async for line in resp.content:
+                    if line.strip():
+                        yield json.loads(line)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise AgentError(0, "unreachable", f"cell agent {self._base}: events: {exc}") from exc
+        raise AgentError(0, "unreachable", f"cell agent {self._base}: event stream ended")
+
+
+def _error(status: int, data: bytes) -> AgentError:
+    try:
+        body = json.loads(data)
+        return AgentError(status, body.get("error", ""), body.get("message", "") or str(body))
+    except (ValueError, AttributeError):
+        return AgentError(status, "", data.decode(errors="replace")[:500])

@@ -1,0 +1,71 @@
+"""Command line: `kiyot-py serve`, `kiyot-py version`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from kiyot_py import __version__
+from kiyot_py.config import ConfigError, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kiyot-py",
+        description="A CRI runtime for the kubelet in which every pod runs in its own cell "
+        "(a VM, or on one machine a network namespace with its own IP).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="serve CRI v1 on a unix socket",
+        description="Serve CRI v1 (RuntimeService and ImageService) on a unix socket. Settings "
+        "come from the TOML file, then KIYOT_* environment variables (KIYOT_SOCKET, "
+        "KIYOT_STATE_DIR, KIYOT_LOCAL_SUBNET, ...), then these flags.",
+    )
+    serve.add_argument("--config", type=Path, default=os.environ.get("KIYOT_CONFIG"),
+                       help="TOML settings file (env KIYOT_CONFIG)")
+    serve.add_argument("--socket", type=Path,
+                       help="unix socket to serve on (default /run/kiyot-py/kiyot.sock)")
+    serve.add_argument("--state-dir", type=Path,
+                       help="where state and local cells live (default /var/lib/kiyot-py)")
+    serve.add_argument("--node-name", help="name tagged on every cell (default: hostname)")
+    serve.add_argument("--registries-conf", type=Path,
+                       help="registries.conf(5)-style TOML: mirrors and plain-HTTP registries")
+    serve.add_argument("--subnet", help="subnet for local cells (default 10.89.0.0/16)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(f"kiyot-py {__version__}")
+        return 0
+    from kiyot_py import log
+    from kiyot_py.service import serve
+
+    overrides = {
+        "socket": args.socket, "state_dir": args.state_dir, "node_name": args.node_name,
+        "registries_conf": args.registries_conf, "log_level": args.log_level,
+    }
+    if args.subnet:
+        overrides["local"] = {"subnet": args.subnet}
+    try:
+        settings = load_settings(args.config, dict(os.environ), overrides)
+        log.configure(settings.log_level)
+        asyncio.run(serve(settings))
+    except ConfigError as exc:
+        print(f"kiyot-py: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Settings: defaults, then a TOML file, then KIYOT_* environment, then flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot use."""
+
+
+@dataclass
+class LocalCellSettings:
+    bridge: str = "kiyot0"
+    subnet: str = "10.89.0.0/16"
+    agent_port: int = 9276
+    pull_path_port: int = 5380
+    runtime: str = "runc"
+
+
+@dataclass
+class Settings:
+    socket: Path = Path("/run/kiyot-py/kiyot.sock")
+    state_dir: Path = Path("/var/lib/kiyot-py")
+    node_name: str = field(default_factory=lambda: os.uname().nodename)
+    provider: str = "local"
+    registries_conf: Path | None = None
+    log_level: str = "info"
+    cell_boot_timeout: float = 60.0
+    local: LocalCellSettings = field(default_factory=LocalCellSettings)
+
+    def validate(self) -> None:
+        if self.provider != "local":
+            raise ConfigError(f"provider {self.provider!r} is not available yet (only 'local')")
+        try:
+            net = ipaddress.ip_network(self.local.subnet)
+        except ValueError as exc:
+            raise ConfigError(f"local.subnet: {exc}") from None
+        if net.num_addresses < 4:
+            raise ConfigError(f"local.subnet {net} is too small for cells")
+        if self.registries_conf is not None and not self.registries_conf.is_file():
+            raise ConfigError(f"registries_conf {self.registries_conf} does not exist")
+
+
+# Environment names: KIYOT_SOCKET, KIYOT_STATE_DIR, KIYOT_LOCAL_SUBNET, ...
+def _apply(obj: object, values: dict, where: str) -> None:
+    for key, value in values.items():
+        names = {f.name: f for f in dataclasses.fields(obj)}
+        if key not in names:
+            raise ConfigError(f"{where}: unknown setting {key!r}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {key} must be a table")
+            _apply(current, value, f"{where}.{key}")
+            continue
+        setattr(obj, key, _coerce(names[key].type, value, f"{where}.{key}"))
+
+
+def _coerce(type_name: str, value: object, where: str) -> object:
+    try:
+        if "Path" in type_name:
+            return None if value in (None, "") else Path(str(value))
+        if type_name == "int":
+            return int(value)
+        if type_name == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a valid {type_name}") from None
+
+
+def load_settings(path: Path | None, env: dict[str, str], overrides: dict) -> Settings:
+    settings = Settings()
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                _apply(settings, tomllib.load(fh), str(path))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    from_env: dict = {}
+    for key, value in env.items():
+        if not key.startswith("KIYOT_") or key == "KIYOT_CONFIG":
+            continue
+        parts = key[len("KIYOT_"):].lower().split("_", 1)
+        if parts[0] == "local" and len(parts) == 2:
+            from_env.setdefault("local", {})[parts[1]] = value
+        else:
+            from_env["_".join(parts)] = value
+    _apply(settings, from_env, "environment")
+    _apply(settings, {k: v for k, v in overrides.items() if v is not None}, "flags")
+    settings.validate()
+    return settings

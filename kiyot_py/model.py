@@ -1,0 +1,159 @@
+"""The node's records of sandboxes, containers, images and cells.
+
+Plain dataclasses, stored as JSON by `kiyot_py.store`. States use the CRI enum names
+so that the CRI layer converts them one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+SANDBOX_READY = "SANDBOX_READY"
+SANDBOX_NOTREADY = "SANDBOX_NOTREADY"
+
+CONTAINER_CREATED = "CONTAINER_CREATED"
+CONTAINER_RUNNING = "CONTAINER_RUNNING"
+CONTAINER_EXITED = "CONTAINER_EXITED"
+CONTAINER_UNKNOWN = "CONTAINER_UNKNOWN"
+
+
+def new_id() -> str:
+    """A CRI id: 64 lowercase hex characters."""
+    return secrets.token_hex(32)
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+@dataclass
+class Cell:
+    """A provider's view of one cell: where its agent is and how to talk to it."""
+
+    id: str
+    sandbox_id: str
+    address: str  # the pod IP
+    agent_url: str
+    token: str = field(repr=False)
+    state: str = "running"  # pending | running | terminated
+    tags: dict[str, str] = field(default_factory=dict)
+    # Where the cell pulls images from: "host:port" of the node's pull path, or "" to
+    # go to the registries directly (a cloud cell).
+    pull_path: str = ""
+
+
+@dataclass
+class Sandbox:
+    id: str
+    name: str
+    namespace: str
+    uid: str
+    attempt: int
+    state: str = SANDBOX_NOTREADY
+    created_at: int = field(default_factory=now_ns)
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    runtime_handler: str = ""
+    log_directory: str = ""
+    config: bytes = field(default=b"", repr=False)  # the PodSandboxConfig as sent
+    # "creating" until the cell answered; such a sandbox is not listed yet.
+    phase: str = "creating"
+    cell: Cell | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.name, self.namespace, self.uid, self.attempt)
+
+
+@dataclass
+class Container:
+    id: str
+    sandbox_id: str
+    name: str
+    attempt: int
+    image: str  # what the kubelet asked for
+    image_id: str  # sha256:… of the image config
+    image_ref: str  # name@digest the cell pulled
+    state: str = CONTAINER_CREATED
+    created_at: int = field(default_factory=now_ns)
+    started_at: int = 0
+    finished_at: int = 0
+    exit_code: int = 0
+    reason: str = ""
+    message: str = ""
+    pid: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    log_path: str = ""  # absolute path on the node; "" = no log requested
+    stop_signal: str = "SIGTERM"
+    spec: dict[str, Any] = field(default_factory=dict, repr=False)
+    config: bytes = field(default=b"", repr=False)  # the ContainerConfig as sent
+    # Log shipping progress: bytes of the cell's log copied, and the node file's
+    # (inode, size) right after that copy, so a restart resumes exactly.
+    log_offset: int = 0
+    log_inode: int = 0
+    log_size: int = 0
+    log_done: bool = False
+
+
+@dataclass
+class Credentials:
+    username: str = field(repr=False)
+    password: str = field(repr=False)
+
+
+@dataclass
+class Image:
+    id: str  # sha256:… of the config blob
+    repo_tags: list[str] = field(default_factory=list)
+    repo_digests: list[str] = field(default_factory=list)  # name@manifest-or-index digest
+    size: int = 0
+    platform_digest: str = ""  # digest of the platform manifest the cells pull
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+    pinned: bool = False
+    # Credentials per repository name, kept for the cells that pull it.
+    auth: dict[str, Credentials] = field(default_factory=dict, repr=False)
+
+    @property
+    def user(self) -> str:
+        return (self.config.get("config") or {}).get("User") or ""
+
+
+T = TypeVar("T")
+
+
+def to_json(obj: Any) -> Any:
+    """Dataclass → JSON-able value (bytes become hex)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, bytes):
+        return {"__hex__": obj.hex()}
+    if isinstance(obj, dict):
+        return {k: to_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_json(v) for v in obj]
+    return obj
+
+
+def _from_value(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"__hex__"}:
+        return bytes.fromhex(value["__hex__"])
+    return value
+
+
+def from_json(cls: type[T], data: dict[str, Any]) -> T:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in data:
+            continue
+        value = _from_value(data[f.name])
+        if f.name == "cell" and value is not None:
+            value = from_json(Cell, value)
+        elif f.name == "auth":
+            value = {k: from_json(Credentials, v) for k, v in value.items()}
+        kwargs[f.name] = value
+    return cls(**kwargs)

@@ -1,0 +1,1 @@
+"""Pod lifecycle: sandboxes, containers and images; every decision lives here."""

@@ -1,0 +1,262 @@
+"""Local cells: a network namespace per pod, with its own IP on a bridge.
+
+Each cell is a directory `<state>/cells/<cell-id>/` holding `cell.json` (this
+provider's "cloud API": address, tags, the agent supervisor's pid), the agent's token
+and its state. The agent runs inside the namespace under `kiyot-cell supervise`, which
+restarts it if it dies, as systemd would inside a VM. Containers are held by conmon, so
+they outlive both the agent and `kiyot-py serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from kiyot_py.config import LocalCellSettings
+from kiyot_py.model import Cell
+from kiyot_py.providers.base import ProviderError
+
+log = structlog.get_logger("kiyot.providers.local")
+
+NETNS_DIR = Path("/run/netns")
+
+
+@dataclass
+class _CellFile:
+    id: str
+    sandbox_id: str
+    address: str
+    netns: str
+    veth: str
+    tags: dict[str, str]
+    supervisor_pid: int = 0
+
+
+async def _run(*argv: str, check: bool = True) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if check and proc.returncode != 0:
+        raise ProviderError(f"{' '.join(argv)}: {err.decode().strip() or proc.returncode}")
+    return out.decode()
+
+
+class LocalProvider:
+    name = "local"
+
+    def __init__(self, state_dir: Path, settings: LocalCellSettings) -> None:
+        self._dir = state_dir / "cells"
+        self._settings = settings
+        self._net = ipaddress.ip_network(settings.subnet)
+        self.gateway = str(next(self._net.hosts()))
+        self._lock = asyncio.Lock()
+
+    @property
+    def pull_path(self) -> str:
+        return f"{self.gateway}:{self._settings.pull_path_port}"
+
+    # -- shared infrastructure ------------------------------------------------
+
+    async def start(self) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        bridge = self._settings.bridge
+        if not Path(f"/sys/class/net/{bridge}").exists():
+            await _run("ip", "link", "add", bridge, "type", "bridge")
+        addrs = await _run("ip", "-o", "addr", "show", "dev", bridge)
+        if f" {self.gateway}/" not in addrs:
+            await _run("ip", "addr", "add", f"{self.gateway}/{self._net.prefixlen}", "dev", bridge)
+        await _run("ip", "link", "set", bridge, "up")
+        # A VM's agent comes back when the VM does: revive supervisors that are gone
+        # (after a reboot of this host, say) for cells whose namespace still exists.
+        for cell in self._read_all():
+            if Path(NETNS_DIR / cell.netns).exists() and not self._supervisor_alive(cell):
+                log.info("reviving cell agent", cell=cell.id)
+                await self._start_agent(cell)
+
+    async def close(self) -> None:
+        pass
+
+    # -- cells ------------------------------------------------------------------
+
+    async def create_cell(self, sandbox_id: str, tags: dict[str, str]) -> Cell:
+        cell_id = "c" + sandbox_id[:12]
+        async with self._lock:
+            existing = self._read(cell_id)
+            if existing is not None:
+                if existing.sandbox_id != sandbox_id:
+                    raise ProviderError(f"cell {cell_id} belongs to sandbox {existing.sandbox_id}")
+                return self._cell(existing)
+            cell_dir = self._dir / cell_id
+            cell_dir.mkdir(mode=0o700)
+            try:
+                cell = _CellFile(
+                    id=cell_id, sandbox_id=sandbox_id, address=self._allocate_address(),
+                    netns=f"kiyot-{sandbox_id[:12]}", veth=f"kv{sandbox_id[:12]}", tags=dict(tags),
+                )
+                self._write(cell)  # claims the address before anything is built
+                await self._build_network(cell)
+                token_file = cell_dir / "token"
+                fd = os.open(token_file, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_urlsafe(32))
+                await self._start_agent(cell)
+            except BaseException:
+                await self._teardown(cell_id)
+                raise
+            log.info("cell created", cell=cell_id, address=cell.address)
+            return self._cell(cell)
+
+    async def delete_cell(self, cell_id: str) -> None:
+        async with self._lock:
+            await self._teardown(cell_id)
+
+    async def describe_cell(self, cell_id: str) -> Cell | None:
+        cell = self._read(cell_id)
+        return None if cell is None else self._cell(cell)
+
+    async def list_cells(self, tags: dict[str, str]) -> list[Cell]:
+        return [
+            self._cell(c) for c in self._read_all()
+            if all(c.tags.get(k) == v for k, v in tags.items())
+        ]
+
+    # -- pieces -------------------------------------------------------------------
+
+    def _cell(self, cell: _CellFile) -> Cell:
+        token = (self._dir / cell.id / "token")
+        alive = Path(NETNS_DIR / cell.netns).exists() and token.exists()
+        return Cell(
+            id=cell.id, sandbox_id=cell.sandbox_id, address=cell.address,
+            agent_url=f"http://{cell.address}:{self._settings.agent_port}",
+            token=token.read_text() if token.exists() else "",
+            state="running" if alive else "pending",
+            tags=dict(cell.tags), pull_path=self.pull_path,
+        )
+
+    def _allocate_address(self) -> str:
+        used = {c.address for c in self._read_all()} | {self.gateway}
+        # The file lock keeps two kiyot-py processes on one host from taking one address.
+        with open(self._dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for host in self._net.hosts():
+                if str(host) not in used:
+                    return str(host)
+        raise ProviderError(f"no free address left in {self._net}")
+
+    async def _build_network(self, cell: _CellFile) -> None:
+        ns = cell.netns
+        await _run("ip", "netns", "add", ns)
+        await _run("ip", "link", "add", cell.veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        await _run("ip", "link", "set", cell.veth, "master", self._settings.bridge, "up")
+        await _run("ip", "-n", ns, "addr", "add", f"{cell.address}/{self._net.prefixlen}", "dev", "eth0")
+        await _run("ip", "-n", ns, "link", "set", "eth0", "up")
+        await _run("ip", "-n", ns, "link", "set", "lo", "up")
+        await _run("ip", "-n", ns, "route", "add", "default", "via", self.gateway)
+
+    async def _start_agent(self, cell: _CellFile) -> None:
+        cell_dir = self._dir / cell.id
+        argv = [
+            "nsenter", f"--net={NETNS_DIR / cell.netns}", "--",
+            sys.executable, "-m", "kiyot_cell.cli", "supervise",
+            "--listen", f"{cell.address}:{self._settings.agent_port}",
+            "--token-file", str(cell_dir / "token"),
+            "--state-dir", str(cell_dir / "agent"),
+            "--netns", str(NETNS_DIR / cell.netns),
+            "--cgroup-parent", f"kiyot/{cell.id}",
+            "--runtime", self._settings.runtime,
+        ]
+        with open(cell_dir / "agent.log", "ab") as out:
+            # A session of its own: the cell outlives `kiyot-py serve`.
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True,
+            )
+        cell.supervisor_pid = proc.pid
+        self._write(cell)
+
+    def _supervisor_alive(self, cell: _CellFile) -> bool:
+        if not cell.supervisor_pid:
+            return False
+        try:
+            cmdline = Path(f"/proc/{cell.supervisor_pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        return str(self._dir / cell.id).encode() in cmdline
+
+    async def _teardown(self, cell_id: str) -> None:
+        cell = self._read(cell_id)
+        cell_dir = self._dir / cell_id
+        if cell is None and not cell_dir.exists():
+            return
+        if cell is not None:
+            if self._supervisor_alive(cell):
+                os.killpg(cell.supervisor_pid, signal.SIGTERM)
+                for _ in range(100):
+                    if not self._supervisor_alive(cell):
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    os.killpg(cell.supervisor_pid, signal.SIGKILL)
+            await self._delete_containers(cell_dir)
+            if Path(NETNS_DIR / cell.netns).exists():
+                await _run("ip", "netns", "del", cell.netns, check=False)
+            if Path(f"/sys/class/net/{cell.veth}").exists():
+                await _run("ip", "link", "del", cell.veth, check=False)
+            _remove_cgroups(f"kiyot/{cell.id}")
+        shutil.rmtree(cell_dir, ignore_errors=True)
+        log.info("cell deleted", cell=cell_id)
+
+    async def _delete_containers(self, cell_dir: Path) -> None:
+        """Containers whose bundle lives in this cell: conmon holds them, so kill them here."""
+        out = await _run("runc", "list", "--format", "json", check=False)
+        for ctr in json.loads(out or "null") or []:
+            if str(ctr.get("bundle", "")).startswith(str(cell_dir) + "/"):
+                await _run("runc", "delete", "--force", ctr["id"], check=False)
+
+    def _read(self, cell_id: str) -> _CellFile | None:
+        try:
+            return _CellFile(**json.loads((self._dir / cell_id / "cell.json").read_text()))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _read_all(self) -> list[_CellFile]:
+        if not self._dir.exists():
+            return []
+        cells = (self._read(p.name) for p in self._dir.iterdir() if p.is_dir())
+        return [c for c in cells if c is not None]
+
+    def _write(self, cell: _CellFile) -> None:
+        path = self._dir / cell.id / "cell.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cell.__dict__))
+        os.replace(tmp, path)
+
+
+def _remove_cgroups(relative: str) -> None:
+    root = Path("/sys/fs/cgroup")
+    for hierarchy in root.iterdir() if root.exists() else []:
+        path = hierarchy / relative
+        if path.is_dir():
+            # Children first; a cgroup directory is removed with rmdir, never rm -r.
+            for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                if sub.is_dir():
+                    try:
+                        sub.rmdir()
+                    except OSError:
+                        pass
+            try:
+                path.rmdir()
+            except OSError:
+                pass

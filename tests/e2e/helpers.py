@@ -1,0 +1,65 @@
+"""Small helpers that build CRI requests the way the kubelet does."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+from kiyot_py.gen.runtime.v1 import api_pb2 as pb
+
+
+def sandbox_config(name: str, log_dir: Path, **labels: str) -> pb.PodSandboxConfig:
+    uid = str(uuid.uuid4())
+    return pb.PodSandboxConfig(
+        metadata=pb.PodSandboxMetadata(name=name, namespace="default", uid=uid, attempt=0),
+        hostname=name,
+        log_directory=str(log_dir / f"default_{name}_{uid}"),
+        dns_config=pb.DNSConfig(servers=["10.96.0.10"], searches=["default.svc.cluster.local"],
+                                options=["ndots:5"]),
+        labels={"app": name, **labels},
+        annotations={"kiyot.test/owner": "e2e"},
+    )
+
+
+def container_config(name: str, image: str, command: list[str] | None = None,
+                     args: list[str] | None = None, **kw) -> pb.ContainerConfig:
+    return pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name=name, attempt=0),
+        image=pb.ImageSpec(image=image),
+        command=command or [], args=args or [],
+        log_path=f"{name}/0.log",
+        labels={"container": name},
+        **kw,
+    )
+
+
+def wait_state(cri, container_id: str, state: int, seconds: float = 30.0) -> pb.ContainerStatus:
+    """Poll ContainerStatus until `state` (bounded), as the kubelet's relist does."""
+    deadline = time.monotonic() + seconds
+    while True:
+        status = cri.ContainerStatus(pb.ContainerStatusRequest(container_id=container_id)).status
+        if status.state == state or time.monotonic() > deadline:
+            return status
+        time.sleep(0.05)
+
+
+def wait_for(predicate, seconds: float = 30.0, every: float = 0.05):
+    """Poll until predicate() is truthy (bounded); returns its last value."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every)
+
+
+def log_lines(path: str) -> list[tuple[str, str, str]]:
+    """(stream, tag, text) for each CRI log line; checks the timestamp's shape."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        ts, stream, tag, text = (line.split(" ", 3) + [""])[:4]
+        assert ts.endswith("Z") or "+" in ts or ts.count("-") > 2, line
+        assert "T" in ts, line
+        out.append((stream, tag, text))
+    return out

@@ -1,0 +1,108 @@
+"""Crashes: `kill -9` of the service, and of a cell's agent. Nothing is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from kiyot_py.gen.runtime.v1 import api_pb2 as pb
+
+from .helpers import container_config, log_lines, sandbox_config, wait_for, wait_state
+
+
+def _ticks(path: str) -> list[int]:
+    return [int(text.split()[1]) for stream, _, text in log_lines(path) if text.startswith("tick ")]
+
+
+def test_kill9_of_the_service_loses_nothing(service, tmp_path, test_images):
+    cri, img = service.runtime, service.images
+    ref = test_images["busybox"].ref
+    img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
+    config = sandbox_config("survivor", tmp_path)
+    sandbox_id = cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    cid = cri.CreateContainer(pb.CreateContainerRequest(
+        pod_sandbox_id=sandbox_id, sandbox_config=config,
+        config=container_config("ticker", ref, ["sh", "-c",
+                                "i=0; while [ $i -lt 100000 ]; do echo tick $i; i=$((i+1)); sleep 0.02; done"]),
+    )).container_id
+    cri.StartContainer(pb.StartContainerRequest(container_id=cid))
+    log_path = wait_state(cri, cid, pb.CONTAINER_RUNNING).log_path
+    wait_for(lambda: len(_ticks(log_path)) >= 10)
+
+    def snapshot(cri):
+        sandboxes = {(s.id, s.state) for s in cri.ListPodSandbox(pb.ListPodSandboxRequest()).items}
+        containers = {(c.id, c.state) for c in cri.ListContainers(pb.ListContainersRequest()).containers}
+        images = {i.id for i in service.images.ListImages(pb.ListImagesRequest()).images}
+        return sandboxes, containers, images
+
+    before = snapshot(cri)
+    service.kill9()
+    ticks_while_down = len(_ticks(log_path))
+    time.sleep(1.0)  # the container goes on while no service runs
+    service.start()
+    cri = service.runtime
+    assert snapshot(cri) == before
+    assert (sandbox_id, pb.SANDBOX_READY) in before[0]
+    assert cri.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status.state == pb.CONTAINER_RUNNING
+    # The log resumes where it stopped: more lines come, none missing, none twice.
+    wait_for(lambda: len(_ticks(log_path)) > ticks_while_down + 60)
+    cri.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=0))
+    time.sleep(0.5)
+    ticks = _ticks(log_path)
+    assert ticks == list(range(len(ticks))), "gap or duplicate in the log after the restart"
+    cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox_id))
+    cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
+
+
+def _runc_status(container_id: str) -> str:
+    out = subprocess.run(["runc", "state", container_id], capture_output=True, text=True)
+    return json.loads(out.stdout)["status"] if out.returncode == 0 else "gone"
+
+
+def test_kill9_of_the_agent_loses_nothing(service, tmp_path, test_images):
+    cri, img = service.runtime, service.images
+    ref = test_images["busybox"].ref
+    img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
+    config = sandbox_config("agent-crash", tmp_path)
+    sandbox_id = cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
+
+    def start(name, command):
+        cid = cri.CreateContainer(pb.CreateContainerRequest(
+            pod_sandbox_id=sandbox_id, sandbox_config=config,
+            config=container_config(name, ref, command))).container_id
+        cri.StartContainer(pb.StartContainerRequest(container_id=cid))
+        wait_state(cri, cid, pb.CONTAINER_RUNNING)
+        return cid
+
+    long_runner = start("long", ["sleep", "3600"])
+    exits_later = start("short", ["sleep", "1000"])  # killed below, while the agent is down
+
+    cell = json.loads((service.state_dir / "cells" / f"c{sandbox_id[:12]}" / "cell.json").read_text())
+    supervisor = cell["supervisor_pid"]
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    assert len(children) == 1
+    agent = int(children[0])
+    # Hold the supervisor so that the agent stays down while a container exits.
+    os.kill(supervisor, signal.SIGSTOP)
+    try:
+        os.kill(agent, signal.SIGKILL)
+        subprocess.run(["runc", "kill", exits_later, "KILL"], check=True)
+        assert wait_for(lambda: _runc_status(exits_later) == "stopped")
+    finally:
+        os.kill(supervisor, signal.SIGCONT)
+    # The supervisor brings the agent back; it reports what happened while it was down.
+    status = wait_state(cri, exits_later, pb.CONTAINER_EXITED)
+    assert (status.state, status.exit_code) == (pb.CONTAINER_EXITED, 137)
+    assert _runc_status(long_runner) == "running"
+    assert cri.ContainerStatus(pb.ContainerStatusRequest(container_id=long_runner)).status.state \
+        == pb.CONTAINER_RUNNING
+    new_children = wait_for(lambda: Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split())
+    assert new_children and int(new_children[0]) != agent
+    r = cri.ExecSync(pb.ExecSyncRequest(container_id=long_runner, cmd=["echo", "still here"], timeout=10))
+    assert r.stdout == b"still here\n"
+    cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox_id))
+    cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))

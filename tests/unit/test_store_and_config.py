@@ -1,0 +1,67 @@
+"""The node's store and settings."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+
+import pytest
+
+from kiyot_py.config import ConfigError, load_settings
+from kiyot_py.model import Cell, Container, Credentials, Image, Sandbox, new_id
+from kiyot_py.store import Store, StoreError
+
+
+def test_records_round_trip(tmp_path):
+    store = Store(tmp_path / "state.db")
+    sb = Sandbox(id=new_id(), name="p", namespace="n", uid="u", attempt=1, labels={"a": "b"},
+                 config=b"\x00\x01", cell=Cell(id="c1", sandbox_id="x", address="10.0.0.2",
+                                               agent_url="http://10.0.0.2:1", token="t"))
+    c = Container(id=new_id(), sandbox_id=sb.id, name="c", attempt=0, image="i", image_id="sha256:1",
+                  image_ref="r@sha256:2", config=b"\xff")
+    img = Image(id="sha256:" + "1" * 64, repo_tags=["a:1"], auth={"a": Credentials("u", "p")})
+    for record in (sb, c, img):
+        store.put(record)
+    store.close()
+    again = Store(tmp_path / "state.db")
+    assert again.load(Sandbox) == [sb]
+    assert again.load(Container) == [c]
+    assert again.load(Image) == [img]
+    again.delete(Container, c.id)
+    assert again.load(Container) == []
+    # Secrets live here: the file is the owner's only.
+    assert stat.S_IMODE((tmp_path / "state.db").stat().st_mode) == 0o600
+    assert "password" not in repr(img.auth["a"]) and "token" not in repr(sb.cell)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    Store(tmp_path / "state.db").close()
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.execute("PRAGMA user_version=99")
+    db.close()
+    with pytest.raises(StoreError, match="newer"):
+        Store(tmp_path / "state.db")
+
+
+def test_settings_layering(tmp_path):
+    conf = tmp_path / "k.toml"
+    conf.write_text('state_dir = "/from/file"\nsocket = "/file.sock"\n[local]\nsubnet = "10.1.0.0/24"\n')
+    env = {"KIYOT_SOCKET": "/env.sock", "KIYOT_LOCAL_BRIDGE": "br9", "PATH": "/bin"}
+    s = load_settings(conf, env, {"state_dir": "/from/flag"})
+    assert str(s.state_dir) == "/from/flag"
+    assert str(s.socket) == "/env.sock"
+    assert s.local.subnet == "10.1.0.0/24" and s.local.bridge == "br9"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("nope = 1", "unknown setting 'nope'"),
+    ('[local]\nsubnet = "banana"', "local.subnet"),
+    ('provider = "gcp"', "only 'local'"),
+    ("[local]\nagent_port = 'x'", "not a valid int"),
+    ("= broken", "k.toml"),
+])
+def test_bad_settings_are_clear(tmp_path, text, message):
+    conf = tmp_path / "k.toml"
+    conf.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(conf, {}, {})
