@@ -53,6 +53,13 @@ async def _run(*argv: str, check: bool = True) -> str:
     return out.decode()
 
 
+async def _succeeds(*argv: str) -> bool:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    return await proc.wait() == 0
+
+
 class LocalProvider:
     name = "local"
 
@@ -78,6 +85,7 @@ class LocalProvider:
         if f" {self.gateway}/" not in addrs:
             await _run("ip", "addr", "add", f"{self.gateway}/{self._net.prefixlen}", "dev", bridge)
         await _run("ip", "link", "set", bridge, "up")
+        await self._fence_host()
         # A VM's agent comes back when the VM does: revive supervisors that are gone
         # (after a reboot of this host, say) for cells whose namespace still exists.
         for cell in self._read_all():
@@ -87,6 +95,26 @@ class LocalProvider:
 
     async def close(self) -> None:
         pass
+
+    async def _fence_host(self) -> None:
+        """Cells reach this host only at the pull path, as a VM in a VPC would reach the node.
+
+        Without this, every host service bound to 0.0.0.0 would be open to every pod.
+        Replies to the node's own connections (to the agents) stay allowed.
+        """
+        chain = f"KIYOT-{self._settings.bridge}"[:28]
+        if not await _succeeds("iptables", "-n", "-L", chain):
+            await _run("iptables", "-N", chain)
+        await _run("iptables", "-F", chain)
+        for rule in (
+            ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+            ["-p", "tcp", "-d", self.gateway, "--dport", str(self._settings.pull_path_port), "-j", "ACCEPT"],
+            ["-j", "DROP"],
+        ):
+            await _run("iptables", "-A", chain, *rule)
+        jump = ["INPUT", "-i", self._settings.bridge, "-j", chain]
+        if not await _succeeds("iptables", "-C", *jump):
+            await _run("iptables", "-I", *jump)
 
     # -- cells ------------------------------------------------------------------
 
@@ -164,6 +192,9 @@ class LocalProvider:
         await _run("ip", "-n", ns, "link", "set", "eth0", "up")
         await _run("ip", "-n", ns, "link", "set", "lo", "up")
         await _run("ip", "-n", ns, "route", "add", "default", "via", self.gateway)
+        # The agent's port answers the node only, not the pod's own containers.
+        await _run("nsenter", f"--net={NETNS_DIR / ns}", "iptables", "-A", "INPUT", "-p", "tcp",
+                   "--dport", str(self._settings.agent_port), "!", "-s", self.gateway, "-j", "DROP")
 
     async def _start_agent(self, cell: _CellFile) -> None:
         cell_dir = self._dir / cell.id

@@ -321,3 +321,32 @@ def test_all_41_rpcs_are_routed(service):
                     list(result)
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, path
             assert method.name in err.value.details(), path
+
+
+def test_cell_reaches_only_the_pull_path_on_the_host(cri, pod, pulled, test_images, service):
+    """Like a VM in a VPC: a host service on 0.0.0.0 and the cell's own agent are out of reach."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    threading.Thread(target=lambda: listener.accept(), daemon=True).start()
+    try:
+        cid = run(cri, pod, "prober", test_images["busybox"].ref, ["sleep", "3600"])
+        wait_state(cri, cid, pb.CONTAINER_RUNNING)
+        ip = pod_ip(cri, pod[0])
+
+        def connects(host, p) -> bool:
+            # nc exits 1 at once when it cannot connect (or after -w 2 when dropped);
+            # a connection that opens stays open until `timeout` ends it.
+            r = cri.ExecSync(pb.ExecSyncRequest(container_id=cid, timeout=20, cmd=[
+                "sh", "-c", f"timeout 3 nc -w 2 {host} {p} </dev/null >/dev/null 2>&1; echo $?"]))
+            return r.stdout.strip() != b"1"
+
+        assert connects("10.123.0.1", 5380)  # the pull path
+        assert not connects("10.123.0.1", port)  # any other host service
+        assert not connects(ip, 9276)  # the cell's own agent
+    finally:
+        listener.close()

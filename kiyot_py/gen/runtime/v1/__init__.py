@@ -1,0 +1,1 @@
+# Generated package directory: contents are produced by tools/gen_proto.py.
