@@ -1,0 +1,82 @@
+"""A local OCI registry for the tests: Debian's `docker-registry` on 127.0.0.1:5000.
+
+`scripts/test.sh` starts one for the whole run; the `registry` fixture uses whatever
+answers at 127.0.0.1:5000/v2/ and otherwise starts one of its own.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REGISTRY = "127.0.0.1:5000"
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+def v2_up(addr: str = REGISTRY, timeout: float = 2.0) -> bool:
+    """True when `GET http://ADDR/v2/` answers 200 (or 401: a registry with auth)."""
+    try:
+        with urllib.request.urlopen(f"http://{addr}/v2/", timeout=timeout) as r:
+            return r.status == 200
+    except urllib.error.HTTPError as e:
+        return e.code == 401
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def config_text(root: Path, addr: str = REGISTRY) -> str:
+    """A docker-registry config: filesystem storage under ROOT/data, plain HTTP on ADDR."""
+    return (
+        "version: 0.1\n"
+        "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
+        "storage:\n"
+        f"  filesystem:\n    rootdirectory: {root / 'data'}\n"
+        "  delete:\n    enabled: true\n"
+        "  cache:\n    blobdescriptor: inmemory\n"
+        f"http:\n  addr: {addr}\n"
+    )
+
+
+def start_registry(root: Path, addr: str = REGISTRY, timeout: float = 15.0) -> subprocess.Popen:
+    """Start `docker-registry serve` with its config and storage under ROOT; wait for /v2/."""
+    exe = shutil.which("docker-registry")
+    if exe is None:
+        raise RegistryError(
+            "docker-registry is not installed and nothing answers at "
+            f"http://{addr}/v2/: run `sudo bash scripts/setup.sh` (or `bash scripts/test.sh`)")
+    root.mkdir(parents=True, exist_ok=True)
+    conf = root / "config.yml"
+    conf.write_text(config_text(root, addr))
+    log = open(root / "registry.log", "ab")
+    proc = subprocess.Popen([exe, "serve", str(conf)], stdout=log, stderr=log,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if v2_up(addr, timeout=1):
+            return proc
+        if proc.poll() is not None:
+            raise RegistryError(f"docker-registry exited ({proc.returncode}) at start:\n"
+                                + (root / "registry.log").read_text()[-2000:])
+        time.sleep(0.05)
+    stop_registry(proc)
+    raise RegistryError(f"docker-registry did not answer at http://{addr}/v2/ within {timeout}s:\n"
+                        + (root / "registry.log").read_text()[-2000:])
+
+
+def stop_registry(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
