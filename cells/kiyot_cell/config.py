@@ -1,0 +1,44 @@
+"""The agent's settings, fixed at boot from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    host: str
+    port: int
+    token: bytes
+    state_dir: Path
+    netns: str | None = None          # /run/netns/NAME; None = share the agent's network
+    cgroup_parent: str = "kiyot-cell"  # containers get <parent>/<id>
+    runtime: str = "runc"
+    runtime_path: str = "/usr/sbin/runc"
+    conmon_path: str = "/usr/bin/conmon"
+    skopeo_path: str = "skopeo"
+    umoci_path: str = "umoci"
+    max_body: int = 4 * 1024 * 1024
+    pull_timeout: float = 900.0
+    # The runtime's --root; None = its default (/run/runc), where `runc list` on the cell
+    # shows the pod's containers. Ids are 64-hex and unique, so agents may share it.
+    runtime_root: Path | None = None
+
+    # Layout of the state directory, in one place.
+    @property
+    def images_dir(self) -> Path:
+        return self.state_dir / "images"
+
+    @property
+    def containers_dir(self) -> Path:
+        return self.state_dir / "containers"
+
+
+    @property
+    def pod_dir(self) -> Path:
+        return self.state_dir / "pod"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.state_dir / "tmp"

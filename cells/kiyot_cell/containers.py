@@ -1,0 +1,376 @@
+"""Container lifecycle: create (unpack + bundle + conmon), start, stop, delete, exec.
+
+Every record change goes through `_set`, which persists it and publishes an event. A
+watcher task per live container polls conmon's exit file and pidfile (100 ms): the exit
+code is conmon's, never invented; a dead conmon without an exit file is `unknown` /
+MonitorLost. The per-container lock serializes create/start/delete and the watcher's
+transition, so a container that exits the instant it starts still ends as `exited`;
+stop never holds it while waiting (the watcher must be able to record the exit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal as _signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+from . import log, spec as specmod
+from .config import AgentConfig
+from .errors import ApiError, conflict, invalid, not_found
+from .events import EventHub
+from .images import DIGEST_RE, ImageStore
+from .pod import Pod
+from .records import CREATED, EXITED, LIVE_STATES, RUNNING, UNKNOWN, ContainerRecord, RecordStore, now_ns
+from .runtime import ContainerPaths, Runtime, conmon_alive, die_with_parent, parse_signal, read_pidfile
+
+_log = log.get("containers")
+ID_RE = re.compile(r"^[0-9a-f]{64}$")
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]{0,252}$")
+POLL = 0.1
+EXIT_WAIT_AFTER_KILL = 30.0  # bound on waiting for conmon's exit file after SIGKILL
+
+
+def _image_stop_signal(image_cfg: dict[str, Any]) -> str:
+    sig = image_cfg.get("annotations", {}).get("org.opencontainers.image.stopSignal") or "SIGTERM"
+    try:
+        parse_signal(sig)
+    except ApiError:
+        return "SIGTERM"
+    return sig
+
+
+def check_id(cid: str) -> str:
+    if not ID_RE.match(cid):
+        raise invalid(f"container id must be 64 lowercase hex characters, got {cid[:80]!r}")
+    return cid
+
+
+class ContainerManager:
+    def __init__(self, cfg: AgentConfig, images: ImageStore, pod: Pod, events: EventHub) -> None:
+        self.cfg = cfg
+        self.images = images
+        self.pod = pod
+        self.events = events
+        self.runtime = Runtime(cfg)
+        self.store = RecordStore(cfg.containers_dir)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._changed = asyncio.Condition()
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def paths(self, cid: str) -> ContainerPaths:
+        return ContainerPaths(self.cfg.containers_dir / cid)
+
+    def _lock(self, cid: str) -> asyncio.Lock:
+        return self._locks.setdefault(cid, asyncio.Lock())
+
+    def view(self, rec: ContainerRecord) -> dict[str, Any]:
+        out = rec.public()
+        try:
+            out["log_size"] = self.paths(rec.id).log.stat().st_size  # fresh, without an event per line
+        except FileNotFoundError:
+            out["log_size"] = 0
+        return out
+
+    def get(self, cid: str) -> ContainerRecord:
+        rec = self.store.get(check_id(cid))
+        if rec is None:
+            raise not_found(f"no container {cid}")
+        return rec
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.view(r) for r in self.store.all()]
+
+    async def _set(self, rec: ContainerRecord, **changes: Any) -> None:
+        for k, v in changes.items():
+            setattr(rec, k, v)
+        await asyncio.to_thread(self.store.save, rec)
+        self.events.publish({"type": "container", "container": self.view(rec)})
+        async with self._changed:
+            self._changed.notify_all()
+        _log.info("container", id=rec.id, name=rec.name, state=rec.state, exit_code=rec.exit_code, reason=rec.reason)
+
+    async def _wait_not_live(self, cid: str, timeout: float) -> bool:
+        def done() -> bool:
+            r = self.store.get(cid)
+            return r is None or r.state not in LIVE_STATES
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(done), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return done()
+
+    # --- recovery -------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Reload records; re-attach watchers (the conmons lived on); clear cut-short creates."""
+        recs, orphans = await asyncio.to_thread(self.store.load)
+        for d in orphans:
+            _log.warning("removing_orphan", dir=str(d))
+            await self.runtime.delete(d.name)
+            await asyncio.to_thread(shutil.rmtree, d, True)
+        for rec in recs:
+            if rec.state in LIVE_STATES:
+                self._watch(rec)
+        _log.info("recovered", containers=len(recs), live=sum(r.state in LIVE_STATES for r in recs))
+
+    async def close(self) -> None:
+        for t in self._watchers.values():
+            t.cancel()
+        await asyncio.gather(*self._watchers.values(), return_exceptions=True)
+
+    # --- exit watching --------------------------------------------------------------------
+
+    def _watch(self, rec: ContainerRecord) -> None:
+        t = self._watchers.get(rec.id)
+        if t is None or t.done():
+            self._watchers[rec.id] = asyncio.create_task(self._watcher(rec.id), name=f"watch-{rec.id[:12]}")
+
+    def _read_exit(self, cid: str) -> tuple[int, int] | None:
+        """(exit code, finished_at ns) from conmon's exit file, if it is complete."""
+        p = self.paths(cid)
+        for f in (p.exit_dir / cid, p.persist_dir / "exit"):
+            try:
+                text = f.read_text().strip()
+                st = f.stat()
+            except FileNotFoundError:
+                continue
+            if text.lstrip("-").isdigit():
+                return int(text), st.st_mtime_ns
+        return None
+
+    async def _watcher(self, cid: str) -> None:
+        try:
+            while True:
+                rec = self.store.get(cid)
+                if rec is None or rec.state not in LIVE_STATES:
+                    return
+                ex = self._read_exit(cid)
+                if ex is None:
+                    pid = rec.conmon_pid or read_pidfile(self.paths(cid).conmon_pidfile)
+                    if not conmon_alive(pid, cid):
+                        await asyncio.sleep(POLL)  # conmon writes the file just before it exits
+                        ex = self._read_exit(cid)
+                        if ex is None:
+                            async with self._lock(cid):
+                                rec = self.store.get(cid)
+                                if rec is not None and rec.state in LIVE_STATES:
+                                    await self._set(rec, state=UNKNOWN, reason="MonitorLost",
+                                                    message="the container's monitor (conmon) died without "
+                                                            "writing an exit code; its state is unknown")
+                            return
+                if ex is not None:
+                    code, finished = ex
+                    oom = (self.paths(cid).persist_dir / "oom").exists()
+                    reason = "Completed" if code == 0 else ("OOMKilled" if code == 137 and oom else "Error")
+                    async with self._lock(cid):
+                        rec = self.store.get(cid)
+                        if rec is not None and rec.state in LIVE_STATES:
+                            await self._set(rec, state=EXITED, exit_code=code, reason=reason,
+                                            finished_at=max(finished, rec.started_at))
+                    return
+                await asyncio.sleep(POLL)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            _log.exception("watcher_failed", id=cid)
+
+    # --- create / start -------------------------------------------------------------------
+
+    async def create(self, body: dict[str, Any]) -> tuple[ContainerRecord, bool]:
+        cid = body.get("id")
+        name = body.get("name")
+        digest = body.get("image_digest")
+        spec = body.get("spec")
+        user = body.get("user")
+        stop_signal = body.get("stop_signal") or ""
+        if not isinstance(cid, str):
+            raise invalid("'id' is required")
+        check_id(cid)
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise invalid("'name' is required (letters, digits, '_', '.', '-')")
+        if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+            raise invalid("'image_digest' must be sha256:<64 hex>")
+        if not isinstance(spec, dict):
+            raise invalid("'spec' (an OCI runtime spec object) is required")
+        if user is not None and (not isinstance(user, str) or not user):
+            raise invalid("'user' must be a non-empty string")
+        if not isinstance(stop_signal, str):
+            raise invalid("'stop_signal' must be a string")
+        if stop_signal:
+            parse_signal(stop_signal)
+        req_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+        async with self._lock(cid):
+            existing = self.store.get(cid)
+            if existing is not None:
+                if existing.request_hash == req_hash:
+                    return existing, False
+                raise conflict(f"container {cid} exists with a different body")
+            if not self.images.has(digest):
+                raise conflict(f"image {digest} has not been pulled in this cell")
+            paths = self.paths(cid)
+            if paths.dir.exists():
+                await asyncio.to_thread(shutil.rmtree, paths.dir, True)
+            paths.dir.mkdir(parents=True)
+            t0 = asyncio.get_running_loop().time()
+            try:
+                await self.images.unpack(digest, paths.bundle)
+                cfg_path = paths.bundle / "config.json"
+                image_cfg = json.loads(cfg_path.read_text())
+                if not stop_signal:  # the image's StopSignal, as umoci records it
+                    stop_signal = _image_stop_signal(image_cfg)
+                facts = specmod.CellFacts(
+                    rootfs=paths.rootfs,
+                    netns=self.cfg.netns,
+                    cgroups_path=f"/{self.cfg.cgroup_parent.strip('/')}/{cid}",
+                    pod_etc=self.pod.etc if self.pod.spec is not None else None,
+                    pod_hostname=self.pod.spec.hostname if self.pod.spec else None,
+                )
+                config = specmod.build(image_cfg, spec, facts, user)
+                cfg_path.write_text(json.dumps(config, indent=1))
+                pid, conmon_pid = await self.runtime.launch(cid, name, paths)
+            except BaseException:
+                await self.runtime.delete(cid)
+                await asyncio.to_thread(shutil.rmtree, paths.dir, True)
+                raise
+            rec = ContainerRecord(id=cid, name=name, image_digest=digest, state=CREATED, pid=pid,
+                                  created_at=now_ns(), request_hash=req_hash, stop_signal=stop_signal,
+                                  conmon_pid=conmon_pid)
+            await self._set(rec)
+            self._watch(rec)
+            _log.info("created", id=cid, seconds=round(asyncio.get_running_loop().time() - t0, 3))
+            return rec, True
+
+    async def start(self, cid: str) -> ContainerRecord:
+        rec = self.get(cid)
+        async with self._lock(cid):
+            rec = self.get(cid)
+            if rec.state == RUNNING:
+                return rec
+            if rec.state != CREATED:
+                raise conflict(f"container {cid} is {rec.state}, not created")
+            started = now_ns()  # before `runc start`: a quick exit must not finish before it started
+            await self.runtime.start(cid)
+            await self._set(rec, state=RUNNING, started_at=started)
+            return rec
+
+    # --- stop / delete --------------------------------------------------------------------
+
+    async def stop(self, cid: str, body: dict[str, Any]) -> ContainerRecord:
+        rec = self.get(cid)
+        timeout = body.get("timeout", 10)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+            raise invalid("'timeout' must be a number of seconds >= 0")
+        sig = parse_signal(body.get("signal"), rec.stop_signal)
+        if rec.state == UNKNOWN:
+            # Its monitor is gone: kill what may still run, but no exit code can be known.
+            await self.runtime.kill(cid, int(_signal.SIGKILL))
+            return rec
+        if rec.state not in LIVE_STATES:
+            return rec
+        if sig != _signal.SIGKILL and timeout > 0:
+            await self.runtime.kill(cid, sig)
+            if await self._wait_not_live(cid, float(timeout)):
+                return self.get(cid)
+        _log.info("stop_sigkill", id=cid)
+        await self.runtime.kill(cid, int(_signal.SIGKILL))
+        await self._wait_not_live(cid, EXIT_WAIT_AFTER_KILL)
+        return self.get(cid)
+
+    async def delete(self, cid: str) -> None:
+        check_id(cid)
+        async with self._lock(cid):
+            rec = self.store.get(cid)
+            paths = self.paths(cid)
+            if rec is None and not paths.dir.exists():
+                return
+            if rec is not None and rec.state in LIVE_STATES:
+                await self.runtime.kill(cid, int(_signal.SIGKILL))
+        # outside the lock: the watcher records the exit (bounded wait)
+        if rec is not None and rec.state in LIVE_STATES:
+            await self._wait_not_live(cid, 10.0)
+        async with self._lock(cid):
+            await self.runtime.delete(cid)
+            t = self._watchers.pop(cid, None)
+            if t is not None:
+                t.cancel()
+            # The record goes first: a crash mid-rmtree leaves an orphan dir, cleared at start.
+            try:
+                self.store.path(cid).unlink()
+            except FileNotFoundError:
+                pass
+            await asyncio.to_thread(shutil.rmtree, paths.dir, True)
+            if self.store.get(cid) is not None:
+                self.store.forget(cid)
+                self.events.publish({"type": "removed", "id": cid})
+        self._locks.pop(cid, None)
+        _log.info("deleted", id=cid)
+
+    # --- exec -----------------------------------------------------------------------------
+
+    async def exec(self, cid: str, body: dict[str, Any]) -> dict[str, Any]:
+        rec = self.get(cid)
+        cmd = body.get("cmd")
+        timeout = body.get("timeout", 0)
+        if not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) for c in cmd):
+            raise invalid("'cmd' must be a non-empty list of strings")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+            raise invalid("'timeout' must be a number of seconds >= 0 (0 = none)")
+        if rec.state != RUNNING:
+            raise conflict(f"container {cid} is {rec.state}, not running")
+        paths = self.paths(cid)
+        process = json.loads((paths.bundle / "config.json").read_text())["process"]
+        process["args"] = cmd
+        process["terminal"] = False
+        tag = uuid.uuid4().hex[:12]
+        pfile = paths.dir / f"exec-{tag}.json"
+        pidfile = paths.dir / f"exec-{tag}.pid"
+        pfile.write_text(json.dumps(process))
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.cfg.runtime_path, *self.runtime.root_args(), "exec",
+                "--process", str(pfile), "--pid-file", str(pidfile), cid,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent)
+            try:
+                out, err = await asyncio.wait_for(proc.communicate(), timeout or None)
+            except asyncio.TimeoutError:
+                pid = read_pidfile(pidfile)
+                if pid > 0:
+                    try:
+                        os.kill(pid, _signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                try:
+                    await asyncio.wait_for(proc.wait(), 10)
+                except asyncio.TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+                _log.info("exec_timeout", id=cid, pid=pid)
+                raise ApiError("timeout", f"exec did not finish within {timeout}s; process {pid} was killed")
+        finally:
+            for f in (pfile, pidfile):
+                try:
+                    f.unlink()
+                except FileNotFoundError:
+                    pass
+        return {
+            "exit_code": proc.returncode,
+            "stdout": base64.b64encode(out).decode(),
+            "stderr": base64.b64encode(err).decode(),
+        }
+
+    def log_path(self, cid: str) -> Path:
+        self.get(cid)
+        return self.paths(cid).log

@@ -1,0 +1,274 @@
+"""Image pulls into the cell's one OCI layout, so layers are shared between containers.
+
+`skopeo copy docker://<name>@<digest> oci:<layout>:<digest-hex>`: pulling *by digest*
+makes skopeo verify the manifest (or index) against what the node resolved. Every new
+layer is then checked (layercheck) before anything may unpack it; a refused pull removes
+what it added. Pulls are serialized per cell; unpacks share the layout with each other
+but never with a pull writing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import layercheck, log
+from .config import AgentConfig
+from .errors import ApiError, conflict, invalid
+from .records import atomic_write_json
+from .runtime import die_with_parent
+
+_log = log.get("images")
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+REF_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._\-]*(:[0-9]+)?(/[a-zA-Z0-9._\-]+)+$")
+REF_ANNOTATION = "org.opencontainers.image.ref.name"
+
+
+class RWLock:
+    """Many readers (unpacks) or one writer (a pull)."""
+
+    def __init__(self) -> None:
+        self._readers = 0
+        self._cond = asyncio.Condition()
+        self._writer = False
+
+    async def acquire_read(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._writer)
+            self._readers += 1
+
+    async def release_read(self) -> None:
+        async with self._cond:
+            self._readers -= 1
+            self._cond.notify_all()
+
+    async def acquire_write(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+            self._writer = True
+
+    async def release_write(self) -> None:
+        async with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+
+def split_ref(ref: str, digest: str) -> str:
+    """Turn the node's ref into `name@digest`, refusing one that names another digest."""
+    name, _, ref_digest = ref.partition("@")
+    if ref_digest and ref_digest != digest:
+        raise invalid(f"ref digest {ref_digest} differs from digest {digest}")
+    # Drop a tag: a ':' after the last '/' (a ':' before it is a registry port).
+    parts = name.rsplit("/", 1)
+    if len(parts) == 2 and ":" in parts[1]:
+        name = parts[0] + "/" + parts[1].split(":", 1)[0]
+    if not REF_NAME_RE.match(name):
+        raise invalid(f"malformed image reference {ref!r} (want host[:port]/path[:tag][@digest])")
+    return f"{name}@{digest}"
+
+
+@dataclass
+class ImageStore:
+    cfg: AgentConfig
+    lock: RWLock = field(default_factory=RWLock)
+    _pull_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    images: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checked: set[str] = field(default_factory=set)
+
+    @property
+    def layout(self) -> Path:
+        return self.cfg.images_dir / "layout"
+
+    @property
+    def _images_file(self) -> Path:
+        return self.cfg.images_dir / "images.json"
+
+    @property
+    def _checked_file(self) -> Path:
+        return self.cfg.images_dir / "checked-layers.json"
+
+    @property
+    def _policy_file(self) -> Path:
+        return self.cfg.images_dir / "policy.json"
+
+    def load(self) -> None:
+        self.cfg.images_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg.tmp_dir.mkdir(parents=True, exist_ok=True)
+        if self._images_file.exists():
+            self.images = json.loads(self._images_file.read_text())
+        if self._checked_file.exists():
+            self.checked = set(json.loads(self._checked_file.read_text()))
+        # Accept any signature: integrity comes from pulling by digest, not from a policy
+        # file the cell image may or may not carry.
+        if not self._policy_file.exists():
+            atomic_write_json(self._policy_file, {"default": [{"type": "insecureAcceptAnything"}]})
+
+    def has(self, digest: str) -> bool:
+        return digest in self.images
+
+    @staticmethod
+    def tag(digest: str) -> str:
+        return digest.split(":", 1)[1]
+
+    # --- pull -----------------------------------------------------------------------------
+
+    async def pull(self, body: dict[str, Any]) -> dict[str, Any]:
+        ref = body.get("ref")
+        digest = body.get("digest")
+        if not isinstance(ref, str) or not ref:
+            raise invalid("'ref' is required")
+        if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+            raise invalid("'digest' must be sha256:<64 hex>")
+        src = split_ref(ref, digest)
+        tls_verify = body.get("tls_verify", True)
+        if not isinstance(tls_verify, bool):
+            raise invalid("'tls_verify' must be a boolean")
+        auth = body.get("auth")
+        if auth is not None and not (
+            isinstance(auth, dict)
+            and isinstance(auth.get("username", ""), str)
+            and isinstance(auth.get("password", ""), str)
+        ):
+            raise invalid("'auth' must be {\"username\": ..., \"password\": ...}")
+
+        async with self._pull_lock:  # one pull at a time per cell
+            if digest in self.images:
+                return {"digest": digest, "size": self.images[digest]["size"]}
+            await self.lock.acquire_write()
+            try:
+                return await self._pull_locked(src, digest, tls_verify, auth)
+            finally:
+                await self.lock.release_write()
+
+    async def _pull_locked(
+        self, src: str, digest: str, tls_verify: bool, auth: dict[str, str] | None
+    ) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        tag = self.tag(digest)
+        blobs_before = self._blob_names()
+        authfile: str | None = None
+        try:
+            if auth:
+                authfile = self._write_authfile(src, auth)
+            argv = [
+                self.cfg.skopeo_path, "--policy", str(self._policy_file),
+                "copy", "--quiet", f"--src-tls-verify={'true' if tls_verify else 'false'}",
+            ]
+            argv += ["--src-authfile", authfile] if authfile else ["--src-no-creds"]
+            argv += [f"docker://{src}", f"oci:{self.layout}:{tag}"]
+            env = dict(os.environ, TMPDIR=str(self.cfg.tmp_dir))
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=env, preexec_fn=die_with_parent)
+            try:
+                out, err = await asyncio.wait_for(proc.communicate(), self.cfg.pull_timeout)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+                await self._undo(tag, blobs_before)
+                raise ApiError("pull_failed", f"pull of {src} timed out after {self.cfg.pull_timeout:.0f}s")
+            if proc.returncode != 0:
+                await self._undo(tag, blobs_before)
+                msg = (err or out).decode(errors="replace").strip()
+                _log.warning("pull_failed", src=src, message=msg)
+                raise ApiError("pull_failed", msg or f"skopeo exited {proc.returncode}")
+        finally:
+            if authfile:
+                os.unlink(authfile)
+
+        try:
+            manifest = self._manifest_for(tag)
+            for layer in manifest.get("layers", []):
+                ldigest, mtype = layer["digest"], layer.get("mediaType", "")
+                if ldigest in self.checked:
+                    continue  # checked when another image brought it
+                blob = self.layout / "blobs" / ldigest.replace(":", "/", 1)
+                try:
+                    await asyncio.to_thread(layercheck.check_layer, blob, mtype)
+                except layercheck.LayerRejected as e:
+                    raise ApiError("pull_failed", f"image {digest} refused: layer {ldigest}: {e}") from e
+                self.checked.add(ldigest)
+        except ApiError as e:
+            await self._undo(tag, blobs_before)
+            _log.warning("pull_refused", src=src, reason=e.message)
+            raise
+        size = int(manifest.get("config", {}).get("size", 0)) + sum(
+            int(layer.get("size", 0)) for layer in manifest.get("layers", []))
+        self.images[digest] = {"size": size, "tag": tag}
+        atomic_write_json(self._checked_file, sorted(self.checked))
+        atomic_write_json(self._images_file, self.images)
+        _log.info("pulled", src=src, size=size, seconds=round(loop.time() - t0, 3))
+        return {"digest": digest, "size": size}
+
+    def _write_authfile(self, src: str, auth: dict[str, str]) -> str:
+        # 0600 from the start (mkstemp); never argv, never logged; removed after the pull.
+        host = src.split("/", 1)[0]
+        cred = f"{auth.get('username', '')}:{auth.get('password', '')}".encode()
+        fd, path = tempfile.mkstemp(prefix="auth-", suffix=".json", dir=self.cfg.tmp_dir)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"auths": {host: {"auth": base64.b64encode(cred).decode()}}}, f)
+        return path
+
+    def _blob_names(self) -> set[str]:
+        d = self.layout / "blobs" / "sha256"
+        return set(os.listdir(d)) if d.is_dir() else set()
+
+    def _index(self) -> dict[str, Any]:
+        return json.loads((self.layout / "index.json").read_text())
+
+    def _manifest_for(self, tag: str) -> dict[str, Any]:
+        for m in self._index().get("manifests", []):
+            if m.get("annotations", {}).get(REF_ANNOTATION) == tag:
+                blob = self.layout / "blobs" / m["digest"].replace(":", "/", 1)
+                return json.loads(blob.read_text())
+        raise ApiError("pull_failed", f"pulled image has no manifest tagged {tag} in the layout")
+
+    async def _undo(self, tag: str, blobs_before: set[str]) -> None:
+        """Remove what a failed pull added: its tag and every blob that was not there before."""
+
+        def undo() -> None:
+            idx_path = self.layout / "index.json"
+            if idx_path.exists():
+                idx = self._index()
+                idx["manifests"] = [
+                    m for m in idx.get("manifests", [])
+                    if m.get("annotations", {}).get(REF_ANNOTATION) != tag
+                ]
+                atomic_write_json(idx_path, idx)
+            d = self.layout / "blobs" / "sha256"
+            for name in self._blob_names() - blobs_before:
+                try:
+                    os.unlink(d / name)
+                except FileNotFoundError:
+                    pass
+            for p in self.cfg.tmp_dir.iterdir():  # skopeo's leftovers if it was cut short
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+
+        await asyncio.to_thread(undo)
+
+    # --- unpack ---------------------------------------------------------------------------
+
+    async def unpack(self, digest: str, bundle: Path) -> None:
+        if digest not in self.images:
+            raise conflict(f"image {digest} has not been pulled in this cell")
+        await self.lock.acquire_read()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.cfg.umoci_path, "unpack", "--image", f"{self.layout}:{self.tag(digest)}", str(bundle),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent)
+            out, err = await proc.communicate()
+        finally:
+            await self.lock.release_read()
+        if proc.returncode != 0:
+            raise ApiError("internal", f"umoci unpack failed: {(err or out).decode(errors='replace').strip()}")

@@ -1,0 +1,200 @@
+"""conmon and the OCI runtime (runc) as the agent drives them.
+
+Facts from DESIGN.md that this module honours: conmon needs `--api-version 1` and a
+pipe's write end in `_OCI_SYNCPIPE` (its JSON lines are the only place errors appear:
+conmon's stdio goes to /dev/null); the `--persist-dir` and `--socket-dir-path` must exist
+first or it fails silently; conmon runs `runc create`, the agent then runs `runc start`.
+conmon daemonizes, so it (and the container) outlive the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal as _signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import AgentConfig
+from .errors import ApiError
+
+
+@dataclass(frozen=True)
+class ContainerPaths:
+    """Every file of one container, under <state>/containers/<id>/."""
+
+    dir: Path
+
+    @property
+    def bundle(self) -> Path:
+        return self.dir / "bundle"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.bundle / "rootfs"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "ctr.log"
+
+    @property
+    def exit_dir(self) -> Path:
+        return self.dir / "exit"
+
+    @property
+    def persist_dir(self) -> Path:
+        return self.dir / "persist"
+
+    @property
+    def conmon_pidfile(self) -> Path:
+        return self.dir / "conmon.pid"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "container.pid"
+
+    @property
+    def sock_dir(self) -> Path:
+        return self.dir / "s"
+
+
+def parse_signal(sig: str | int | None, default: str = "SIGTERM") -> int:
+    if sig is None or sig == "":
+        sig = default
+    if isinstance(sig, int) or (isinstance(sig, str) and sig.isdigit()):
+        n = int(sig)
+        if 0 < n < 65:
+            return n
+        raise ApiError("invalid", f"bad signal {sig!r}")
+    name = sig.upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(getattr(_signal.Signals, name))
+    except AttributeError:
+        raise ApiError("invalid", f"unknown signal {sig!r}") from None
+
+
+class Runtime:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+
+    def _base(self) -> list[str]:
+        return [self.cfg.runtime_path, *self.root_args()]
+
+    def root_args(self) -> list[str]:
+        return ["--root", str(self.cfg.runtime_root)] if self.cfg.runtime_root else []
+
+    async def run(self, *args: str, timeout: float = 60.0) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *self._base(), *args, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return -1, f"{self.cfg.runtime} {args[0]} timed out"
+        return proc.returncode or 0, out.decode(errors="replace").strip()
+
+    async def start(self, cid: str) -> None:
+        rc, out = await self.run("start", cid)
+        if rc != 0:
+            raise ApiError("internal", f"{self.cfg.runtime} start: {out}")
+
+    async def kill(self, cid: str, sig: int) -> tuple[int, str]:
+        return await self.run("kill", cid, str(sig))
+
+    async def delete(self, cid: str) -> tuple[int, str]:
+        return await self.run("delete", "--force", cid)
+
+    async def launch(self, cid: str, name: str, paths: ContainerPaths) -> tuple[int, int]:
+        """Start conmon (which runs `runc create`); return (container pid, conmon pid)."""
+        for d in (paths.exit_dir, paths.persist_dir, paths.sock_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        argv = [
+            self.cfg.conmon_path, "--api-version", "1",
+            "-c", cid, "-u", cid, "-n", name,
+            "-r", self.cfg.runtime_path, *[f"--runtime-arg={a}" for a in self.root_args()],
+            "-b", str(paths.bundle), "-p", str(paths.pidfile), "-P", str(paths.conmon_pidfile),
+            "-l", f"k8s-file:{paths.log}",
+            "--exit-dir", str(paths.exit_dir), "--persist-dir", str(paths.persist_dir),
+            "--socket-dir-path", str(paths.sock_dir),
+            "--log-level", "error",
+        ]
+        rfd, wfd = os.pipe()
+        try:
+            env = dict(os.environ, _OCI_SYNCPIPE=str(wfd))
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env=env, pass_fds=(wfd,), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                start_new_session=True, cwd=paths.bundle)  # conmon drops files (`oom`) in its cwd
+        except BaseException:
+            os.close(rfd)
+            os.close(wfd)
+            raise
+        os.close(wfd)  # only conmon holds the write end now: EOF means it is done with it
+        try:
+            line = await asyncio.wait_for(asyncio.to_thread(_read_sync, rfd), 60.0)
+        except asyncio.TimeoutError:
+            line = ""
+        finally:
+            os.close(rfd)
+        await proc.wait()  # the parent conmon exits once the daemon is set up
+        try:
+            msg = json.loads(line) if line else {}
+        except ValueError:
+            msg = {"message": line}
+        pid = int(msg.get("data", msg.get("pid", -1)) or -1)
+        if pid <= 0:
+            raise ApiError("internal", f"container create failed: {msg.get('message') or 'conmon gave no pid'}")
+        conmon_pid = read_pidfile(paths.conmon_pidfile)
+        return pid, conmon_pid
+
+
+def _read_sync(fd: int) -> str:
+    """The first JSON line conmon writes on the sync pipe ("" on EOF without one)."""
+    buf = b""
+    while b"\n" not in buf:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.split(b"\n", 1)[0].decode(errors="replace").strip()
+
+
+def die_with_parent() -> None:
+    """preexec_fn: a helper (skopeo, umoci, runc exec) dies with the agent (PR_SET_PDEATHSIG),
+    so a restarted agent never races a previous one's half-done pull. Not for conmon."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(_signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def read_pidfile(p: Path) -> int:
+    try:
+        return int(p.read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def conmon_alive(pid: int, cid: str) -> bool:
+    """True if `pid` is still the conmon of this container (guards against pid reuse)."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                return False
+    except (FileNotFoundError, IndexError):
+        return False
+    return bool(cmd) and cmd[0].endswith(b"conmon") and cid.encode() in cmd

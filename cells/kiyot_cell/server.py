@@ -1,0 +1,251 @@
+"""The HTTP side of cells/API.md: routes, bearer auth, body limit, JSON errors."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from . import API_VERSION, __version__, log
+from .config import AgentConfig
+from .containers import ContainerManager
+from .errors import ApiError, invalid
+from .events import EventHub
+from .images import ImageStore
+from .pod import Pod
+from .records import LIVE_STATES
+
+_log = log.get("server")
+HEARTBEAT = 5.0
+LOG_POLL = 0.1
+LOG_CHUNK = 256 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+CFG: web.AppKey[AgentConfig] = web.AppKey("cfg", AgentConfig)
+MGR: web.AppKey[ContainerManager] = web.AppKey("mgr", ContainerManager)
+IMAGES: web.AppKey[ImageStore] = web.AppKey("images", ImageStore)
+POD: web.AppKey[Pod] = web.AppKey("pod", Pod)
+HUB: web.AppKey[EventHub] = web.AppKey("hub", EventHub)
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+@web.middleware
+async def errors_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as e:
+        if e.status != 401:
+            (_log.warning if e.status >= 500 else _log.info)(
+                "request_failed", method=request.method, path=request.path, status=e.status, message=e.message)
+        return _error(e.status, e.code, e.message)
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, "too_large", f"request body over {request.app[CFG].max_body} bytes")
+    except web.HTTPNotFound:
+        return _error(404, "not_found", f"no route {request.path}")
+    except web.HTTPMethodNotAllowed:
+        return _error(405, "invalid", f"method {request.method} not allowed on {request.path}")
+    except web.HTTPException:
+        raise
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception as e:  # noqa: BLE001 - every other failure is a 500 with a message
+        _log.exception("internal_error", path=request.path)
+        return _error(500, "internal", f"{type(e).__name__}: {e}")
+
+
+@web.middleware
+async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # Before anything else runs (no body is read, no route is resolved into an action).
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    ok = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), request.app[CFG].token)
+    if not ok:
+        return _error(401, "unauthorized", "missing or wrong bearer token")
+    return await handler(request)
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    limit = request.app[CFG].max_body
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError("too_large", f"request body over {limit} bytes")
+    raw = await request.read()
+    if len(raw) > limit:
+        raise ApiError("too_large", f"request body over {limit} bytes")
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise invalid(f"malformed JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise invalid("the body must be a JSON object")
+    return body
+
+
+# --- handlers -----------------------------------------------------------------------------
+
+async def health(request: web.Request) -> web.Response:
+    cfg = request.app[CFG]
+    return web.json_response({"version": __version__, "api": API_VERSION, "ready": True, "runtime": cfg.runtime})
+
+
+async def put_pod(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    return web.json_response(request.app[POD].put(body))
+
+
+async def pull(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    return web.json_response(await request.app[IMAGES].pull(body))
+
+
+async def list_containers(request: web.Request) -> web.Response:
+    return web.json_response(request.app[MGR].list())
+
+
+async def create_container(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    mgr = request.app[MGR]
+    rec, created = await mgr.create(body)
+    return web.json_response(mgr.view(rec), status=201 if created else 200)
+
+
+async def get_container(request: web.Request) -> web.Response:
+    mgr = request.app[MGR]
+    return web.json_response(mgr.view(mgr.get(request.match_info["id"])))
+
+
+async def start_container(request: web.Request) -> web.Response:
+    await read_json(request)
+    mgr = request.app[MGR]
+    return web.json_response(mgr.view(await mgr.start(request.match_info["id"])))
+
+
+async def stop_container(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    mgr = request.app[MGR]
+    return web.json_response(mgr.view(await mgr.stop(request.match_info["id"], body)))
+
+
+async def delete_container(request: web.Request) -> web.Response:
+    await request.app[MGR].delete(request.match_info["id"])
+    return web.json_response({})
+
+
+async def exec_container(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    return web.json_response(await request.app[MGR].exec(request.match_info["id"], body))
+
+
+async def container_logs(request: web.Request) -> web.StreamResponse:
+    mgr = request.app[MGR]
+    cid = request.match_info["id"]
+    path = mgr.log_path(cid)
+    try:
+        offset = int(request.query.get("offset", "0"))
+    except ValueError:
+        raise invalid("'offset' must be an integer") from None
+    if offset < 0:
+        raise invalid("'offset' must be >= 0")
+    follow = request.query.get("follow", "0") in ("1", "true", "yes")
+    size = path.stat().st_size if path.exists() else 0
+    if offset > size:
+        raise ApiError("range", f"offset {offset} is past the end of the log ({size} bytes)")
+    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "X-Log-Offset": str(offset)})
+    await resp.prepare(request)
+    pos = offset
+    while True:
+        # Read the state *before* the bytes: once it says exited, conmon has written every line.
+        rec = mgr.store.get(cid)
+        finished = rec is None or rec.state not in LIVE_STATES
+        data = await asyncio.to_thread(_read_from, path, pos)
+        while data:
+            await resp.write(data)
+            pos += len(data)
+            data = await asyncio.to_thread(_read_from, path, pos)
+        if not follow or finished:
+            break
+        await asyncio.sleep(LOG_POLL)
+    await resp.write_eof()
+    return resp
+
+
+def _read_from(path: Any, pos: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(pos)
+            return f.read(LOG_CHUNK)
+    except FileNotFoundError:
+        return b""
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    hub = request.app[HUB]
+    mgr = request.app[MGR]
+    # Subscribe and snapshot with no await in between: no change can fall in the gap.
+    sub = hub.subscribe()
+    snapshot = {"type": "snapshot", "containers": mgr.list()}
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    try:
+        await resp.prepare(request)
+        await resp.write(json.dumps(snapshot).encode() + b"\n")
+        while not sub.overflowed:
+            try:
+                ev = await asyncio.wait_for(sub.queue.get(), HEARTBEAT)
+            except asyncio.TimeoutError:
+                ev = {"type": "heartbeat"}
+            await resp.write(json.dumps(ev).encode() + b"\n")
+    except (ConnectionResetError, ConnectionError):
+        pass
+    finally:
+        hub.unsubscribe(sub)
+    return resp
+
+
+def build_app(cfg: AgentConfig) -> web.Application:
+    app = web.Application(middlewares=[errors_mw, auth_mw], client_max_size=cfg.max_body)
+    hub = EventHub()
+    images = ImageStore(cfg)
+    pod = Pod(cfg.pod_dir)
+    mgr = ContainerManager(cfg, images, pod, hub)
+    app[CFG] = cfg
+    app[HUB] = hub
+    app[IMAGES] = images
+    app[POD] = pod
+    app[MGR] = mgr
+
+    async def on_startup(app: web.Application) -> None:
+        for d in (cfg.state_dir, cfg.containers_dir, cfg.tmp_dir, cfg.runtime_root):
+            if d is not None:
+                d.mkdir(parents=True, exist_ok=True)
+        cfg.state_dir.chmod(0o700)  # images, logs and bundles are the cell's business only
+        images.load()
+        pod.load()
+        await mgr.recover()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await mgr.close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    r = app.router
+    r.add_get("/v1/health", health)
+    r.add_put("/v1/pod", put_pod)
+    r.add_post("/v1/images/pull", pull)
+    r.add_get("/v1/containers", list_containers)
+    r.add_post("/v1/containers", create_container)
+    r.add_get("/v1/containers/{id}", get_container)
+    r.add_post("/v1/containers/{id}/start", start_container)
+    r.add_post("/v1/containers/{id}/stop", stop_container)
+    r.add_delete("/v1/containers/{id}", delete_container)
+    r.add_get("/v1/containers/{id}/logs", container_logs)
+    r.add_post("/v1/containers/{id}/exec", exec_container)
+    r.add_get("/v1/events", events)
+    return app

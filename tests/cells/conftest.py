@@ -1,0 +1,210 @@
+"""Fixtures for the cell agent tests: a real `kiyot_cell` process on 127.0.0.1 (no netns)
+against a real registry on 127.0.0.1:5000, with containers run by runc under conmon.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CELLS = ROOT / "cells"
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runc") or not shutil.which("conmon"),
+                                reason="needs root, runc and conmon")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred, tries: int = 300, delay: float = 0.1, what: str = "condition"):  # bounded: ~30 s
+    for _ in range(tries):
+        v = pred()
+        if v:
+            return v
+        time.sleep(delay)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Agent:
+    """One agent process (`serve` or `supervise`) with its own state dir, port and token."""
+
+    workdir: Path
+    mode: str = "serve"
+    port: int = field(default_factory=free_port)
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    proc: subprocess.Popen[bytes] | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workdir / "state"
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / "agent.log"
+
+    def start(self) -> "Agent":
+        tok = self.workdir / "token"
+        tok.write_text(self.token)
+        tok.chmod(0o600)
+        env = dict(os.environ, PYTHONPATH=str(CELLS) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        out = open(self.log_file, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kiyot_cell.cli", self.mode, "--listen", f"127.0.0.1:{self.port}",
+             "--token-file", str(tok), "--state-dir", str(self.state_dir),
+             "--cgroup-parent", f"kiyot-cell-tests/{self.workdir.name}", *self.extra_args],
+            stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        self.wait_healthy()
+        return self
+
+    def wait_healthy(self) -> None:
+        def ok() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited:\n{self.log_file.read_text()[-3000:]}")
+            try:
+                return self.call("GET", "/v1/health").status == 200
+            except OSError:
+                return False
+        wait_until(ok, what="agent health")
+
+    def serve_pid(self) -> int:
+        """The `serve` process: the agent itself, or the supervisor's child."""
+        assert self.proc is not None
+        if self.mode == "serve":
+            return self.proc.pid
+        kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return int(kids[0]) if kids else 0
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    # --- HTTP -------------------------------------------------------------------------------
+
+    def conn(self, timeout: float = 60) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def headers(self, token: str | None = "") -> dict[str, str]:
+        tok = self.token if token == "" else token
+        return {"Authorization": f"Bearer {tok}"} if tok is not None else {}
+
+    def call(self, method: str, path: str, body: Any = None, token: str | None = "",
+             raw: bytes | None = None, timeout: float = 120) -> Response:
+        c = self.conn(timeout)
+        try:
+            data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+            h = self.headers(token)
+            if data is not None:
+                h["Content-Type"] = "application/json"
+            c.request(method, path, body=data, headers=h)
+            r = c.getresponse()
+            return Response(r.status, r.read(), dict(r.getheaders()))
+        finally:
+            c.close()
+
+    def ok(self, method: str, path: str, body: Any = None, status: tuple[int, ...] = (200, 201)) -> Any:
+        r = self.call(method, path, body)
+        assert r.status in status, f"{method} {path} -> {r.status} {r.body[:2000]!r}"
+        return r.json()
+
+    # --- conveniences ---------------------------------------------------------------------
+
+    def pull(self, img) -> dict[str, Any]:
+        return self.ok("POST", "/v1/images/pull",
+                       {"ref": img.ref, "digest": img.manifest_digest, "tls_verify": False})
+
+    def create(self, img, args: list[str] | None, name: str = "c", **extra: Any) -> dict[str, Any]:
+        cid = extra.pop("id", None) or secrets.token_hex(32)
+        spec: dict[str, Any] = {"process": {"args": args}} if args else {}
+        body = {"id": cid, "name": name, "image_digest": img.manifest_digest, "spec": spec, **extra}
+        return self.ok("POST", "/v1/containers", body)
+
+    def run(self, img, args: list[str], **extra: Any) -> dict[str, Any]:
+        rec = self.create(img, args, **extra)
+        return self.ok("POST", f"/v1/containers/{rec['id']}/start")
+
+    def record(self, cid: str) -> dict[str, Any]:
+        return self.ok("GET", f"/v1/containers/{cid}")
+
+    def wait_state(self, cid: str, *states: str) -> dict[str, Any]:
+        return wait_until(lambda: (r := self.record(cid))["state"] in states and r,
+                          what=f"{cid[:12]} in {states}")
+
+    def cleanup(self) -> None:
+        """Delete every container through the API so no conmon/runc container outlives a test."""
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                for rec in self.ok("GET", "/v1/containers"):
+                    self.call("DELETE", f"/v1/containers/{rec['id']}")
+        except (OSError, AssertionError):
+            pass
+        self.stop()
+        # Whatever is left (an agent that died): every container dir it had, by id.
+        root = ["--root", self.extra_args[self.extra_args.index("--runtime-root") + 1]] \
+            if "--runtime-root" in self.extra_args else []
+        cdir = self.state_dir / "containers"
+        for d in cdir.iterdir() if cdir.exists() else []:
+            subprocess.run(["runc", *root, "delete", "--force", d.name], capture_output=True)
+        # runc removes each container's cgroup, not the parent this agent was given.
+        for parent in Path("/sys/fs/cgroup").glob(f"*/kiyot-cell-tests/{self.workdir.name}"):
+            try:
+                parent.rmdir()
+            except OSError:
+                pass
+
+
+@pytest.fixture(scope="session")
+def cell_images(test_images) -> dict[str, Any]:
+    """The shared test images (tests/conftest.py): busybox, busybox-oci, busybox-index, app, evil-*."""
+    return test_images
+
+
+@pytest.fixture
+def agent(tmp_path) -> Iterator[Agent]:
+    a = Agent(tmp_path).start()
+    try:
+        yield a
+    finally:
+        a.cleanup()
+
+
+@pytest.fixture
+def busybox(agent, cell_images):
+    img = cell_images["busybox"]
+    agent.pull(img)
+    return img

@@ -1,0 +1,100 @@
+"""Auth, body limits, routes and the pod's /etc files."""
+
+from __future__ import annotations
+
+import secrets
+
+from tests import contract
+from tests.cells.conftest import needs_root
+
+pytestmark = needs_root
+
+
+def test_no_or_wrong_token_is_401_and_changes_nothing(agent, cell_images):
+    img = cell_images["busybox"]
+    body = {"ref": img.ref, "digest": img.manifest_digest, "tls_verify": False}
+    for tok in (None, "wrong", agent.token + "x", agent.token[:-1]):
+        for method, path, b in (("GET", "/v1/health", None), ("POST", "/v1/images/pull", body),
+                                ("GET", "/v1/nope", None), ("PUT", "/v1/pod", {"sandbox_id": "s", "hostname": "h"})):
+            r = agent.call(method, path, b, token=tok)
+            assert r.status == 401, (method, path, r.status)
+            assert r.json()["error"] == "unauthorized"
+    # The right secret under another scheme is still refused.
+    c = agent.conn(10)
+    c.request("GET", "/v1/health", headers={"Authorization": f"Basic {agent.token}"})
+    assert c.getresponse().status == 401
+    c.close()
+    layout = agent.state_dir / "images" / "layout"
+    assert not layout.exists(), "a refused pull wrote to the layout"
+    assert not (agent.state_dir / "pod" / "etc").exists()
+    cid = secrets.token_hex(32)
+    r = agent.call("POST", "/v1/containers", {"id": cid, "name": "x", "image_digest": img.manifest_digest,
+                                              "spec": {}}, token="nope")
+    assert r.status == 401
+    assert agent.ok("GET", "/v1/containers") == []
+
+
+def test_health(agent):
+    h = agent.ok("GET", "/v1/health")
+    assert h == {"version": "0.1.0", "api": "v1", "ready": True, "runtime": "runc"}
+
+
+def test_every_route_in_api_md_exists(agent):
+    cid = "0" * 64
+    for method, path in contract.routes():
+        p = path.replace("{id}", cid)
+        r = agent.call(method, p, {} if method in ("POST", "PUT") else None, timeout=10) \
+            if p != "/v1/events" else None
+        if r is None:
+            c = agent.conn(10)
+            c.request("GET", p, headers=agent.headers())
+            resp = c.getresponse()
+            assert resp.status == 200 and resp.getheader("Content-Type").startswith("application/x-ndjson")
+            c.close()
+            continue
+        assert r.status != 405, (method, path)
+        if r.status == 404:
+            assert not r.json()["message"].startswith("no route"), (method, path)
+        assert r.status < 500, (method, path, r.body)
+
+
+def test_oversized_body_is_413(agent):
+    big = b'{"x": "' + b"a" * (4 * 1024 * 1024 + 10) + b'"}'
+    r = agent.call("POST", "/v1/containers", raw=big)
+    assert r.status == 413
+    assert r.json()["error"] == "too_large"
+    # Without the token the answer is 401 first.
+    assert agent.call("POST", "/v1/containers", raw=big, token=None).status == 401
+    assert agent.ok("GET", "/v1/containers") == []
+
+
+def test_bad_json_and_missing_fields_are_400(agent):
+    assert agent.call("POST", "/v1/containers", raw=b"{nope").status == 400
+    assert agent.call("POST", "/v1/containers", raw=b"[1]").status == 400
+    r = agent.call("POST", "/v1/containers", {"name": "x"})
+    assert r.status == 400 and r.json()["error"] == "invalid"
+    assert agent.call("POST", "/v1/images/pull", {"ref": "x"}).status == 400
+    assert agent.call("GET", "/v1/containers/" + "f" * 64).status == 404
+    assert agent.call("GET", "/v1/containers/not-an-id").status == 400
+    assert agent.call("DELETE", "/v1/containers/" + "f" * 64).status == 200
+
+
+def test_pod_etc_files_are_written_and_mounted(agent, busybox):
+    pod = {"sandbox_id": "a" * 64, "hostname": "web-0",
+           "dns": {"servers": ["10.96.0.10"], "searches": ["default.svc.cluster.local"], "options": ["ndots:5"]},
+           "labels": {"app": "web"}}
+    out = agent.ok("PUT", "/v1/pod", pod)
+    etc = agent.state_dir / "pod" / "etc"
+    assert out == {"etc_dir": str(etc)}
+    assert (etc / "hostname").read_text() == "web-0\n"
+    assert "127.0.0.1\tlocalhost" in (etc / "hosts").read_text()
+    assert "web-0" in (etc / "hosts").read_text()
+    resolv = (etc / "resolv.conf").read_text()
+    assert "nameserver 10.96.0.10" in resolv and "search default.svc.cluster.local" in resolv
+    assert "options ndots:5" in resolv
+    assert agent.ok("PUT", "/v1/pod", pod) == out  # repeat: no-op
+    rec = agent.run(busybox, ["sh", "-c", "cat /etc/hostname /etc/resolv.conf; hostname"])
+    agent.wait_state(rec["id"], "exited")
+    log = agent.call("GET", f"/v1/containers/{rec['id']}/logs").body.decode()
+    assert "stdout F web-0" in log and "nameserver 10.96.0.10" in log
+    assert agent.call("PUT", "/v1/pod", {"hostname": "x"}).status == 400

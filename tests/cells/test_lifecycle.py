@@ -1,0 +1,280 @@
+"""Pull, create, start, exit codes, logs, stop, exec, delete: runc under conmon, for real."""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.cells.conftest import needs_root, wait_until
+
+pytestmark = needs_root
+
+
+def test_pull_by_digest_is_verified_and_idempotent(agent, cell_images):
+    img = cell_images["busybox"]
+    t0 = time.monotonic()
+    out = agent.pull(img)
+    print(f"pull: {time.monotonic() - t0:.3f}s")
+    assert out["digest"] == img.manifest_digest and out["size"] > 0
+    assert agent.pull(img) == out
+    # A ref that names another digest than the one the node resolved.
+    other = "sha256:" + "1" * 64
+    name = img.ref.split("@")[0]
+    r = agent.call("POST", "/v1/images/pull", {"ref": f"{name}@{other}", "digest": img.manifest_digest,
+                                               "tls_verify": False})
+    assert r.status == 400
+    # A digest the registry does not have: the registry's own message, 422.
+    r = agent.call("POST", "/v1/images/pull", {"ref": name, "digest": other, "tls_verify": False})
+    assert r.status == 422 and r.json()["error"] == "pull_failed" and r.json()["message"]
+    r = agent.call("POST", "/v1/images/pull", {"ref": "not a ref", "digest": other})
+    assert r.status == 400
+    # Credentials are accepted (the test registry ignores them) and never land in argv or the log.
+    r = agent.call("POST", "/v1/images/pull", {"ref": img.ref, "digest": img.manifest_digest, "tls_verify": False,
+                                               "auth": {"username": "u", "password": "s3cr3t-pw"}})
+    assert r.status == 200
+    assert "s3cr3t-pw" not in agent.log_file.read_text()
+
+
+def test_create_unpulled_image_is_409(agent):
+    r = agent.call("POST", "/v1/containers", {"id": secrets.token_hex(32), "name": "x",
+                                              "image_digest": "sha256:" + "2" * 64, "spec": {}})
+    assert r.status == 409
+
+
+def test_exit_code_reason_and_cri_log(agent, busybox):
+    t0 = time.monotonic()
+    rec = agent.create(busybox, ["sh", "-c", "echo hello-from-cell; echo to-stderr >&2; exit 3"])
+    assert rec["state"] == "created" and rec["pid"] > 0
+    started = agent.ok("POST", f"/v1/containers/{rec['id']}/start")
+    print(f"create+start: {time.monotonic() - t0:.3f}s")
+    assert started["state"] in ("running", "exited")
+    done = agent.wait_state(rec["id"], "exited")
+    assert done["exit_code"] == 3 and done["reason"] == "Error"
+    assert done["finished_at"] >= done["started_at"] >= done["created_at"] > 0
+    r = agent.call("GET", f"/v1/containers/{rec['id']}/logs?offset=0")
+    assert r.status == 200 and r.headers["X-Log-Offset"] == "0"
+    lines = r.body.decode().splitlines()
+    assert any(ln.endswith(" stdout F hello-from-cell") for ln in lines), lines
+    assert any(ln.endswith(" stderr F to-stderr") for ln in lines), lines
+    assert done["log_size"] == len(r.body)
+    # From an offset: the tail only.
+    first = len(lines[0]) + 1
+    tail = agent.call("GET", f"/v1/containers/{rec['id']}/logs?offset={first}")
+    assert tail.body == r.body[first:] and tail.headers["X-Log-Offset"] == str(first)
+    assert agent.call("GET", f"/v1/containers/{rec['id']}/logs?offset={len(r.body) + 1}").status == 416
+    # Follow on an exited container: every byte, then the end.
+    assert agent.call("GET", f"/v1/containers/{rec['id']}/logs?offset=0&follow=1").body == r.body
+    # start again: not created any more
+    assert agent.call("POST", f"/v1/containers/{rec['id']}/start").status == 409
+    # exit 0 is Completed
+    ok = agent.run(busybox, ["true"])
+    assert agent.wait_state(ok["id"], "exited")["reason"] == "Completed"
+
+
+def test_create_is_idempotent(agent, busybox):
+    cid = secrets.token_hex(32)
+    a = agent.create(busybox, ["sleep", "5"], id=cid)
+    r = agent.call("POST", "/v1/containers", {"id": cid, "name": "c", "image_digest": busybox.manifest_digest,
+                                              "spec": {"process": {"args": ["sleep", "5"]}}})
+    assert r.status == 200 and r.json()["created_at"] == a["created_at"]
+    r = agent.call("POST", "/v1/containers", {"id": cid, "name": "other", "image_digest": busybox.manifest_digest,
+                                              "spec": {"process": {"args": ["sleep", "5"]}}})
+    assert r.status == 409
+    assert agent.call("DELETE", f"/v1/containers/{cid}").status == 200
+    assert agent.call("GET", f"/v1/containers/{cid}").status == 404
+    assert not (agent.state_dir / "containers" / cid).exists()
+    assert agent.call("DELETE", f"/v1/containers/{cid}").status == 200
+
+
+def test_follow_streams_until_exit(agent, busybox):
+    rec = agent.run(busybox, ["sh", "-c", "for i in 1 2 3 4 5; do echo line$i; sleep 0.2; done"])
+    c = agent.conn(60)
+    c.request("GET", f"/v1/containers/{rec['id']}/logs?offset=0&follow=1", headers=agent.headers())
+    resp = c.getresponse()
+    assert resp.status == 200
+    body = resp.read()  # returns only when the agent ends the stream
+    c.close()
+    text = body.decode()
+    assert [f"line{i}" in text for i in range(1, 6)] == [True] * 5
+    assert agent.record(rec["id"])["state"] == "exited"
+
+
+def test_stop_sigterm_ignored_then_sigkill(agent, busybox):
+    rec = agent.run(busybox, ["sleep", "1000"])
+    assert rec["state"] == "running"
+    assert agent.ok("POST", f"/v1/containers/{rec['id']}/stop", {"timeout": 1})["state"] == "exited"
+    done = agent.record(rec["id"])
+    assert done["exit_code"] == 137 and done["reason"] == "Error"
+    # Stop of a stopped container: 200 at once.
+    assert agent.ok("POST", f"/v1/containers/{rec['id']}/stop", {"timeout": 1})["state"] == "exited"
+
+
+def test_stop_with_a_handled_signal(agent, busybox):
+    rec = agent.run(busybox, ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 0.1; done"])
+    wait_until(lambda: agent.record(rec["id"])["state"] == "running")
+    time.sleep(0.3)  # let the trap be set
+    done = agent.ok("POST", f"/v1/containers/{rec['id']}/stop", {"timeout": 30, "signal": "SIGTERM"})
+    assert done["state"] == "exited" and done["exit_code"] == 0 and done["reason"] == "Completed"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _procs_with_cmdline(needle: bytes) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if (p / "cmdline").read_bytes() == needle:
+                    out.append(int(p.name))
+            except OSError:
+                pass
+    return out
+
+
+def test_exec_sync_output_exit_code_and_timeout(agent, busybox):
+    rec = agent.run(busybox, ["sleep", "1000"])
+    t0 = time.monotonic()
+    r = agent.ok("POST", f"/v1/containers/{rec['id']}/exec", {"cmd": ["sh", "-c", "echo out; echo err >&2; exit 7"],
+                                                             "timeout": 30})
+    print(f"exec: {time.monotonic() - t0:.3f}s")
+    assert r["exit_code"] == 7
+    assert base64.b64decode(r["stdout"]) == b"out\n" and base64.b64decode(r["stderr"]) == b"err\n"
+    r = agent.ok("POST", f"/v1/containers/{rec['id']}/exec", {"cmd": ["id", "-u"]})
+    assert base64.b64decode(r["stdout"]) == b"0\n" and r["exit_code"] == 0
+    # Timeout: 504 and the exec'd process is gone.
+    r = agent.call("POST", f"/v1/containers/{rec['id']}/exec", {"cmd": ["sleep", "4242"], "timeout": 1})
+    assert r.status == 504 and r.json()["error"] == "timeout"
+    wait_until(lambda: not _procs_with_cmdline(b"sleep\x004242\x00"), what="exec'd sleep killed")
+    assert agent.record(rec["id"])["state"] == "running"
+    # Not running → 409
+    agent.ok("POST", f"/v1/containers/{rec['id']}/stop", {"timeout": 0})
+    assert agent.call("POST", f"/v1/containers/{rec['id']}/exec", {"cmd": ["true"]}).status == 409
+
+
+def test_user_resolution(agent, busybox):
+    rec = agent.run(busybox, ["sleep", "1000"], user="65534:65534")
+    r = agent.ok("POST", f"/v1/containers/{rec['id']}/exec", {"cmd": ["id", "-u"]})
+    assert base64.b64decode(r["stdout"]) == b"65534\n"
+    r = agent.call("POST", "/v1/containers", {"id": secrets.token_hex(32), "name": "u",
+                                              "image_digest": busybox.manifest_digest,
+                                              "spec": {"process": {"args": ["true"]}}, "user": "no-such-user"})
+    assert r.status == 400 and "no-such-user" in r.json()["message"]
+    assert len(agent.ok("GET", "/v1/containers")) == 1
+
+
+def test_conmon_killed_is_monitor_lost(agent, busybox):
+    rec = agent.run(busybox, ["sleep", "1000"])
+    cpid = int((agent.state_dir / "containers" / rec["id"] / "conmon.pid").read_text())
+    assert subprocess.run(["runc", "state", rec["id"]], capture_output=True).returncode == 0  # default root
+    os.kill(cpid, signal.SIGKILL)
+    lost = agent.wait_state(rec["id"], "unknown")
+    assert lost["reason"] == "MonitorLost" and lost["exit_code"] == 0
+    # stop kills what may still run, but invents no exit code
+    stopped = agent.ok("POST", f"/v1/containers/{rec['id']}/stop", {"timeout": 1})
+    assert stopped["state"] == "unknown" and stopped["reason"] == "MonitorLost"
+    wait_until(lambda: _gone(lost["pid"]), what="container killed by stop")
+    # delete still cleans the container itself up
+    assert agent.call("DELETE", f"/v1/containers/{rec['id']}").status == 200
+    wait_until(lambda: not Path(f"/proc/{lost['pid']}").exists(), what="orphaned container killed by delete")
+
+
+def test_other_image_kinds_pull_and_run(agent, cell_images):
+    """An image index (multi-arch: the host's platform is picked) and an OCI-format image."""
+    for k in ("busybox-index", "busybox-oci"):
+        img = cell_images[k]
+        assert agent.pull(img)["digest"] == img.manifest_digest
+        rec = agent.run(img, ["sh", "-c", "echo kind-ok"], name=k)
+        assert agent.wait_state(rec["id"], "exited")["exit_code"] == 0
+        assert b"stdout F kind-ok" in agent.call("GET", f"/v1/containers/{rec['id']}/logs").body
+
+
+def test_failed_create_reports_the_runtime_error_and_leaves_nothing(agent, busybox):
+    cid = secrets.token_hex(32)
+    r = agent.call("POST", "/v1/containers", {"id": cid, "name": "bad", "image_digest": busybox.manifest_digest,
+                                              "spec": {"process": {"args": ["/no/such/binary"]}}})
+    assert r.status == 500, r.body
+    assert "no/such/binary" in r.json()["message"] or "no such file" in r.json()["message"].lower(), r.body
+    assert agent.call("GET", f"/v1/containers/{cid}").status == 404
+    assert not (agent.state_dir / "containers" / cid).exists()
+    # The same id can be created properly afterwards.
+    assert agent.create(busybox, ["true"], id=cid)["state"] == "created"
+
+
+def test_parallel_creates_and_pulls(agent, cell_images):
+    from concurrent.futures import ThreadPoolExecutor
+
+    img = cell_images["busybox"]
+    with ThreadPoolExecutor(8) as ex:
+        pulls = list(ex.map(lambda _: agent.pull(img), range(4)))
+        assert {p["digest"] for p in pulls} == {img.manifest_digest}
+        recs = list(ex.map(lambda i: agent.run(img, ["sh", "-c", f"exit {i}"], name=f"p{i}"), range(8)))
+    for i, rec in enumerate(recs):
+        assert agent.wait_state(rec["id"], "exited")["exit_code"] == i
+
+
+def test_stop_and_delete_of_created_and_running(agent, busybox):
+    created = agent.create(busybox, ["sleep", "1000"], name="never-started")
+    done = agent.ok("POST", f"/v1/containers/{created['id']}/stop", {"timeout": 1})
+    # runc's init, still waiting for `start`, dies of the signal: whatever code conmon saw, not 0
+    assert done["state"] == "exited" and done["exit_code"] != 0
+    other = agent.create(busybox, ["sleep", "1000"], name="created-then-deleted")
+    running = agent.run(busybox, ["sleep", "1000"], name="running-then-deleted")
+    for rec in (other, running, created):
+        assert agent.call("DELETE", f"/v1/containers/{rec['id']}").status == 200
+        assert not (agent.state_dir / "containers" / rec["id"]).exists()
+        wait_until(lambda: not Path(f"/proc/{rec['pid']}").exists(), what="container process gone")
+    assert agent.ok("GET", "/v1/containers") == []
+    assert agent.call("POST", f"/v1/containers/{running['id']}/start").status == 404
+
+
+def test_image_config_fills_what_the_spec_leaves_out(agent, cell_images):
+    img = cell_images["app"]
+    agent.pull(img)
+    rec = agent.run(img, None, name="defaults")  # spec {}: Entrypoint+Cmd, env, cwd, user of the image
+    assert agent.wait_state(rec["id"], "exited")["exit_code"] == 0
+    assert b"stdout F default-cmd" in agent.call("GET", f"/v1/containers/{rec['id']}/logs").body
+    cid = secrets.token_hex(32)
+    agent.ok("POST", "/v1/containers", {
+        "id": cid, "name": "override", "image_digest": img.manifest_digest,
+        "spec": {"process": {"args": ["sh", "-c", "echo $(id -u):$(id -G):$(pwd):$GREETING:$EXTRA"],
+                             "env": ["EXTRA=x"]}}})
+    agent.ok("POST", f"/v1/containers/{cid}/start")
+    agent.wait_state(cid, "exited")
+    assert b"stdout F 1000:1000 2000:/home/app:hello:x" in agent.call("GET", f"/v1/containers/{cid}/logs").body
+    # user by name, with its supplementary group from /etc/group
+    cid2 = secrets.token_hex(32)
+    agent.ok("POST", "/v1/containers", {
+        "id": cid2, "name": "byname", "image_digest": img.manifest_digest, "user": "app",
+        "spec": {"process": {"args": ["sh", "-c", "echo ids=$(id -u):$(id -g):$(id -G)"]}}})
+    agent.ok("POST", f"/v1/containers/{cid2}/start")
+    agent.wait_state(cid2, "exited")
+    assert b"stdout F ids=1000:1000:1000 2000" in agent.call("GET", f"/v1/containers/{cid2}/logs").body
+
+
+def test_stop_signal_defaults_to_the_images(agent, cell_images):
+    img = cell_images["app"]
+    agent.pull(img)
+    rec = agent.run(img, ["sh", "-c", "trap 'echo got-usr1; exit 0' USR1; while true; do sleep 0.1; done"])
+    time.sleep(0.3)  # let the trap be set
+    done = agent.ok("POST", f"/v1/containers/{rec['id']}/stop", {"timeout": 30})
+    assert done["exit_code"] == 0
+    assert b"got-usr1" in agent.call("GET", f"/v1/containers/{rec['id']}/logs").body
+
+
+def test_node_rlimits_beyond_the_cell_are_clamped(agent, busybox):
+    cid = secrets.token_hex(32)
+    spec = {"process": {"args": ["sh", "-c", "ulimit -n"],
+                        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}]}}
+    agent.ok("POST", "/v1/containers", {"id": cid, "name": "rl", "image_digest": busybox.manifest_digest, "spec": spec})
+    agent.ok("POST", f"/v1/containers/{cid}/start")
+    assert agent.wait_state(cid, "exited")["exit_code"] == 0
