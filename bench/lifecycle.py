@@ -49,7 +49,10 @@ def own_service():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        subprocess.run(["ip", "link", "del", "kiyotb0"], capture_output=True)
+        for argv in (["iptables", "-D", "INPUT", "-i", "kiyotb0", "-j", "KIYOT-kiyotb0"],
+                     ["iptables", "-F", "KIYOT-kiyotb0"], ["iptables", "-X", "KIYOT-kiyotb0"],
+                     ["ip", "link", "del", "kiyotb0"]):
+            subprocess.run(argv, capture_output=True)
 
 
 def wait_ready(target: str) -> grpc.Channel:

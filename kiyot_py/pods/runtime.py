@@ -166,7 +166,7 @@ class PodRuntime:
                 await asyncio.shield(self._provider.delete_cell(sb.cell.id))
             self._forget_sandbox(sb)
             if isinstance(exc, AgentError):
-                raise Unavailable(f"cell for sandbox {sb.id} did not come up: {exc.message}") from None
+                raise _agent_failure(f"setting up the cell of sandbox {sb.id}", exc) from None
             raise
         sb.state = SANDBOX_READY
         sb.phase = "ready"

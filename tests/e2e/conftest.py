@@ -82,11 +82,17 @@ def service(tmp_path_factory, registry) -> Service:
         pytest.skip("end-to-end tests need root (network namespaces, runc)")
     base = tmp_path_factory.mktemp("kiyot")
     config = base / "kiyot.toml"
+    registries = base / "registries.conf"
+    # registries.conf(5) style: registry.k8s.io comes from the local test registry.
+    registries.write_text(
+        '[[registry]]\nprefix = "registry.k8s.io"\nlocation = "127.0.0.1:5000"\ninsecure = true\n'
+    )
     config.write_text(
         f'socket = "{base}/kiyot.sock"\n'
         f'state_dir = "{base}/state"\n'
         f'node_name = "test-node"\n'
         f'log_level = "debug"\n'
+        f'registries_conf = "{registries}"\n'
         f'[local]\nbridge = "{BRIDGE}"\nsubnet = "{SUBNET}"\n'
     )
     svc = Service(state_dir=base / "state", socket=base / "kiyot.sock", config=config,
@@ -96,7 +102,16 @@ def service(tmp_path_factory, registry) -> Service:
     _cleanup(svc)
     if svc.proc.poll() is None:
         svc.stop()
-    subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
+    remove_host_network(BRIDGE)
+
+
+def remove_host_network(bridge: str) -> None:
+    """The bridge and the host fence that `kiyot-py serve` set up for the tests' cells."""
+    chain = f"KIYOT-{bridge}"
+    subprocess.run(["iptables", "-D", "INPUT", "-i", bridge, "-j", chain], capture_output=True)
+    subprocess.run(["iptables", "-F", chain], capture_output=True)
+    subprocess.run(["iptables", "-X", chain], capture_output=True)
+    subprocess.run(["ip", "link", "del", bridge], capture_output=True)
 
 
 @pytest.fixture

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from pathlib import Path
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
+
+
+def pod_name(test_name: str) -> str:
+    """A valid DNS label from a test's name (parametrized names carry brackets)."""
+    return re.sub(r"[^a-z0-9-]+", "-", test_name.lower())[:50].strip("-")
 
 
 def sandbox_config(name: str, log_dir: Path, **labels: str) -> pb.PodSandboxConfig:

@@ -39,6 +39,7 @@ def test_tags_and_digests_name_one_image(img, test_images):
 def test_pull_by_digest_has_no_tags(img, test_images):
     t = test_images["busybox-oci"]
     name = "127.0.0.1:5000/test/busybox-oci"
+    img.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=t.config_digest)))  # other tests' pulls
     image_id = pull(img, f"{name}@{t.manifest_digest}")
     found = status(img, image_id).image
     assert found.repo_digests == [f"{name}@{t.manifest_digest}"]

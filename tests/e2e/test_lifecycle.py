@@ -12,7 +12,7 @@ import pytest
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 
-from .helpers import container_config, log_lines, sandbox_config, wait_for, wait_state
+from .helpers import pod_name, container_config, log_lines, sandbox_config, wait_for, wait_state
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def pulled(img, test_images):
 @pytest.fixture
 def pod(cri, tmp_path, request):
     """A running sandbox; removed after the test."""
-    config = sandbox_config(request.node.name.replace("_", "-")[:40].strip("-"), tmp_path)
+    config = sandbox_config(pod_name(request.node.name), tmp_path)
     sandbox_id = cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
     yield sandbox_id, config
     cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox_id))
@@ -352,3 +352,17 @@ def test_cell_reaches_only_the_pull_path_on_the_host(cri, pod, pulled, test_imag
         assert not connects(ip, 9276)  # the cell's own agent
     finally:
         listener.close()
+
+
+def test_bad_hostname_is_invalid_argument_and_leaves_no_cell(cri, service, tmp_path):
+    config = sandbox_config("bad-host", tmp_path)
+    config.hostname = "not a valid [hostname]"
+    with pytest.raises(grpc.RpcError) as err:
+        cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hostname" in err.value.details()
+    listed = cri.ListPodSandbox(pb.ListPodSandboxRequest()).items
+    assert all(s.metadata.uid != config.metadata.uid for s in listed)
+    leftovers = [p for p in (service.state_dir / "cells").iterdir() if p.is_dir()]
+    owned = {f"c{s.id[:12]}" for s in listed}
+    assert {p.name for p in leftovers} <= owned

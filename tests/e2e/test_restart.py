@@ -106,3 +106,27 @@ def test_kill9_of_the_agent_loses_nothing(service, tmp_path, test_images):
     assert r.stdout == b"still here\n"
     cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox_id))
     cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
+
+
+def test_sigterm_shuts_down_cleanly_and_leaves_cells_running(service, tmp_path, test_images):
+    import stat
+
+    assert stat.S_IMODE(service.socket.stat().st_mode) == 0o660
+    cri, img = service.runtime, service.images
+    ref = test_images["busybox"].ref
+    img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
+    config = sandbox_config("sigterm", tmp_path)
+    sandbox_id = cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    cid = cri.CreateContainer(pb.CreateContainerRequest(
+        pod_sandbox_id=sandbox_id, sandbox_config=config,
+        config=container_config("keeps", ref, ["sleep", "3600"]))).container_id
+    cri.StartContainer(pb.StartContainerRequest(container_id=cid))
+    wait_state(cri, cid, pb.CONTAINER_RUNNING)
+    assert service.stop() == 0
+    assert _runc_status(cid) == "running"
+    service.start()
+    cri = service.runtime
+    assert cri.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status.state == pb.CONTAINER_RUNNING
+    cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox_id))
+    cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
+    assert _runc_status(cid) == "gone"

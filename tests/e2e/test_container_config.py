@@ -1,0 +1,138 @@
+"""What a container sees in its cell: the image's config and the kubelet's, mapped for real."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from kiyot_py.gen.runtime.v1 import api_pb2 as pb
+
+from .helpers import pod_name, container_config, log_lines, sandbox_config, wait_for, wait_state
+
+
+@pytest.fixture
+def pod(cri, tmp_path, request):
+    config = sandbox_config(pod_name(request.node.name), tmp_path)
+    sandbox_id = cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    yield sandbox_id, config
+    cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox_id))
+    cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
+
+
+def create(cri, pod, config):
+    sandbox_id, sandbox = pod
+    return cri.CreateContainer(pb.CreateContainerRequest(
+        pod_sandbox_id=sandbox_id, config=config, sandbox_config=sandbox)).container_id
+
+
+def start(cri, pod, config) -> str:
+    cid = create(cri, pod, config)
+    cri.StartContainer(pb.StartContainerRequest(container_id=cid))
+    return cid
+
+
+def exec_out(cri, cid, *cmd) -> str:
+    r = cri.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=10))
+    assert r.exit_code == 0, r.stderr
+    return r.stdout.decode()
+
+
+def pull(img, ref):
+    return img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref))).image_ref
+
+
+def test_image_entrypoint_cmd_user_workdir_env(cri, img, pod, test_images):
+    ref = test_images["app"].ref  # OCI manifest; Entrypoint sh -c, Cmd, User app, WorkingDir
+    pull(img, ref)
+    cid = start(cri, pod, container_config("app", ref))
+    status = wait_state(cri, cid, pb.CONTAINER_EXITED)
+    assert (status.exit_code, status.reason) == (0, "Completed")
+    assert wait_for(lambda: ("stdout", "F", "default-cmd") in log_lines(status.log_path))
+
+    # The image's user is resolved in the cell's rootfs, with its groups.
+    cid = start(cri, pod, container_config("app-shell", ref, args=["sleep 3600"],
+                                           envs=[pb.KeyValue(key="EXTRA", value=b"1")]))
+    wait_state(cri, cid, pb.CONTAINER_RUNNING)
+    ids = exec_out(cri, cid, "id")
+    assert "uid=1000(app)" in ids and "gid=1000(app)" in ids and "2000(extra)" in ids
+    assert exec_out(cri, cid, "pwd").strip() == "/home/app"
+    env = exec_out(cri, cid, "env")
+    assert "GREETING=hello" in env and "EXTRA=1" in env
+
+
+def test_run_as_user_overrides_the_image(cri, img, pod, test_images):
+    ref = test_images["app"].ref
+    pull(img, ref)
+    config = container_config("root", ref, command=["sleep", "3600"])
+    config.linux.security_context.run_as_user.value = 0
+    config.linux.security_context.supplemental_groups.append(2000)
+    cid = start(cri, pod, config)
+    wait_state(cri, cid, pb.CONTAINER_RUNNING)
+    assert exec_out(cri, cid, "id", "-u").strip() == "0"
+    assert "2000" in exec_out(cri, cid, "id", "-G").split()
+
+
+def test_index_and_oci_images_run(cri, img, pod, test_images):
+    for key in ("busybox-index", "busybox-oci"):
+        ref = test_images[key].ref
+        pull(img, ref)
+        cid = start(cri, pod, container_config(key, ref, command=["sh", "-c", "exit 4"]))
+        status = wait_state(cri, cid, pb.CONTAINER_EXITED)
+        assert status.exit_code == 4, key
+
+
+def test_hostname_and_dns_from_the_sandbox(cri, img, pod, test_images):
+    ref = test_images["busybox"].ref
+    pull(img, ref)
+    cid = start(cri, pod, container_config("dns", ref, command=["sleep", "3600"]))
+    wait_state(cri, cid, pb.CONTAINER_RUNNING)
+    _, sandbox = pod
+    assert exec_out(cri, cid, "hostname").strip() == sandbox.hostname
+    resolv = exec_out(cri, cid, "cat", "/etc/resolv.conf")
+    assert "nameserver 10.96.0.10" in resolv
+    assert "search default.svc.cluster.local" in resolv
+    assert "options ndots:5" in resolv
+
+
+def test_mirror_from_registries_conf(cri, img, pod, test_images):
+    """registry.k8s.io is mapped to the local registry; the cell pulls it through the pull path."""
+    ref = "registry.k8s.io/test/busybox:latest"
+    image_id = pull(img, ref)
+    assert image_id == test_images["busybox"].config_digest
+    status = img.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=ref))).image
+    assert ref in status.repo_tags
+    cid = start(cri, pod, container_config("mirrored", ref, command=["sh", "-c", "exit 6"]))
+    assert wait_state(cri, cid, pb.CONTAINER_EXITED).exit_code == 6
+
+
+@pytest.mark.parametrize("key", ["evil-dotdot", "evil-abs", "evil-hardlink", "evil-symlink"])
+def test_escaping_layers_are_refused(cri, img, pod, test_images, key, service):
+    ref = test_images[key].ref
+    pull(img, ref)  # the node only reads the manifest and config; the cell checks layers
+    with pytest.raises(grpc.RpcError) as err:
+        create(cri, pod, container_config(key, ref, command=["true"]))
+    assert "refused" in err.value.details() or "layer" in err.value.details(), err.value.details()
+    containers = cri.ListContainers(pb.ListContainersRequest(
+        filter=pb.ContainerFilter(pod_sandbox_id=pod[0]))).containers
+    assert containers == []
+    cells = service.state_dir / "cells"
+    assert not list(cells.rglob("escape.txt")) and not list(cells.rglob("abs.txt"))
+
+
+def test_memory_limit_oom_kill_is_reported(cri, img, pod, test_images):
+    ref = test_images["busybox"].ref
+    pull(img, ref)
+    config = container_config("hog", ref, command=["sh", "-c", "x=a; while true; do x=$x$x; done"])
+    config.linux.resources.memory_limit_in_bytes = 16 * 1024 * 1024
+    cid = start(cri, pod, config)
+    status = wait_state(cri, cid, pb.CONTAINER_EXITED, seconds=60)
+    assert (status.state, status.exit_code, status.reason) == (pb.CONTAINER_EXITED, 137, "OOMKilled")
+
+
+def test_name_in_use_is_already_exists(cri, img, pod, test_images):
+    ref = test_images["busybox"].ref
+    pull(img, ref)
+    create(cri, pod, container_config("twin", ref, command=["true"]))
+    with pytest.raises(grpc.RpcError) as err:
+        create(cri, pod, container_config("twin", ref, command=["true"]))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
