@@ -28,7 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
 from kiyot_py.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
+from tests.support.images import push_test_images  # noqa: E402
+from tests.support.registry import REGISTRY, start_registry, stop_registry, v2_up  # noqa: E402
 
+DEFAULT_IMAGE = "127.0.0.1:5000/test/busybox:latest"
 OPS = ["pull", "runp", "create", "start", "stop", "rm", "stopp", "rmp"]
 
 
@@ -53,6 +56,17 @@ def own_service():
                      ["iptables", "-F", "KIYOT-kiyotb0"], ["iptables", "-X", "KIYOT-kiyotb0"],
                      ["ip", "link", "del", "kiyotb0"]):
             subprocess.run(argv, capture_output=True)
+
+
+def ensure_test_registry():
+    """For the default image: the tests' registry on 127.0.0.1:5000 with their images.
+
+    Returns the registry process when this started one (to stop at the end)."""
+    proc = None
+    if not v2_up():
+        proc = start_registry(Path(tempfile.mkdtemp(prefix="kiyot-bench-registry-")))
+    push_test_images(REGISTRY)
+    return proc
 
 
 def wait_ready(target: str) -> grpc.Channel:
@@ -134,7 +148,7 @@ def print_table(results: dict[str, dict[str, list[float]]], n: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--iterations", type=int, default=10)
-    parser.add_argument("--image", default="127.0.0.1:5000/test/busybox:latest",
+    parser.add_argument("--image", default=DEFAULT_IMAGE,
                         help="image to run (must hold sleep); default %(default)s")
     parser.add_argument("--socket", help="a running kiyot-py's CRI endpoint; default: start one")
     parser.add_argument("--reference", help="a reference runtime's CRI endpoint, e.g. containerd's")
@@ -142,6 +156,9 @@ def main() -> int:
     if not 1 <= args.iterations <= 1000:
         parser.error("--iterations must be between 1 and 1000")
 
+    registry = None
+    if args.image == DEFAULT_IMAGE:
+        registry = ensure_test_registry()
     results: dict[str, dict[str, list[float]]] = {}
     if args.socket:
         results["kiyot-py"] = measure(args.socket, args.image, args.iterations)
@@ -151,6 +168,8 @@ def main() -> int:
     if args.reference:
         results["reference"] = measure(args.reference, args.image, args.iterations)
     print_table(results, args.iterations)
+    if registry is not None:
+        stop_registry(registry)
     return 0
 
 

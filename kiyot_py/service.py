@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import signal
+import sys
 
 import aiohttp
 import structlog
@@ -22,7 +23,18 @@ from kiyot_py.store import Store
 log = structlog.get_logger("kiyot.service")
 
 
+def _reap_with_pidfds() -> None:
+    """Python 3.11 reaps each child with a thread blocked in waitpid: one per live cell.
+
+    A pidfd watcher needs no threads (3.12 does this by itself)."""
+    if sys.version_info < (3, 12) and hasattr(asyncio, "PidfdChildWatcher"):
+        watcher = asyncio.PidfdChildWatcher()
+        watcher.attach_loop(asyncio.get_running_loop())
+        asyncio.set_child_watcher(watcher)
+
+
 async def serve(settings: Settings) -> None:
+    _reap_with_pidfds()
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # One service per state directory: a second one would fight over the same cells.
     lock = open(settings.state_dir / "serve.lock", "w")

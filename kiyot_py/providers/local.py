@@ -233,13 +233,12 @@ class LocalProvider:
             return
         if cell is not None:
             if self._supervisor_alive(cell):
-                os.killpg(cell.supervisor_pid, signal.SIGTERM)
-                for _ in range(100):
+                # Like terminating a VM: no grace. The containers go next, by runc.
+                os.killpg(cell.supervisor_pid, signal.SIGKILL)
+                for _ in range(200):  # bounded: 10 s
                     if not self._supervisor_alive(cell):
                         break
-                    await asyncio.sleep(0.05)
-                else:
-                    os.killpg(cell.supervisor_pid, signal.SIGKILL)
+                    await asyncio.sleep(0.01)
             await self._delete_containers(cell_dir)
             if Path(NETNS_DIR / cell.netns).exists():
                 await _run("ip", "netns", "del", cell.netns, check=False)
