@@ -366,3 +366,23 @@ def test_bad_hostname_is_invalid_argument_and_leaves_no_cell(cri, service, tmp_p
     leftovers = [p for p in (service.state_dir / "cells").iterdir() if p.is_dir()]
     owned = {f"c{s.id[:12]}" for s in listed}
     assert {p.name for p in leftovers} <= owned
+
+
+def test_partial_lines_are_tagged_p(cri, pod, pulled, test_images):
+    cid = run(cri, pod, "partial", test_images["busybox"].ref,
+              ["sh", "-c", "printf 'no newline yet'; sleep 1; echo ' then done'"])
+    status = wait_state(cri, cid, pb.CONTAINER_EXITED)
+    lines = wait_for(lambda: log_lines(status.log_path) if len(log_lines(status.log_path)) >= 2 else None)
+    assert lines[0] == ("stdout", "P", "no newline yet")
+    assert lines[1] == ("stdout", "F", " then done")
+
+
+def test_oversized_request_is_refused(cri, pod):
+    sandbox_id, config = pod
+    huge = container_config("huge", "busybox", ["true"])
+    huge.annotations["blob"] = "x" * (17 * 1024 * 1024)
+    with pytest.raises(grpc.RpcError) as err:
+        cri.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=sandbox_id, config=huge))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    listed = cri.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(pod_sandbox_id=sandbox_id)))
+    assert list(listed.containers) == []
