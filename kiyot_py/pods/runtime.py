@@ -96,8 +96,10 @@ class PodRuntime:
             if sb.state != SANDBOX_READY or sb.cell is None:
                 continue
             cell = await self._provider.describe_cell(sb.cell.id)
-            if cell is None:
+            if cell is None or cell.state == "terminated":
                 log.warning("cell is gone", sandbox=sb.id, cell=sb.cell.id)
+                if cell is not None:
+                    await self._provider.delete_cell(cell.id)  # release what is left of it
                 self._cell_lost(sb)
                 continue
             sb.cell = cell

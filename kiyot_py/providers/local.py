@@ -164,12 +164,13 @@ class LocalProvider:
 
     def _cell(self, cell: _CellFile) -> Cell:
         token = (self._dir / cell.id / "token")
+        # A local cell without its namespace (the host rebooted) is gone for good.
         alive = Path(NETNS_DIR / cell.netns).exists() and token.exists()
         return Cell(
             id=cell.id, sandbox_id=cell.sandbox_id, address=cell.address,
             agent_url=f"http://{cell.address}:{self._settings.agent_port}",
             token=token.read_text() if token.exists() else "",
-            state="running" if alive else "pending",
+            state="running" if alive else "terminated",
             tags=dict(cell.tags), pull_path=self.pull_path,
         )
 

@@ -130,3 +130,30 @@ def test_sigterm_shuts_down_cleanly_and_leaves_cells_running(service, tmp_path, 
     cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox_id))
     cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
     assert _runc_status(cid) == "gone"
+
+
+def test_a_cell_lost_while_the_service_was_down_is_reported(service, tmp_path, test_images):
+    """As after a host reboot: the cell's namespace and containers are gone when the service comes back."""
+    cri, img = service.runtime, service.images
+    ref = test_images["busybox"].ref
+    img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
+    config = sandbox_config("lost", tmp_path)
+    sandbox_id = cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    cid = cri.CreateContainer(pb.CreateContainerRequest(
+        pod_sandbox_id=sandbox_id, sandbox_config=config,
+        config=container_config("doomed", ref, ["sleep", "3600"]))).container_id
+    cri.StartContainer(pb.StartContainerRequest(container_id=cid))
+    wait_state(cri, cid, pb.CONTAINER_RUNNING)
+    service.kill9()
+    cell = json.loads((service.state_dir / "cells" / f"c{sandbox_id[:12]}" / "cell.json").read_text())
+    os.killpg(cell["supervisor_pid"], signal.SIGKILL)
+    subprocess.run(["runc", "delete", "--force", cid], check=True)
+    subprocess.run(["ip", "netns", "del", cell["netns"]], check=True)
+    service.start()
+    cri = service.runtime
+    sandbox = cri.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)).status
+    assert sandbox.state == pb.SANDBOX_NOTREADY
+    status = cri.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status
+    assert status.state == pb.CONTAINER_UNKNOWN and status.reason == "CellLost"
+    cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
+    assert not (service.state_dir / "cells" / f"c{sandbox_id[:12]}").exists()
