@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiyot-py {__version__}")
         return 0
     from kiyot_py import log
+    from kiyot_py.providers import ProviderError
     from kiyot_py.service import serve
+    from kiyot_py.store import StoreError
 
     overrides = {
         "socket": args.socket, "state_dir": args.state_dir, "node_name": args.node_name,
@@ -62,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kiyot-py: {exc}", file=sys.stderr)
         return 2
+    except (ProviderError, StoreError) as exc:
+        print(f"kiyot-py: cannot start: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         pass
     return 0
