@@ -16,6 +16,8 @@ import pytest
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from kiyot_py.gen.runtime.v1 import api_pb2_grpc
 
+from .helpers import new_pod, pod_name, remove_pod
+
 # A bridge and subnet of the tests' own, apart from a developer's running service.
 BRIDGE = "kiyott0"
 SUBNET = "10.123.0.0/24"
@@ -112,6 +114,14 @@ def remove_host_network(bridge: str) -> None:
     subprocess.run(["iptables", "-F", chain], capture_output=True)
     subprocess.run(["iptables", "-X", chain], capture_output=True)
     subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+@pytest.fixture
+def pod(service, tmp_path, request):
+    """A ready sandbox named after the test: (id, config); removed afterwards."""
+    sandbox_id, config = new_pod(service.runtime, pod_name(request.node.name), tmp_path)
+    yield sandbox_id, config
+    remove_pod(service.runtime, sandbox_id)
 
 
 @pytest.fixture

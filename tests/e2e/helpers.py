@@ -40,6 +40,33 @@ def container_config(name: str, image: str, command: list[str] | None = None,
     )
 
 
+def new_pod(cri, name: str, log_dir: Path) -> tuple[str, pb.PodSandboxConfig]:
+    config = sandbox_config(name, log_dir)
+    return cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id, config
+
+
+def remove_pod(cri, sandbox_id: str) -> None:
+    cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox_id))
+    cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
+
+
+def create(cri, pod, config: pb.ContainerConfig) -> str:
+    sandbox_id, sandbox = pod
+    return cri.CreateContainer(pb.CreateContainerRequest(
+        pod_sandbox_id=sandbox_id, config=config, sandbox_config=sandbox)).container_id
+
+
+def start(cri, pod, config: pb.ContainerConfig) -> str:
+    cid = create(cri, pod, config)
+    cri.StartContainer(pb.StartContainerRequest(container_id=cid))
+    return cid
+
+
+def run(cri, pod, name: str, image: str, command: list[str], **kw) -> str:
+    """Create and start a container named `name` running `command`."""
+    return start(cri, pod, container_config(name, image, command, **kw))
+
+
 def wait_state(cri, container_id: str, state: int, seconds: float = 30.0) -> pb.ContainerStatus:
     """Poll ContainerStatus until `state` (bounded), as the kubelet's relist does."""
     deadline = time.monotonic() + seconds

@@ -7,28 +7,7 @@ import pytest
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 
-from .helpers import pod_name, container_config, log_lines, sandbox_config, wait_for, wait_state
-
-
-@pytest.fixture
-def pod(cri, tmp_path, request):
-    config = sandbox_config(pod_name(request.node.name), tmp_path)
-    sandbox_id = cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
-    yield sandbox_id, config
-    cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox_id))
-    cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
-
-
-def create(cri, pod, config):
-    sandbox_id, sandbox = pod
-    return cri.CreateContainer(pb.CreateContainerRequest(
-        pod_sandbox_id=sandbox_id, config=config, sandbox_config=sandbox)).container_id
-
-
-def start(cri, pod, config) -> str:
-    cid = create(cri, pod, config)
-    cri.StartContainer(pb.StartContainerRequest(container_id=cid))
-    return cid
+from .helpers import container_config, create, log_lines, start, wait_for, wait_state
 
 
 def exec_out(cri, cid, *cmd) -> str:

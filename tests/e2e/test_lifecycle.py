@@ -12,32 +12,13 @@ import pytest
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 
-from .helpers import pod_name, container_config, log_lines, sandbox_config, wait_for, wait_state
+from .helpers import container_config, log_lines, new_pod, remove_pod, run, sandbox_config, wait_for, wait_state
 
 
 @pytest.fixture
 def pulled(img, test_images):
     ref = test_images["busybox"].ref
     return img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref))).image_ref
-
-
-@pytest.fixture
-def pod(cri, tmp_path, request):
-    """A running sandbox; removed after the test."""
-    config = sandbox_config(pod_name(request.node.name), tmp_path)
-    sandbox_id = cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
-    yield sandbox_id, config
-    cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox_id))
-    cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
-
-
-def run(cri, pod, name, image, command, **kw) -> str:
-    sandbox_id, config = pod
-    cid = cri.CreateContainer(pb.CreateContainerRequest(
-        pod_sandbox_id=sandbox_id, config=container_config(name, image, command, **kw),
-        sandbox_config=config)).container_id
-    cri.StartContainer(pb.StartContainerRequest(container_id=cid))
-    return cid
 
 
 def pod_ip(cri, sandbox_id) -> str:
@@ -213,8 +194,7 @@ def test_repeated_run_pod_sandbox_makes_one_cell(cri, service, tmp_path):
 
 
 def test_stop_and_remove_sandbox_tear_down_the_cell(cri, service, tmp_path, pulled, test_images):
-    config = sandbox_config("teardown", tmp_path)
-    sandbox_id = cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    sandbox_id, config = new_pod(cri, "teardown", tmp_path)
     cid = run(cri, (sandbox_id, config), "sleeper", test_images["busybox"].ref, ["sleep", "3600"])
     wait_state(cri, cid, pb.CONTAINER_RUNNING)
     netns = f"kiyot-{sandbox_id[:12]}"

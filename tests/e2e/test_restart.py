@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 
-from .helpers import container_config, log_lines, sandbox_config, wait_for, wait_state
+from .helpers import log_lines, new_pod, remove_pod, run, wait_for, wait_state
 
 
 def _ticks(path: str) -> list[int]:
@@ -22,14 +22,10 @@ def test_kill9_of_the_service_loses_nothing(service, tmp_path, test_images):
     cri, img = service.runtime, service.images
     ref = test_images["busybox"].ref
     img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
-    config = sandbox_config("survivor", tmp_path)
-    sandbox_id = cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
-    cid = cri.CreateContainer(pb.CreateContainerRequest(
-        pod_sandbox_id=sandbox_id, sandbox_config=config,
-        config=container_config("ticker", ref, ["sh", "-c",
-                                "i=0; while [ $i -lt 100000 ]; do echo tick $i; i=$((i+1)); sleep 0.02; done"]),
-    )).container_id
-    cri.StartContainer(pb.StartContainerRequest(container_id=cid))
+    pod = new_pod(cri, "survivor", tmp_path)
+    sandbox_id = pod[0]
+    cid = run(cri, pod, "ticker", ref,
+              ["sh", "-c", "i=0; while [ $i -lt 100000 ]; do echo tick $i; i=$((i+1)); sleep 0.02; done"])
     log_path = wait_state(cri, cid, pb.CONTAINER_RUNNING).log_path
     wait_for(lambda: len(_ticks(log_path)) >= 10)
 
@@ -54,8 +50,7 @@ def test_kill9_of_the_service_loses_nothing(service, tmp_path, test_images):
     time.sleep(0.5)
     ticks = _ticks(log_path)
     assert ticks == list(range(len(ticks))), "gap or duplicate in the log after the restart"
-    cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox_id))
-    cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
+    remove_pod(cri, sandbox_id)
 
 
 def _runc_status(container_id: str) -> str:
@@ -67,19 +62,12 @@ def test_kill9_of_the_agent_loses_nothing(service, tmp_path, test_images):
     cri, img = service.runtime, service.images
     ref = test_images["busybox"].ref
     img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
-    config = sandbox_config("agent-crash", tmp_path)
-    sandbox_id = cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
-
-    def start(name, command):
-        cid = cri.CreateContainer(pb.CreateContainerRequest(
-            pod_sandbox_id=sandbox_id, sandbox_config=config,
-            config=container_config(name, ref, command))).container_id
-        cri.StartContainer(pb.StartContainerRequest(container_id=cid))
+    pod = new_pod(cri, "agent-crash", tmp_path)
+    sandbox_id = pod[0]
+    long_runner = run(cri, pod, "long", ref, ["sleep", "3600"])
+    exits_later = run(cri, pod, "short", ref, ["sleep", "1000"])  # killed below, while the agent is down
+    for cid in (long_runner, exits_later):
         wait_state(cri, cid, pb.CONTAINER_RUNNING)
-        return cid
-
-    long_runner = start("long", ["sleep", "3600"])
-    exits_later = start("short", ["sleep", "1000"])  # killed below, while the agent is down
 
     cell = json.loads((service.state_dir / "cells" / f"c{sandbox_id[:12]}" / "cell.json").read_text())
     supervisor = cell["supervisor_pid"]
@@ -104,8 +92,7 @@ def test_kill9_of_the_agent_loses_nothing(service, tmp_path, test_images):
     assert new_children and int(new_children[0]) != agent
     r = cri.ExecSync(pb.ExecSyncRequest(container_id=long_runner, cmd=["echo", "still here"], timeout=10))
     assert r.stdout == b"still here\n"
-    cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox_id))
-    cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
+    remove_pod(cri, sandbox_id)
 
 
 def test_sigterm_shuts_down_cleanly_and_leaves_cells_running(service, tmp_path, test_images):
@@ -115,20 +102,16 @@ def test_sigterm_shuts_down_cleanly_and_leaves_cells_running(service, tmp_path, 
     cri, img = service.runtime, service.images
     ref = test_images["busybox"].ref
     img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
-    config = sandbox_config("sigterm", tmp_path)
-    sandbox_id = cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
-    cid = cri.CreateContainer(pb.CreateContainerRequest(
-        pod_sandbox_id=sandbox_id, sandbox_config=config,
-        config=container_config("keeps", ref, ["sleep", "3600"]))).container_id
-    cri.StartContainer(pb.StartContainerRequest(container_id=cid))
+    pod = new_pod(cri, "sigterm", tmp_path)
+    sandbox_id = pod[0]
+    cid = run(cri, pod, "keeps", ref, ["sleep", "3600"])
     wait_state(cri, cid, pb.CONTAINER_RUNNING)
     assert service.stop() == 0
     assert _runc_status(cid) == "running"
     service.start()
     cri = service.runtime
     assert cri.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status.state == pb.CONTAINER_RUNNING
-    cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox_id))
-    cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
+    remove_pod(cri, sandbox_id)
     assert _runc_status(cid) == "gone"
 
 
@@ -137,12 +120,9 @@ def test_a_cell_lost_while_the_service_was_down_is_reported(service, tmp_path, t
     cri, img = service.runtime, service.images
     ref = test_images["busybox"].ref
     img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
-    config = sandbox_config("lost", tmp_path)
-    sandbox_id = cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
-    cid = cri.CreateContainer(pb.CreateContainerRequest(
-        pod_sandbox_id=sandbox_id, sandbox_config=config,
-        config=container_config("doomed", ref, ["sleep", "3600"]))).container_id
-    cri.StartContainer(pb.StartContainerRequest(container_id=cid))
+    pod = new_pod(cri, "lost", tmp_path)
+    sandbox_id = pod[0]
+    cid = run(cri, pod, "doomed", ref, ["sleep", "3600"])
     wait_state(cri, cid, pb.CONTAINER_RUNNING)
     service.kill9()
     cell = json.loads((service.state_dir / "cells" / f"c{sandbox_id[:12]}" / "cell.json").read_text())
