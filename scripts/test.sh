@@ -59,6 +59,8 @@ CONF
     v2_up || { echo "test: docker-registry did not answer at http://$REGISTRY/v2/" >&2; cat "$REG_DIR/registry.log" >&2; exit 1; }
 fi
 
+"$REPO/.venv/bin/ruff" check kiyot_py cells tests bench tools
+
 set +e
 "$REPO/.venv/bin/python" -m pytest -q "$@"
 rc=$?

@@ -358,7 +358,7 @@ class ContainerManager:
                     proc.kill()
                     await proc.wait()
                 _log.info("exec_timeout", id=cid, pid=pid)
-                raise ApiError("timeout", f"exec did not finish within {timeout}s; process {pid} was killed")
+                raise ApiError("timeout", f"exec did not finish within {timeout}s; process {pid} was killed") from None
         finally:
             for f in (pfile, pidfile):
                 try:

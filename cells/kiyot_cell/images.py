@@ -175,7 +175,7 @@ class ImageStore:
                 proc.kill()
                 await proc.wait()
                 await self._undo(tag, blobs_before)
-                raise ApiError("pull_failed", f"pull of {src} timed out after {self.cfg.pull_timeout:.0f}s")
+                raise ApiError("pull_failed", f"pull of {src} timed out after {self.cfg.pull_timeout:.0f}s") from None
             if proc.returncode != 0:
                 await self._undo(tag, blobs_before)
                 msg = (err or out).decode(errors="replace").strip()

@@ -232,7 +232,7 @@ def test_stop_and_delete_of_created_and_running(agent, busybox):
     for rec in (other, running, created):
         assert agent.call("DELETE", f"/v1/containers/{rec['id']}").status == 200
         assert not (agent.state_dir / "containers" / rec["id"]).exists()
-        wait_until(lambda: not Path(f"/proc/{rec['pid']}").exists(), what="container process gone")
+        wait_until(lambda pid=rec["pid"]: not Path(f"/proc/{pid}").exists(), what="container process gone")
     assert agent.ok("GET", "/v1/containers") == []
     assert agent.call("POST", f"/v1/containers/{running['id']}/start").status == 404
 

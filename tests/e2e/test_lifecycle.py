@@ -12,7 +12,7 @@ import pytest
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 
-from .helpers import container_config, log_lines, new_pod, remove_pod, run, sandbox_config, wait_for, wait_state
+from .helpers import container_config, log_lines, new_pod, run, sandbox_config, wait_for, wait_state
 
 
 @pytest.fixture

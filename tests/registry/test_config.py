@@ -101,7 +101,7 @@ def test_location_with_namespace_and_repository_prefix():
 
 def test_wildcard_prefix_and_mirror_modes():
     cfg = RegistriesConfig.parse(
-        f"""
+        """
         [[registry]]
         prefix = "*.corp.example"
         mirror-by-digest-only = false

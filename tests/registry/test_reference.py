@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kiyot_py.registry.reference import InvalidReference, Reference, parse_reference
@@ -84,7 +86,7 @@ def test_parse_bad(given, says):
 
 def test_reference_is_frozen_and_hashable():
     ref = parse_reference("busybox")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         ref.tag = "x"  # type: ignore[misc]
     assert len({ref, parse_reference("docker.io/library/busybox:latest")}) == 1
 
