@@ -366,3 +366,20 @@ def test_oversized_request_is_refused(cri, pod):
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     listed = cri.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(pod_sandbox_id=sandbox_id)))
     assert list(listed.containers) == []
+
+
+def test_no_secret_in_argv_or_logs(cri, pod, pulled, test_images, service):
+    cid = run(cri, pod, "quiet", test_images["busybox"].ref, ["sleep", "3600"])
+    wait_state(cri, cid, pb.CONTAINER_RUNNING)
+    cell_dir = service.state_dir / "cells" / f"c{pod[0][:12]}"
+    token = (cell_dir / "token").read_bytes().strip()
+    assert len(token) >= 32
+    from pathlib import Path
+
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert token not in cmdline.read_bytes(), cmdline
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    assert token not in service.log_file.read_bytes()
+    assert token not in (cell_dir / "agent.log").read_bytes()
