@@ -9,21 +9,26 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 
-from .helpers import log_lines, new_pod, remove_pod, run, wait_for, wait_state
+from .helpers import log_lines, remove_pod, run, wait_for, wait_state
+
+
+@pytest.fixture
+def busybox(service, test_images) -> str:
+    ref = test_images["busybox"].ref
+    service.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
+    return ref
 
 
 def _ticks(path: str) -> list[int]:
     return [int(text.split()[1]) for stream, _, text in log_lines(path) if text.startswith("tick ")]
 
 
-def test_kill9_of_the_service_loses_nothing(service, tmp_path, test_images):
-    cri, img = service.runtime, service.images
-    ref = test_images["busybox"].ref
-    img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
-    pod = new_pod(cri, "survivor", tmp_path)
-    sandbox_id = pod[0]
+def test_kill9_of_the_service_loses_nothing(service, pod, busybox):
+    cri, ref, sandbox_id = service.runtime, busybox, pod[0]
     cid = run(cri, pod, "ticker", ref,
               ["sh", "-c", "i=0; while [ $i -lt 100000 ]; do echo tick $i; i=$((i+1)); sleep 0.02; done"])
     log_path = wait_state(cri, cid, pb.CONTAINER_RUNNING).log_path
@@ -58,12 +63,8 @@ def _runc_status(container_id: str) -> str:
     return json.loads(out.stdout)["status"] if out.returncode == 0 else "gone"
 
 
-def test_kill9_of_the_agent_loses_nothing(service, tmp_path, test_images):
-    cri, img = service.runtime, service.images
-    ref = test_images["busybox"].ref
-    img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
-    pod = new_pod(cri, "agent-crash", tmp_path)
-    sandbox_id = pod[0]
+def test_kill9_of_the_agent_loses_nothing(service, pod, busybox):
+    cri, ref, sandbox_id = service.runtime, busybox, pod[0]
     long_runner = run(cri, pod, "long", ref, ["sleep", "3600"])
     exits_later = run(cri, pod, "short", ref, ["sleep", "1000"])  # killed below, while the agent is down
     for cid in (long_runner, exits_later):
@@ -95,15 +96,11 @@ def test_kill9_of_the_agent_loses_nothing(service, tmp_path, test_images):
     remove_pod(cri, sandbox_id)
 
 
-def test_sigterm_shuts_down_cleanly_and_leaves_cells_running(service, tmp_path, test_images):
+def test_sigterm_shuts_down_cleanly_and_leaves_cells_running(service, pod, busybox):
     import stat
 
     assert stat.S_IMODE(service.socket.stat().st_mode) == 0o660
-    cri, img = service.runtime, service.images
-    ref = test_images["busybox"].ref
-    img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
-    pod = new_pod(cri, "sigterm", tmp_path)
-    sandbox_id = pod[0]
+    cri, ref, sandbox_id = service.runtime, busybox, pod[0]
     cid = run(cri, pod, "keeps", ref, ["sleep", "3600"])
     wait_state(cri, cid, pb.CONTAINER_RUNNING)
     assert service.stop() == 0
@@ -115,13 +112,9 @@ def test_sigterm_shuts_down_cleanly_and_leaves_cells_running(service, tmp_path, 
     assert _runc_status(cid) == "gone"
 
 
-def test_a_cell_lost_while_the_service_was_down_is_reported(service, tmp_path, test_images):
+def test_a_cell_lost_while_the_service_was_down_is_reported(service, pod, busybox):
     """As after a host reboot: the cell's namespace and containers are gone when the service comes back."""
-    cri, img = service.runtime, service.images
-    ref = test_images["busybox"].ref
-    img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
-    pod = new_pod(cri, "lost", tmp_path)
-    sandbox_id = pod[0]
+    cri, ref, sandbox_id = service.runtime, busybox, pod[0]
     cid = run(cri, pod, "doomed", ref, ["sleep", "3600"])
     wait_state(cri, cid, pb.CONTAINER_RUNNING)
     service.kill9()
