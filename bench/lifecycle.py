@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
 from kiyot_py.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
+from tests.support.hostnet import remove_host_network  # noqa: E402
 from tests.support.images import push_test_images  # noqa: E402
 from tests.support.registry import REGISTRY, start_registry, stop_registry, v2_up  # noqa: E402
 
@@ -52,10 +53,7 @@ def own_service():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        for argv in (["iptables", "-D", "INPUT", "-i", "kiyotb0", "-j", "KIYOT-kiyotb0"],
-                     ["iptables", "-F", "KIYOT-kiyotb0"], ["iptables", "-X", "KIYOT-kiyotb0"],
-                     ["ip", "link", "del", "kiyotb0"]):
-            subprocess.run(argv, capture_output=True)
+        remove_host_network("kiyotb0")
 
 
 def ensure_test_registry():

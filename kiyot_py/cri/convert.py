@@ -21,6 +21,15 @@ SANDBOX_STATE_NAMES = {v: k for k, v in SANDBOX_STATES.items()}
 CONTAINER_STATE_NAMES = {v: k for k, v in CONTAINER_STATES.items()}
 
 
+STREAM_PAGE = 500  # records per streamed message, well under gRPC's 4 MiB default
+
+
+def pages(items: list, size: int = STREAM_PAGE):
+    """Slices of a list for a streamed answer; an empty list still gives one (empty) page."""
+    for start in range(0, max(len(items), 1), size):
+        yield items[start:start + size]
+
+
 def sandbox_metadata(sb: Sandbox) -> pb.PodSandboxMetadata:
     return pb.PodSandboxMetadata(name=sb.name, namespace=sb.namespace, uid=sb.uid, attempt=sb.attempt)
 

@@ -15,8 +15,6 @@ from kiyot_py.model import Credentials, now_ns
 from kiyot_py.pods.errors import InvalidArgument
 from kiyot_py.pods.images import ImageManager
 
-STREAM_PAGE = 500
-
 
 def credentials(auth: pb.AuthConfig) -> Credentials | None:
     if auth.username or auth.password:
@@ -56,9 +54,8 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
 
     @rpc
     async def StreamImages(self, request, context):
-        images = self._list(request.filter)
-        for start in range(0, max(len(images), 1), STREAM_PAGE):
-            yield pb.StreamImagesResponse(images=images[start:start + STREAM_PAGE])
+        for page in convert.pages(self._list(request.filter)):
+            yield pb.StreamImagesResponse(images=page)
 
     @rpc
     async def ImageStatus(self, request, context):

@@ -12,14 +12,6 @@ from kiyot_py.gen.runtime.v1 import api_pb2_grpc
 from kiyot_py.model import now_ns, to_json
 from kiyot_py.pods.runtime import PodRuntime
 
-STREAM_PAGE = 500  # records per streamed message, well under gRPC's 4 MiB default
-
-
-def _pages(items: list, size: int = STREAM_PAGE):
-    for start in range(0, max(len(items), 1), size):
-        yield items[start:start + size]
-
-
 class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     def __init__(self, runtime: PodRuntime) -> None:
         self._rt = runtime
@@ -90,7 +82,7 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
 
     @rpc
     async def StreamPodSandboxes(self, request, context):
-        for page in _pages(self._sandboxes(request.filter)):
+        for page in convert.pages(self._sandboxes(request.filter)):
             yield pb.StreamPodSandboxesResponse(pod_sandboxes=page)
 
     # -- containers -------------------------------------------------------------------
@@ -128,7 +120,7 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
 
     @rpc
     async def StreamContainers(self, request, context):
-        for page in _pages(self._containers(request.filter)):
+        for page in convert.pages(self._containers(request.filter)):
             yield pb.StreamContainersResponse(containers=page)
 
     @rpc

@@ -53,6 +53,11 @@ async def _run(*argv: str, check: bool = True) -> str:
     return out.decode()
 
 
+def fence_chain(bridge: str) -> str:
+    """The iptables chain that fences the cells on `bridge` off the host."""
+    return f"KIYOT-{bridge}"[:28]  # iptables allows 28 characters
+
+
 async def _succeeds(*argv: str) -> bool:
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
@@ -102,7 +107,7 @@ class LocalProvider:
         Without this, every host service bound to 0.0.0.0 would be open to every pod.
         Replies to the node's own connections (to the agents) stay allowed.
         """
-        chain = f"KIYOT-{self._settings.bridge}"[:28]
+        chain = fence_chain(self._settings.bridge)
         if not await _succeeds("iptables", "-n", "-L", chain):
             await _run("iptables", "-N", chain)
         await _run("iptables", "-F", chain)

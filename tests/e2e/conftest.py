@@ -16,6 +16,8 @@ import pytest
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from kiyot_py.gen.runtime.v1 import api_pb2_grpc
 
+from tests.support.hostnet import remove_host_network
+
 from .helpers import new_pod, pod_name, remove_pod
 
 # A bridge and subnet of the tests' own, apart from a developer's running service.
@@ -105,15 +107,6 @@ def service(tmp_path_factory, registry) -> Service:
     if svc.proc.poll() is None:
         svc.stop()
     remove_host_network(BRIDGE)
-
-
-def remove_host_network(bridge: str) -> None:
-    """The bridge and the host fence that `kiyot-py serve` set up for the tests' cells."""
-    chain = f"KIYOT-{bridge}"
-    subprocess.run(["iptables", "-D", "INPUT", "-i", bridge, "-j", chain], capture_output=True)
-    subprocess.run(["iptables", "-F", chain], capture_output=True)
-    subprocess.run(["iptables", "-X", chain], capture_output=True)
-    subprocess.run(["ip", "link", "del", bridge], capture_output=True)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from kiyot_py.registry.config import RegistriesConfig
 from kiyot_py.registry.errors import RegistryBlocked
 from kiyot_py.registry.reference import parse_reference
 from tests.registry.conftest import free_port
-from tests.registry.fake import PASSWORD, TOKEN, USER, FakeRegistry, sha
+from tests.registry.fake import PASSWORD, TOKEN, USER, sha
 
 
 @dataclass
@@ -39,14 +39,6 @@ async def client():
     c = RegistryClient(connect_timeout=5, read_timeout=10)
     yield c
     await c.close()
-
-
-@pytest.fixture
-async def fake():
-    f = FakeRegistry()
-    await f.start()
-    yield f
-    await f.stop()
 
 
 def test_host_platform():

@@ -16,7 +16,7 @@ from kiyot_py.registry.config import RegistriesConfig
 from kiyot_py.registry.pullpath import PullPath, cell_reference, registry_host, registry_key
 from kiyot_py.registry.reference import parse_reference
 from tests.registry.conftest import free_port
-from tests.registry.fake import PASSWORD, USER, FakeRegistry, sha
+from tests.registry.fake import PASSWORD, USER, sha
 
 
 def test_registry_key_round_trip():
@@ -165,14 +165,6 @@ async def test_mirror_config_on_the_pull_path(http, test_images, registry):
             assert r.status == 403 and "blocked" in await r.text()
     finally:
         await pp.stop()
-
-
-@pytest.fixture
-async def fake():
-    f = FakeRegistry()
-    await f.start()
-    yield f
-    await f.stop()
 
 
 BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
