@@ -1,8 +1,9 @@
 """Container lifecycle: create (unpack + bundle + conmon), start, stop, delete, exec.
 
 Every record change goes through `_set`, which persists it and publishes an event. A
-watcher task per live container polls conmon's exit file and pidfile (100 ms): the exit
-code is conmon's, never invented; a dead conmon without an exit file is `unknown` /
+watcher task per live container waits on a pidfd of its conmon (which writes the exit file
+and then exits), so an exit is seen at once; it re-reads the exit file at least every
+second in case a wake-up is missed. The exit code is conmon's, never invented; a dead conmon without an exit file is `unknown` /
 MonitorLost. The per-container lock serializes create/start/delete and the watcher's
 transition, so a container that exits the instant it starts still ends as `exited`;
 stop never holds it while waiting (the watcher must be able to record the exit).
@@ -29,13 +30,26 @@ from .events import EventHub
 from .images import DIGEST_RE, ImageStore
 from .pod import Pod
 from .records import CREATED, EXITED, LIVE_STATES, RUNNING, UNKNOWN, ContainerRecord, RecordStore, now_ns
-from .runtime import ContainerPaths, Runtime, conmon_alive, die_with_parent, parse_signal, read_pidfile
+from .runtime import (
+    ContainerPaths,
+    Runtime,
+    conmon_alive,
+    die_with_parent,
+    parse_signal,
+    read_pidfile,
+    wait_for_exit,
+)
 
 _log = log.get("containers")
 ID_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]{0,252}$")
 POLL = 0.1
-EXIT_WAIT_AFTER_KILL = 30.0  # bound on waiting for conmon's exit file after SIGKILL
+RECHECK = 1.0  # upper bound between looks at a live container's exit file
+EXIT_WAIT_AFTER_KILL = 30.0
+# Exec-sync output kept per stream: both, with the reply's framing, fit the kubelet's
+# 16 MiB gRPC message. The rest is read and dropped, so a chatty command neither blocks
+# on a full pipe nor swells the agent.
+EXEC_OUTPUT_MAX = 8 * 1024 * 1024 - 4096  # bound on waiting for conmon's exit file after SIGKILL
 
 
 def _image_stop_signal(image_cfg: dict[str, Any]) -> str:
@@ -156,8 +170,8 @@ class ContainerManager:
                 if rec is None or rec.state not in LIVE_STATES:
                     return
                 ex = self._read_exit(cid)
+                pid = rec.conmon_pid or read_pidfile(self.paths(cid).conmon_pidfile)
                 if ex is None:
-                    pid = rec.conmon_pid or read_pidfile(self.paths(cid).conmon_pidfile)
                     if not conmon_alive(pid, cid):
                         await asyncio.sleep(POLL)  # conmon writes the file just before it exits
                         ex = self._read_exit(cid)
@@ -179,7 +193,7 @@ class ContainerManager:
                             await self._set(rec, state=EXITED, exit_code=code, reason=reason,
                                             finished_at=max(finished, rec.started_at))
                     return
-                await asyncio.sleep(POLL)
+                await wait_for_exit(pid, RECHECK)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -344,7 +358,8 @@ class ContainerManager:
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent)
             try:
-                out, err = await asyncio.wait_for(proc.communicate(), timeout or None)
+                out, err, _ = await asyncio.wait_for(asyncio.gather(
+                    _read_capped(proc.stdout), _read_capped(proc.stderr), proc.wait()), timeout or None)
             except asyncio.TimeoutError:
                 pid = read_pidfile(pidfile)
                 if pid > 0:
@@ -374,3 +389,11 @@ class ContainerManager:
     def log_path(self, cid: str) -> Path:
         self.get(cid)
         return self.paths(cid).log
+
+
+async def _read_capped(stream: asyncio.StreamReader, limit: int = EXEC_OUTPUT_MAX) -> bytes:
+    kept = bytearray()
+    while chunk := await stream.read(65536):
+        if len(kept) < limit:
+            kept += chunk[: limit - len(kept)]
+    return bytes(kept)

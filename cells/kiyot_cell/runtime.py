@@ -198,3 +198,26 @@ def conmon_alive(pid: int, cid: str) -> bool:
     except (FileNotFoundError, IndexError):
         return False
     return bool(cmd) and cmd[0].endswith(b"conmon") and cid.encode() in cmd
+
+
+async def wait_for_exit(pid: int, timeout: float) -> None:
+    """Return when process `pid` exits (a pidfd becomes readable) or after `timeout` s.
+
+    Works for processes that are not our children (conmon daemonizes). The caller checks
+    what it waits for afterwards: a timeout and a recycled pid are both just a re-check.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # gone already, or no pidfds here: a short sleep keeps callers from spinning
+        await asyncio.sleep(min(timeout, 0.1))
+        return
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+    try:
+        await asyncio.wait_for(exited, timeout)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)

@@ -3,7 +3,8 @@
 umoci writes a runnable config.json from the image (args, env, cwd, user, default
 namespaces and mounts). The node's `spec` wins for every key it sets; whatever it leaves
 out comes from umoci's, so a minimal spec such as `{"process": {"args": [...]}}` works.
-Then the cell's facts: root.path, the network namespace, cgroupsPath, the pod's /etc files,
+Then the cell's facts: root.path, the network namespace, cgroupsPath, the pod's /etc files
+(unless the node's spec mounts its own there),
 and `terminal: false` (runc refuses a terminal when detached under conmon).
 """
 
@@ -78,9 +79,13 @@ def build(image_cfg: dict[str, Any], spec: dict[str, Any], facts: CellFacts, use
         cfg["hostname"] = facts.pod_hostname
 
     if facts.pod_etc is not None:
-        wanted = {f"/etc/{n}" for n in ETC_FILES}
-        mounts = [m for m in cfg.get("mounts", []) if m.get("destination") not in wanted]
+        # A file the node mounts itself wins: the kubelet's /etc/hosts carries hostAliases.
+        given = {m.get("destination") for m in spec.get("mounts") or []}
+        ours = [f"/etc/{n}" for n in ETC_FILES if f"/etc/{n}" not in given]
+        mounts = [m for m in cfg.get("mounts", []) if m.get("destination") not in ours]
         for n in ETC_FILES:
+            if f"/etc/{n}" in given:
+                continue
             mounts.append({
                 "destination": f"/etc/{n}", "type": "bind",
                 "source": str(facts.pod_etc / n), "options": ["rbind", "rprivate"],

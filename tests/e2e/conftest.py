@@ -44,7 +44,9 @@ class Service:
             [sys.executable, "-m", "kiyot_py.cli", "serve", "--config", str(self.config)],
             stdout=out, stderr=out, stdin=subprocess.DEVNULL,
         )
-        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
+        # The kubelet's own message limit, so a reply that would not reach it fails here too.
+        self.channel = grpc.insecure_channel(f"unix://{self.socket}", options=[
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024)])
         self.runtime = api_pb2_grpc.RuntimeServiceStub(self.channel)
         self.images = api_pb2_grpc.ImageServiceStub(self.channel)
         for _ in range(600):  # bounded: 60 s

@@ -73,6 +73,21 @@ def test_hostname_and_dns_from_the_sandbox(cri, img, pod, test_images):
     assert "options ndots:5" in resolv
 
 
+def test_the_kubelets_etc_hosts_mount_wins(cri, img, pod, test_images, tmp_path):
+    # The kubelet writes the pod's hosts file (pod IP, hostAliases) and mounts it.
+    hosts = tmp_path / "etc-hosts"
+    hosts.write_text("127.0.0.1\tlocalhost\n10.1.2.3\tfoo.alias bar.alias\n")
+    ref = test_images["busybox"].ref
+    pull(img, ref)
+    config = container_config("aliases", ref, command=["sleep", "3600"])
+    config.mounts.append(pb.Mount(container_path="/etc/hosts", host_path=str(hosts)))
+    cid = start(cri, pod, config)
+    wait_state(cri, cid, pb.CONTAINER_RUNNING)
+    assert exec_out(cri, cid, "cat", "/etc/hosts") == hosts.read_text()
+    # The files it does not mount still come from the sandbox.
+    assert "nameserver 10.96.0.10" in exec_out(cri, cid, "cat", "/etc/resolv.conf")
+
+
 def test_mirror_from_registries_conf(cri, img, pod, test_images):
     """registry.k8s.io is mapped to the local registry; the cell pulls it through the pull path."""
     ref = "registry.k8s.io/test/busybox:latest"

@@ -115,6 +115,18 @@ def test_exec_sync_output_exit_code_and_timeout(cri, pod, pulled, test_images):
     assert wait_state(cri, cid, pb.CONTAINER_RUNNING).state == pb.CONTAINER_RUNNING
 
 
+def test_exec_sync_output_is_capped_to_what_the_kubelet_accepts(cri, pod, pulled, test_images):
+    cid = run(cri, pod, "chatty", test_images["busybox"].ref, ["sleep", "3600"])
+    wait_state(cri, cid, pb.CONTAINER_RUNNING)
+    nine_mib = str(9 * 1024 * 1024)
+    r = cri.ExecSync(pb.ExecSyncRequest(container_id=cid, timeout=60, cmd=[
+        "sh", "-c", f"head -c {nine_mib} /dev/zero; head -c {nine_mib} /dev/zero >&2; exit 4"]))
+    # Each stream keeps its first 8 MiB less 4 KiB; the command still ran to its end.
+    kept = 8 * 1024 * 1024 - 4096
+    assert (len(r.stdout), len(r.stderr), r.exit_code) == (kept, kept, 4)
+    assert r.stdout.count(0) == len(r.stdout)
+
+
 def test_stop_sends_sigkill_after_timeout(cri, pod, pulled, test_images):
     # `sleep` as PID 1 ignores SIGTERM: only the SIGKILL after the timeout ends it.
     cid = run(cri, pod, "stubborn", test_images["busybox"].ref, ["sleep", "3600"])
