@@ -75,6 +75,7 @@ class PodRuntime:
         self.containers: dict[str, Container] = {c.id: c for c in store.load(Container)}
         self._creating: dict[tuple, asyncio.Task[str]] = {}
         self._reserved_names: set[tuple] = set()
+        self._containers_in_flight: set[str] = set()  # asked of an agent, not recorded yet
         self._sandbox_locks: dict[str, asyncio.Lock] = {}
         self._watchers: dict[str, asyncio.Task] = {}
         self._shippers: dict[str, LogShipper] = {}
@@ -293,19 +294,21 @@ class PodRuntime:
         )
         agent = self._agent(sb)
         self._reserved_names.add(name_key)
+        self._containers_in_flight.add(container.id)
         try:
             await agent.pull(**self.images.cell_pull(image, sb.cell))
             record = await agent.create_container({
                 "id": container.id, "name": md.name, "image_digest": image.platform_digest,
                 "spec": spec.spec, "user": spec.user, "stop_signal": spec.stop_signal,
             })
+            self._apply(container, record, save=False)
+            self.containers[container.id] = container
+            self._store.put(container)
         except AgentError as exc:
             raise _agent_failure(f"creating container {md.name!r}", exc) from None
         finally:
             self._reserved_names.discard(name_key)
-        self._apply(container, record, save=False)
-        self.containers[container.id] = container
-        self._store.put(container)
+            self._containers_in_flight.discard(container.id)
         log.info("container created", container=container.id, sandbox=sb.id, name=md.name)
         return container.id
 
@@ -410,6 +413,7 @@ class PodRuntime:
                     delay = 0.1
                     if event.get("type") == "snapshot":
                         records = event.get("containers", [])
+                        await self._remove_strays(sb, agent, records)
                     elif event.get("type") == "container":
                         records = [event["container"]]
                     else:
@@ -422,6 +426,21 @@ class PodRuntime:
                 log.debug("event stream broke; reconnecting", sandbox=sb.id, error=exc.message)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    async def _remove_strays(self, sb: Sandbox, agent: AgentClient, records: list[dict]) -> None:
+        """Containers a cell holds that the node never recorded (a crash cut a create short).
+
+        The kubelet never heard of them and makes its own again, so they would only run on
+        unseen; every snapshot (each time the watcher connects) clears them.
+        """
+        for record in records:
+            cid = record.get("id", "")
+            if cid and cid not in self.containers and cid not in self._containers_in_flight:
+                log.info("removing a container the node never recorded", sandbox=sb.id, container=cid)
+                try:
+                    await agent.delete_container(cid)
+                except AgentError as exc:
+                    log.warning("removing stray container failed", container=cid, error=exc.message)
 
     def _apply(self, c: Container, record: dict, save: bool = True) -> None:
         state = _AGENT_STATES.get(record.get("state", ""), CONTAINER_UNKNOWN)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from kiyot_py.config import LocalCellSettings
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 
 from .helpers import log_lines, remove_pod, run, wait_for, wait_state
@@ -130,3 +132,42 @@ def test_a_cell_lost_while_the_service_was_down_is_reported(service, pod, busybo
     assert status.state == pb.CONTAINER_UNKNOWN and status.reason == "CellLost"
     cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
     assert not (service.state_dir / "cells" / f"c{sandbox_id[:12]}").exists()
+
+
+def _agent_call(service, sandbox_id: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """Talk to a cell's agent directly, with its own secret, as only the node should."""
+    cell_dir = service.state_dir / "cells" / f"c{sandbox_id[:12]}"
+    address = json.loads((cell_dir / "cell.json").read_text())["address"]
+    conn = http.client.HTTPConnection(address, LocalCellSettings().agent_port, timeout=60)
+    try:
+        conn.request(method, path, body=json.dumps(body) if body is not None else None, headers={
+            "Authorization": f"Bearer {(cell_dir / 'token').read_text().strip()}",
+            "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def test_a_container_the_node_never_recorded_is_removed(service, pod, busybox):
+    """As after a crash between the agent's create and the node's record of it."""
+    cri, sandbox_id = service.runtime, pod[0]
+    known = run(cri, pod, "known", busybox, ["sleep", "3600"])
+    wait_state(cri, known, pb.CONTAINER_RUNNING)
+    _, record = _agent_call(service, sandbox_id, "GET", f"/v1/containers/{known}")
+    stray = "ab" * 32
+    status, _ = _agent_call(service, sandbox_id, "POST", "/v1/containers", {
+        "id": stray, "name": "stray", "image_digest": record["image_digest"],
+        "spec": {"process": {"args": ["sleep", "3600"]}}})
+    assert status == 201
+    assert _agent_call(service, sandbox_id, "POST", f"/v1/containers/{stray}/start")[0] == 200
+    assert _runc_status(stray) == "running"
+
+    service.kill9()
+    service.start()
+    cri = service.runtime
+    assert wait_for(lambda: _agent_call(service, sandbox_id, "GET", f"/v1/containers/{stray}")[0] == 404)
+    assert _runc_status(stray) == "gone"
+    listed = cri.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(pod_sandbox_id=sandbox_id)))
+    assert [c.id for c in listed.containers] == [known]
+    assert _runc_status(known) == "running"
