@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -108,55 +107,83 @@ async def _serve(cfg: AgentConfig) -> None:
     await runner.cleanup()
 
 
-def _supervise(argv: list[str]) -> int:
-    """Run `serve` with the same arguments; restart on death with a short backoff."""
+def _supervise(cfg: AgentConfig) -> int:
+    """Run `serve` in a forked child; restart it on death with a short backoff.
+
+    The child is forked from this interpreter, whose imports (aiohttp, the server) are
+    already done: a cell's agent answers one interpreter start-up sooner, and a restart
+    after a crash is a fork, not a new Python.
+    """
+    from . import server  # noqa: F401  (imported once here, shared by every child)
+
     lg = log.get("supervise")
-    child_argv = [sys.executable, "-m", "kiyot_cell.cli", "serve", *argv]
     stopping = False
-    child: subprocess.Popen[bytes] | None = None
+    child = 0
+
+    def signal_child(sig: int) -> None:
+        if child:
+            try:
+                os.kill(child, sig)
+            except ProcessLookupError:
+                pass
 
     def on_term(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+        signal_child(signal.SIGTERM)
+        signal.alarm(10)  # an agent that does not stop within 10 s is killed
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGALRM, lambda *_: signal_child(signal.SIGKILL))
     backoff = 0.2
+    supervisor = os.getpid()
     while not stopping:
         started = time.monotonic()
-        # The agent dies with its supervisor: a revived supervisor never meets an old agent on its port.
-        child = subprocess.Popen(child_argv, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
-        lg.info("agent_started", pid=child.pid)
-        rc = child.wait()
+        child = os.fork()
+        if child == 0:
+            os._exit(_serve_child(cfg, supervisor))
+        if stopping:  # the signal came before `child` was set
+            signal_child(signal.SIGTERM)
+        lg.info("agent_started", pid=child)
+        status = os.waitpid(child, 0)[1]
+        child = 0
         if stopping:
             break
         if time.monotonic() - started > 10:
             backoff = 0.2  # it ran for a while: a fresh failure, restart quickly
-        lg.warning("agent_died", rc=rc, restart_in=backoff)
+        lg.warning("agent_died", rc=os.waitstatus_to_exitcode(status), restart_in=backoff)
         deadline = time.monotonic() + backoff
         while not stopping and time.monotonic() < deadline:
             time.sleep(0.05)
         backoff = min(backoff * 2, 5.0)
-    if child is not None and child.poll() is None:
-        try:
-            child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
     lg.info("supervisor_exit")
     return 0
+
+
+def _serve_child(cfg: AgentConfig, supervisor: int) -> int:
+    """The forked agent: default signal handling, and it dies with its supervisor so that
+    a revived supervisor never meets an old agent on its port."""
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+            signal.signal(sig, signal.SIG_DFL)
+        die_with_parent()
+        if os.getppid() != supervisor:
+            return 1  # the supervisor died before the line above took hold
+        asyncio.run(_serve(cfg))
+        return 0
+    except BaseException:
+        log.get("supervise").exception("agent_failed")
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = parse_args(argv)
     log.setup(ns.log_level)
+    cfg = _config(ns)  # under supervise too: bad arguments fail once, not on every restart
     if ns.command == "supervise":
-        _config(ns)  # fail fast on bad arguments instead of restarting forever
-        return _supervise(argv[argv.index("supervise") + 1:])
-    cfg = _config(ns)
+        return _supervise(cfg)
     asyncio.run(_serve(cfg))
     return 0
 

@@ -189,7 +189,7 @@ class PodRuntime:
 
     async def _wait_for_agent(self, agent: AgentClient) -> None:
         deadline = asyncio.get_running_loop().time() + self._settings.cell_boot_timeout
-        delay = 0.02
+        delay = 0.01
         while True:
             try:
                 await agent.health(timeout=2.0)
@@ -198,7 +198,8 @@ class PodRuntime:
                 if asyncio.get_running_loop().time() > deadline:
                     raise
             await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.5)
+            # Fine-grained at first (a local cell answers in a few hundred ms), gentler later.
+            delay = min(delay * 1.2, 0.25)
 
     async def stop_sandbox(self, sandbox_id: str) -> None:
         sb = self._find_sandbox(sandbox_id)
