@@ -18,7 +18,6 @@ from kiyot_py.pods.oci_spec import (
     ContainerSpec,
     SpecError,
     build_container_spec,
-    build_exec_process,
 )
 
 CONTAINERS_SECCOMP = "/usr/share/containers/seccomp.json"
@@ -540,6 +539,15 @@ def test_namespaces():
     assert "pid" not in ns_types(spec) and "network" in ns_types(spec)
 
 
+def test_ipc_is_the_pods_unless_asked_otherwise():
+    assert build().pod_namespaces == ("ipc",)  # no options: POD, as the kubelet's default
+    assert build(cfg(linux=sc(namespace_options=cri.NamespaceOption(ipc=cri.POD)))).pod_namespaces == ("ipc",)
+    own = build(cfg(linux=sc(namespace_options=cri.NamespaceOption(ipc=cri.CONTAINER))))
+    assert own.pod_namespaces == () and "ipc" in ns_types(own.spec)
+    cell = build(cfg(linux=sc(namespace_options=cri.NamespaceOption(ipc=cri.NODE))))
+    assert cell.pod_namespaces == () and "ipc" not in ns_types(cell.spec)
+
+
 def test_hostname_and_annotations():
     c = cfg(
         annotations={"a": "b"},
@@ -691,22 +699,6 @@ def test_process_defaults_and_stop_signal():
 
 def test_spec_is_json_serialisable():
     json.dumps(build(capcfg(add=["ALL"])).spec)
-
-
-def test_build_exec_process():
-    s = build(cfg(linux=sc(run_as_user=cri.Int64Value(value=1000)), envs=[cri.KeyValue(key="A", value=b"1")]))
-    s.spec["process"]["oomScoreAdj"] = 5
-    p = build_exec_process(s.spec, ["ls", "-l"])
-    assert p["args"] == ["ls", "-l"]
-    assert p["user"] == s.spec["process"]["user"]
-    assert p["env"] == s.spec["process"]["env"] and p["cwd"] == s.spec["process"]["cwd"]
-    assert p["capabilities"] == s.spec["process"]["capabilities"]
-    assert p["terminal"] is False and "oomScoreAdj" not in p
-    assert s.spec["process"]["args"] == ["/bin/sh"]  # base spec untouched
-    with pytest.raises(SpecError):
-        build_exec_process(s.spec, [])
-    with pytest.raises(SpecError):
-        build_exec_process({}, ["ls"])
 
 
 # --------------------------------------------------------------------------- runc run

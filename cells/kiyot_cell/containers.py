@@ -208,6 +208,7 @@ class ContainerManager:
         spec = body.get("spec")
         user = body.get("user")
         stop_signal = body.get("stop_signal") or ""
+        pod_namespaces = body.get("pod_namespaces") or []
         if not isinstance(cid, str):
             raise invalid("'id' is required")
         check_id(cid)
@@ -223,6 +224,11 @@ class ContainerManager:
             raise invalid("'stop_signal' must be a string")
         if stop_signal:
             parse_signal(stop_signal)
+        if not isinstance(pod_namespaces, list) or not all(k in ("ipc",) for k in pod_namespaces):
+            raise invalid("'pod_namespaces' must be a list drawn from [\"ipc\"]")
+        shared = {kind: self.pod.namespace(kind) for kind in pod_namespaces}
+        if None in shared.values():
+            raise conflict("the pod's namespaces do not exist yet: PUT /v1/pod first")
         req_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
         async with self._lock(cid):
@@ -250,6 +256,7 @@ class ContainerManager:
                     cgroups_path=f"/{self.cfg.cgroup_parent.strip('/')}/{cid}",
                     pod_etc=self.pod.etc if self.pod.spec is not None else None,
                     pod_hostname=self.pod.spec.hostname if self.pod.spec else None,
+                    pod_namespaces={kind: str(path) for kind, path in shared.items()},
                 )
                 config = specmod.build(image_cfg, spec, facts, user)
                 cfg_path.write_text(json.dumps(config, indent=1))

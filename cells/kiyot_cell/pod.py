@@ -1,7 +1,10 @@
-"""PUT /v1/pod: the pod this cell runs, and its /etc files.
+"""PUT /v1/pod: the pod this cell runs, its /etc files and its IPC namespace.
 
 The files are rewritten *in place* (not tmp+rename): containers bind-mount them, and a
 bind mount pins the inode, so a rename would leave running containers on the old file.
+The pod's IPC namespace is kept by a bind mount of its nsfs file (as `ip netns` keeps a
+network namespace), so it needs no process to hold it and outlives agent restarts;
+containers whose IPC mode is POD join it.
 """
 
 from __future__ import annotations
@@ -9,11 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import invalid
+from .errors import ApiError, invalid
 from .records import atomic_write_json
 
 HOSTNAME_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9\-.]{0,251}[a-zA-Z0-9])?$")
@@ -55,6 +59,7 @@ class Pod:
     def __init__(self, pod_dir: Path) -> None:
         self.dir = pod_dir
         self.etc = pod_dir / "etc"
+        self.ipc_ns = pod_dir / "ns" / "ipc"
         self.spec: PodSpec | None = None
 
     def load(self) -> None:
@@ -73,7 +78,25 @@ class Pod:
             _write_in_place(self.etc / "resolv.conf", _resolv(spec))
             atomic_write_json(self.dir / "pod.json", asdict(spec))
             self.spec = spec
+        if not _is_mount_point(self.ipc_ns):
+            self.ipc_ns.parent.mkdir(parents=True, exist_ok=True)
+            self.ipc_ns.touch()
+            out = subprocess.run(["unshare", f"--ipc={self.ipc_ns}", "true"], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise ApiError("internal", f"making the pod's IPC namespace: {out.stderr.strip()}")
         return {"etc_dir": str(self.etc)}
+
+    def namespace(self, kind: str) -> Path | None:
+        """The pod's own namespace of `kind` ("ipc"), once PUT /v1/pod made it."""
+        return self.ipc_ns if kind == "ipc" and _is_mount_point(self.ipc_ns) else None
+
+
+def _is_mount_point(path: Path) -> bool:
+    """True once a namespace is bound on `path` (nsfs is another device than its directory)."""
+    try:
+        return path.stat().st_dev != path.parent.stat().st_dev
+    except FileNotFoundError:
+        return False
 
 
 def _resolv(spec: PodSpec) -> str:

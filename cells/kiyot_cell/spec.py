@@ -3,7 +3,8 @@
 umoci writes a runnable config.json from the image (args, env, cwd, user, default
 namespaces and mounts). The node's `spec` wins for every key it sets; whatever it leaves
 out comes from umoci's, so a minimal spec such as `{"process": {"args": [...]}}` works.
-Then the cell's facts: root.path, the network namespace, cgroupsPath, the pod's /etc files
+Then the cell's facts: root.path, the network namespace, the pod's IPC namespace when asked
+for, cgroupsPath, the pod's /etc files
 (unless the node's spec mounts its own there),
 and `terminal: false` (runc refuses a terminal when detached under conmon).
 """
@@ -11,7 +12,7 @@ and `terminal: false` (runc refuses a terminal when detached under conmon).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ class CellFacts:
     cgroups_path: str
     pod_etc: Path | None       # None until PUT /v1/pod
     pod_hostname: str | None
+    pod_namespaces: dict[str, str] = field(default_factory=dict)  # kind -> path, e.g. the pod's IPC
 
 
 def _merge_env(image_env: list[str], spec_env: list[str]) -> list[str]:
@@ -72,6 +74,8 @@ def build(image_cfg: dict[str, Any], spec: dict[str, Any], facts: CellFacts, use
     else:
         # No cell netns: share the agent's network (local tests).
         namespaces = [ns for ns in namespaces if ns.get("type") != "network"]
+    for kind, path in facts.pod_namespaces.items():
+        namespaces = [ns for ns in namespaces if ns.get("type") != kind] + [{"type": kind, "path": path}]
     linux["namespaces"] = namespaces
     linux["cgroupsPath"] = facts.cgroups_path
 

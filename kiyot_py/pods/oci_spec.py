@@ -13,9 +13,11 @@ differences, all forced by cells or by the hosts (see DESIGN.md):
 * a negative ``oom_score_adj`` is clamped to 0 (runc create fails with one on
   these hosts);
 * ``process.terminal`` is always false (no tty support in the agent yet);
-* PID/IPC namespace sharing with the pod (``POD``/``TARGET``) is not possible
-  yet: the container keeps its own namespaces; ``NODE`` omits the namespace
-  (i.e. the cell's own);
+* IPC ``POD`` (the default) shares the pod's IPC namespace, which the agent
+  keeps per cell: ``ContainerSpec.pod_namespaces`` names it and the agent sets
+  its path. PID sharing with the pod (``POD``/``TARGET``) is not possible yet:
+  the container keeps its own PID namespace. ``NODE`` omits the namespace (a
+  cell is the pod's "host", so that is the cell's own);
 * the network namespace is always listed without a path: the agent points it
   at the cell's namespace (a cell is the pod's "host", even for hostNetwork);
 * AppArmor and SELinux options are ignored;
@@ -26,7 +28,6 @@ differences, all forced by cells or by the hosts (see DESIGN.md):
 
 from __future__ import annotations
 
-import copy
 import errno as errno_mod
 import json
 import logging
@@ -241,6 +242,8 @@ class ContainerSpec:
     spec: dict
     user: str | None
     stop_signal: str
+    # Namespaces the container shares with its pod ("ipc"): the agent sets their paths.
+    pod_namespaces: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- #
@@ -286,7 +289,7 @@ def build_container_spec(
         "noNewPrivileges": bool(sc.no_new_privs),
     }
 
-    namespaces = _namespaces(sc)
+    namespaces, pod_namespaces = _namespaces(sc)
     linux_spec: dict[str, Any] = {
         "namespaces": namespaces,
         "resources": {},
@@ -336,34 +339,7 @@ def build_container_spec(
     }
     if sandbox.hostname:
         spec["hostname"] = sandbox.hostname
-    return ContainerSpec(spec=spec, user=resolve, stop_signal=stop_signal)
-
-
-def build_exec_process(base_spec: dict, cmd: list[str]) -> dict:
-    """The OCI ``process`` object for ``runc exec`` of ``cmd`` in a container.
-
-    Same user, env, cwd, capabilities, rlimits and noNewPrivileges as the
-    container's own process (pass the spec as the agent finalised it, so a
-    symbolic user is already resolved).
-    """
-    if not isinstance(cmd, (list, tuple)) or not cmd:
-        raise SpecError("exec needs a non-empty command")
-    if not all(isinstance(c, str) for c in cmd):
-        raise SpecError("exec command must be a list of strings")
-    if not cmd[0]:
-        raise SpecError("exec command must not start with an empty string")
-    try:
-        base = base_spec["process"]
-    except (KeyError, TypeError):
-        raise SpecError("base spec has no process") from None
-    process = copy.deepcopy(base)
-    process["args"] = list(cmd)
-    process["terminal"] = False
-    process.pop("consoleSize", None)
-    # runc exec does not apply an OOM score of its own; keep the process
-    # object minimal and valid.
-    process.pop("oomScoreAdj", None)
-    return process
+    return ContainerSpec(spec=spec, user=resolve, stop_signal=stop_signal, pod_namespaces=pod_namespaces)
 
 
 # --------------------------------------------------------------------------- #
@@ -613,26 +589,32 @@ def _capabilities(sc: api_pb2.LinuxContainerSecurityContext) -> dict[str, list[s
 # namespaces, sysctls, resources, devices
 
 
-def _namespaces(sc: api_pb2.LinuxContainerSecurityContext) -> list[dict[str, str]]:
-    nso = sc.namespace_options
-    NODE = api_pb2.NODE
+def _namespaces(
+    sc: api_pb2.LinuxContainerSecurityContext,
+) -> tuple[list[dict[str, str]], tuple[str, ...]]:
+    """The container's namespaces, and which of them are the pod's (paths set by the agent)."""
+    nso = sc.namespace_options  # unset: every mode is POD (0), as for containerd
+    NODE, POD = api_pb2.NODE, api_pb2.POD
     namespaces = []
+    pod_namespaces: tuple[str, ...] = ()
     # PID: CONTAINER -> own. POD/TARGET (share with the pod or a target
     # container) cannot be done by the agent yet: the container keeps its
     # own. NODE -> no new namespace (the cell's own).
-    if not sc.HasField("namespace_options") or nso.pid != NODE:
+    if nso.pid != NODE:
         namespaces.append({"type": "pid"})
-    if not sc.HasField("namespace_options") or nso.ipc != NODE:
+    if nso.ipc != NODE:
         namespaces.append({"type": "ipc"})
+        if nso.ipc == POD:
+            pod_namespaces = ("ipc",)
     namespaces.append({"type": "uts"})
     namespaces.append({"type": "mount"})
     # The agent sets the path to the cell's network namespace.
     namespaces.append({"type": "network"})
     if nso.HasField("userns_options"):
         u = nso.userns_options
-        if u.mode == api_pb2.POD and (len(u.uids) or len(u.gids)):
+        if u.mode == POD and (len(u.uids) or len(u.gids)):
             raise SpecError("user namespaces are not supported")
-    return namespaces
+    return namespaces, pod_namespaces
 
 
 def _sysctl_name(name: str) -> str:

@@ -14,6 +14,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -246,6 +247,8 @@ class LocalProvider:
                         break
                     await asyncio.sleep(0.01)
             await self._delete_containers(cell_dir)
+            for mount in mounts_under(cell_dir):  # e.g. the pod's IPC namespace, bound on a file
+                await _run("umount", "--lazy", mount, check=False)
             if Path(NETNS_DIR / cell.netns).exists():
                 await _run("ip", "netns", "del", cell.netns, check=False)
             if Path(f"/sys/class/net/{cell.veth}").exists():
@@ -278,6 +281,19 @@ class LocalProvider:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cell.__dict__))
         os.replace(tmp, path)
+
+
+def mounts_under(directory: Path) -> list[str]:
+    """Mount points at or below `directory`, deepest first (the order to unmount them in)."""
+    prefix = str(directory).rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            # Field 5 is the mount point; space, tab, newline and backslash come octal-escaped.
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), line.split()[4]).decode()
+            if (point + "/").startswith(prefix):
+                found.append(point)
+    return sorted(found, key=lambda p: p.count("/"), reverse=True)
 
 
 def _remove_cgroups(relative: str) -> None:

@@ -20,6 +20,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from kiyot_py.providers.local import mounts_under
+
 ROOT = Path(__file__).resolve().parents[2]
 CELLS = ROOT / "cells"
 
@@ -180,6 +182,9 @@ class Agent:
         cdir = self.state_dir / "containers"
         for d in cdir.iterdir() if cdir.exists() else []:
             subprocess.run(["runc", *root, "delete", "--force", d.name], capture_output=True)
+        # The pod's IPC namespace is bound on a file in the state dir, as a cell's would be.
+        for mount in mounts_under(self.state_dir):
+            subprocess.run(["umount", "--lazy", mount], capture_output=True)
         # runc removes each container's cgroup, not the parent this agent was given.
         for parent in Path("/sys/fs/cgroup").glob(f"*/kiyot-cell-tests/{self.workdir.name}"):
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 
 from tests import contract
@@ -98,3 +99,24 @@ def test_pod_etc_files_are_written_and_mounted(agent, busybox):
     log = agent.call("GET", f"/v1/containers/{rec['id']}/logs").body.decode()
     assert "stdout F web-0" in log and "nameserver 10.96.0.10" in log
     assert agent.call("PUT", "/v1/pod", {"hostname": "x"}).status == 400
+
+
+def _ipc_ns(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/ipc")
+
+
+def test_containers_share_the_pods_ipc_namespace_when_asked(agent, busybox):
+    # Before PUT /v1/pod there is no pod namespace to join.
+    r = agent.call("POST", "/v1/containers", {"id": "1" * 64, "name": "early", "image_digest": busybox.manifest_digest,
+                                              "spec": {"process": {"args": ["true"]}}, "pod_namespaces": ["ipc"]})
+    assert r.status == 409
+    agent.ok("PUT", "/v1/pod", {"sandbox_id": "a" * 64, "hostname": "ipc-pod"})
+    assert agent.call("POST", "/v1/containers", {"id": "2" * 64, "name": "bad", "image_digest": busybox.manifest_digest,
+                                                 "spec": {"process": {"args": ["true"]}},
+                                                 "pod_namespaces": ["pid"]}).status == 400
+    one = agent.run(busybox, ["sleep", "1000"], name="one", pod_namespaces=["ipc"])
+    two = agent.run(busybox, ["sleep", "1000"], name="two", pod_namespaces=["ipc"])
+    own = agent.run(busybox, ["sleep", "1000"], name="own")
+    pod_ns = f"ipc:[{(agent.state_dir / 'pod' / 'ns' / 'ipc').stat().st_ino}]"
+    assert _ipc_ns(one["pid"]) == _ipc_ns(two["pid"]) == pod_ns
+    assert _ipc_ns(own["pid"]) not in (pod_ns, _ipc_ns(os.getpid()))

@@ -100,6 +100,25 @@ def test_containers_of_a_pod_share_localhost(cri, pod, pulled, test_images):
     assert result and b"hello from kiyot" in result.stdout
 
 
+def test_containers_of_a_pod_share_ipc_unless_asked_otherwise(cri, pod, pulled, test_images):
+    ref = test_images["busybox"].ref
+    own_ipc = pb.LinuxContainerConfig(security_context=pb.LinuxContainerSecurityContext(
+        namespace_options=pb.NamespaceOption(ipc=pb.CONTAINER)))
+    ids = {name: run(cri, pod, name, ref, ["sleep", "3600"], **kw)
+           for name, kw in (("a", {}), ("b", {}), ("loner", {"linux": own_ipc}))}
+
+    def ipc(cid):
+        wait_state(cri, cid, pb.CONTAINER_RUNNING)
+        # busybox's sh runs applets that have no link of their own, such as readlink.
+        r = cri.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", "readlink /proc/self/ns/ipc"],
+                                            timeout=10))
+        assert r.exit_code == 0 and r.stdout.startswith(b"ipc:["), r
+        return r.stdout
+
+    assert ipc(ids["a"]) == ipc(ids["b"])  # the kubelet's default: IPC is the pod's
+    assert ipc(ids["loner"]) != ipc(ids["a"])
+
+
 def test_exec_sync_output_exit_code_and_timeout(cri, pod, pulled, test_images):
     cid = run(cri, pod, "sleeper", test_images["busybox"].ref, ["sleep", "3600"])
     wait_state(cri, cid, pb.CONTAINER_RUNNING)
