@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Pod lifecycle benchmark through a CRI socket: pull, runp, create, start, stop, rm, stopp, rmp.
+"""Pod lifecycle benchmark through a CRI socket: pull, runp, create, start, stop, rm,
+recreate (the container's next attempt in the same pod, as the kubelet restarts one), stopp, rmp.
 
     python bench/lifecycle.py -n 20                      # starts its own kiyot-py serve
     python bench/lifecycle.py --socket unix:///run/kiyot-py/kiyot.sock
@@ -33,7 +34,7 @@ from tests.support.images import push_test_images  # noqa: E402
 from tests.support.registry import REGISTRY, start_registry, stop_registry, v2_up  # noqa: E402
 
 DEFAULT_IMAGE = "127.0.0.1:5000/test/busybox:latest"
-OPS = ["pull", "runp", "create", "start", "stop", "rm", "stopp", "rmp"]
+OPS = ["pull", "runp", "create", "start", "stop", "rm", "recreate", "stopp", "rmp"]
 
 
 @contextmanager
@@ -107,6 +108,9 @@ def one_iteration(channel: grpc.Channel, image: str, log_dir: Path) -> dict[str,
         timed("start", rt.StartContainer, pb.StartContainerRequest(container_id=cid))
         timed("stop", rt.StopContainer, pb.StopContainerRequest(container_id=cid, timeout=0))
         timed("rm", rt.RemoveContainer, pb.RemoveContainerRequest(container_id=cid))
+        config.metadata.attempt = 1
+        cid = timed("recreate", rt.CreateContainer, pb.CreateContainerRequest(
+            pod_sandbox_id=sandbox, config=config, sandbox_config=sandbox_config)).container_id
     finally:
         timed("stopp", rt.StopPodSandbox, pb.StopPodSandboxRequest(pod_sandbox_id=sandbox))
         timed("rmp", rt.RemovePodSandbox, pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox))

@@ -18,7 +18,7 @@ from .runtime import die_with_parent
 
 DESCRIPTION = """\
 The kiyot cell agent: a small REST agent (cells/API.md) that runs inside one cell,
-pulls images with skopeo into one OCI layout, unpacks them with umoci and runs
+pulls images with skopeo into one OCI layout, unpacks each once with umoci and runs
 containers with an OCI runtime (runc) under conmon. Every request needs the bearer
 token from --token-file.
 

@@ -1,4 +1,4 @@
-"""Container lifecycle: create (unpack + bundle + conmon), start, stop, delete, exec.
+"""Container lifecycle: create (overlay rootfs + bundle + conmon), start, stop, delete, exec.
 
 Every record change goes through `_set`, which persists it and publishes an event. A
 watcher task per live container waits on a pidfd of its conmon (which writes the exit file
@@ -35,8 +35,10 @@ from .runtime import (
     Runtime,
     conmon_alive,
     die_with_parent,
+    mount_overlay,
     parse_signal,
     read_pidfile,
+    unmount,
     wait_for_exit,
 )
 
@@ -124,6 +126,11 @@ class ContainerManager:
         except asyncio.TimeoutError:
             return done()
 
+    async def _remove_files(self, paths: ContainerPaths) -> None:
+        # The overlay first: removing through it would only whiteout the image's files.
+        unmount(paths.rootfs)
+        await asyncio.to_thread(shutil.rmtree, paths.dir, True)
+
     # --- recovery -------------------------------------------------------------------------
 
     async def recover(self) -> None:
@@ -132,7 +139,7 @@ class ContainerManager:
         for d in orphans:
             _log.warning("removing_orphan", dir=str(d))
             await self.runtime.delete(d.name)
-            await asyncio.to_thread(shutil.rmtree, d, True)
+            await self._remove_files(ContainerPaths(d))
         for rec in recs:
             if rec.state in LIVE_STATES:
                 self._watch(rec)
@@ -241,13 +248,16 @@ class ContainerManager:
                 raise conflict(f"image {digest} has not been pulled in this cell")
             paths = self.paths(cid)
             if paths.dir.exists():
-                await asyncio.to_thread(shutil.rmtree, paths.dir, True)
+                await self._remove_files(paths)
             paths.dir.mkdir(parents=True)
             t0 = asyncio.get_running_loop().time()
             try:
-                await self.images.unpack(digest, paths.bundle)
+                image = await self.images.unpacked(digest)
+                for d in (paths.rootfs, paths.upper, paths.work):
+                    d.mkdir(parents=True)
+                mount_overlay(image / "rootfs", paths.upper, paths.work, paths.rootfs)
                 cfg_path = paths.bundle / "config.json"
-                image_cfg = json.loads(cfg_path.read_text())
+                image_cfg = json.loads((image / "config.json").read_text())
                 if not stop_signal:  # the image's StopSignal, as umoci records it
                     stop_signal = _image_stop_signal(image_cfg)
                 facts = specmod.CellFacts(
@@ -263,7 +273,7 @@ class ContainerManager:
                 pid, conmon_pid = await self.runtime.launch(cid, name, paths)
             except BaseException:
                 await self.runtime.delete(cid)
-                await asyncio.to_thread(shutil.rmtree, paths.dir, True)
+                await self._remove_files(paths)
                 raise
             rec = ContainerRecord(id=cid, name=name, image_digest=digest, state=CREATED, pid=pid,
                                   created_at=now_ns(), request_hash=req_hash, stop_signal=stop_signal,
@@ -331,7 +341,7 @@ class ContainerManager:
                 self.store.path(cid).unlink()
             except FileNotFoundError:
                 pass
-            await asyncio.to_thread(shutil.rmtree, paths.dir, True)
+            await self._remove_files(paths)
             if self.store.get(cid) is not None:
                 self.store.forget(cid)
                 self.events.publish({"type": "removed", "id": cid})

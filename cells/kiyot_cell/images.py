@@ -4,7 +4,8 @@
 makes skopeo verify the manifest (or index) against what the node resolved. Every new
 layer is then checked (layercheck) before anything may unpack it; a refused pull removes
 what it added. Pulls are serialized per cell; unpacks share the layout with each other
-but never with a pull writing it.
+but never with a pull writing it. Each image is unpacked once per cell; its containers
+get overlays on that one tree.
 """
 
 from __future__ import annotations
@@ -82,10 +83,15 @@ class ImageStore:
     _pull_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
     checked: set[str] = field(default_factory=set)
+    _unpack_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     @property
     def layout(self) -> Path:
         return self.cfg.images_dir / "layout"
+
+    @property
+    def _unpacked_dir(self) -> Path:
+        return self.cfg.images_dir / "unpacked"
 
     @property
     def _images_file(self) -> Path:
@@ -106,6 +112,8 @@ class ImageStore:
             self.images = json.loads(self._images_file.read_text())
         if self._checked_file.exists():
             self.checked = set(json.loads(self._checked_file.read_text()))
+        for leftover in self._unpacked_dir.glob(".tmp-*"):  # an unpack cut short by a crash
+            shutil.rmtree(leftover, ignore_errors=True)
         # Accept any signature: integrity comes from pulling by digest, not from a policy
         # file the cell image may or may not carry.
         if not self._policy_file.exists():
@@ -258,17 +266,33 @@ class ImageStore:
 
     # --- unpack ---------------------------------------------------------------------------
 
-    async def unpack(self, digest: str, bundle: Path) -> None:
+    async def unpacked(self, digest: str) -> Path:
+        """The image's one unpacked bundle (`rootfs/` and umoci's `config.json`), made on
+        first use and shared by every container of the image: each gets an overlay with
+        this rootfs as its read-only lower layer, so nothing ever writes to it."""
         if digest not in self.images:
             raise conflict(f"image {digest} has not been pulled in this cell")
-        await self.lock.acquire_read()
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                self.cfg.umoci_path, "unpack", "--image", f"{self.layout}:{self.tag(digest)}", str(bundle),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent)
-            out, err = await proc.communicate()
-        finally:
-            await self.lock.release_read()
-        if proc.returncode != 0:
-            raise ApiError("internal", f"umoci unpack failed: {(err or out).decode(errors='replace').strip()}")
+        final = self._unpacked_dir / self.tag(digest)
+        async with self._unpack_locks.setdefault(digest, asyncio.Lock()):
+            if final.is_dir():
+                return final
+            # Unpacked aside and renamed into place: a crash never leaves half an image.
+            tmp = self._unpacked_dir / f".tmp-{self.tag(digest)}"
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
+            self._unpacked_dir.mkdir(parents=True, exist_ok=True)
+            t0 = asyncio.get_running_loop().time()
+            await self.lock.acquire_read()
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    self.cfg.umoci_path, "unpack", "--image", f"{self.layout}:{self.tag(digest)}", str(tmp),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent)
+                out, err = await proc.communicate()
+            finally:
+                await self.lock.release_read()
+            if proc.returncode != 0:
+                await asyncio.to_thread(shutil.rmtree, tmp, True)
+                raise ApiError("internal", f"umoci unpack failed: {(err or out).decode(errors='replace').strip()}")
+            os.rename(tmp, final)
+            _log.info("unpacked", digest=digest, seconds=round(asyncio.get_running_loop().time() - t0, 3))
+        return final

@@ -35,6 +35,15 @@ class ContainerPaths:
         return self.bundle / "rootfs"
 
     @property
+    def upper(self) -> Path:
+        """The overlay's writable layer: everything the container changes in its rootfs."""
+        return self.dir / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.dir / "work"
+
+    @property
     def log(self) -> Path:
         return self.dir / "ctr.log"
 
@@ -221,3 +230,27 @@ async def wait_for_exit(pid: int, timeout: float) -> None:
     finally:
         loop.remove_reader(fd)
         os.close(fd)
+
+
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
+    """Mount `lower` (read-only) under `upper` on `target`: a container's rootfs in ~1 ms."""
+    import ctypes
+
+    for p in (lower, upper, work, target):
+        if "," in str(p) or ":" in str(p):  # the option string's separators
+            raise ApiError("internal", f"path {p} cannot be an overlay layer")
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}".encode()
+    if _libc().mount(b"overlay", str(target).encode(), b"overlay", 0, opts) != 0:
+        err = ctypes.get_errno()
+        raise ApiError("internal", f"mounting the container's rootfs (overlay on {lower}): {os.strerror(err)}")
+
+
+def unmount(target: Path) -> None:
+    """Detach whatever is mounted on `target`; nothing mounted there is fine."""
+    _libc().umount2(str(target).encode(), 2)  # MNT_DETACH; EINVAL/ENOENT: not mounted

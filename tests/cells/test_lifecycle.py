@@ -278,3 +278,27 @@ def test_node_rlimits_beyond_the_cell_are_clamped(agent, busybox):
     agent.ok("POST", "/v1/containers", {"id": cid, "name": "rl", "image_digest": busybox.manifest_digest, "spec": spec})
     agent.ok("POST", f"/v1/containers/{cid}/start")
     assert agent.wait_state(cid, "exited")["exit_code"] == 0
+
+
+def _mounted(path: Path) -> bool:
+    return any(line.split()[4] == str(path) for line in Path("/proc/self/mountinfo").read_text().splitlines())
+
+
+def test_containers_of_an_image_share_one_unpack_and_never_change_it(agent, busybox):
+    unpacked = agent.state_dir / "images" / "unpacked"
+    writer = agent.run(busybox, ["sh", "-c", "echo mine > /etc/motd; rm /bin/true; sleep 1000"], name="writer")
+    wait_until(lambda: (agent.state_dir / "containers" / writer["id"] / "upper" / "etc" / "motd").exists(),
+               what="the writer's change in its own layer")
+    reader = agent.run(busybox, ["sleep", "1000"], name="reader")
+    assert [p.name for p in unpacked.iterdir()] == [busybox.manifest_digest.split(":")[1]]
+    rootfs = unpacked / busybox.manifest_digest.split(":")[1] / "rootfs"
+    # The image's tree is as umoci left it; the other container sees the image, not the change.
+    assert not (rootfs / "etc" / "motd").exists() and (rootfs / "bin" / "true").is_symlink()
+    r = agent.ok("POST", f"/v1/containers/{reader['id']}/exec", {"cmd": ["sh", "-c", "cat /etc/motd; ls /bin/true"]})
+    assert base64.b64decode(r["stdout"]) == b"/bin/true\n" and b"motd" in base64.b64decode(r["stderr"])
+    # Deleting a container takes its overlay with it.
+    reader_rootfs = agent.state_dir / "containers" / reader["id"] / "bundle" / "rootfs"
+    assert _mounted(reader_rootfs)
+    agent.call("DELETE", f"/v1/containers/{reader['id']}")
+    assert not _mounted(reader_rootfs) and not reader_rootfs.exists()
+    assert (rootfs / "bin" / "true").is_symlink()
