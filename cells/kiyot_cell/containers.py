@@ -3,8 +3,8 @@
 Every record change goes through `_set`, which persists it and publishes an event. A
 watcher task per live container waits on a pidfd of its conmon (which writes the exit file
 and then exits), so an exit is seen at once; it re-reads the exit file at least every
-second in case a wake-up is missed. The exit code is conmon's, never invented; a dead conmon without an exit file is `unknown` /
-MonitorLost. The per-container lock serializes create/start/delete and the watcher's
+second in case a wake-up is missed. The exit code is conmon's, never invented; a dead
+conmon without an exit file is `unknown` / MonitorLost. The per-container lock serializes create/start/delete and the watcher's
 transition, so a container that exits the instant it starts still ends as `exited`;
 stop never holds it while waiting (the watcher must be able to record the exit).
 """
@@ -47,11 +47,11 @@ ID_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]{0,252}$")
 POLL = 0.1
 RECHECK = 1.0  # upper bound between looks at a live container's exit file
-EXIT_WAIT_AFTER_KILL = 30.0
+EXIT_WAIT_AFTER_KILL = 30.0  # bound on waiting for conmon's exit file after SIGKILL
 # Exec-sync output kept per stream: both, with the reply's framing, fit the kubelet's
 # 16 MiB gRPC message. The rest is read and dropped, so a chatty command neither blocks
 # on a full pipe nor swells the agent.
-EXEC_OUTPUT_MAX = 8 * 1024 * 1024 - 4096  # bound on waiting for conmon's exit file after SIGKILL
+EXEC_OUTPUT_MAX = 8 * 1024 * 1024 - 4096
 
 
 def _image_stop_signal(image_cfg: dict[str, Any]) -> str:

@@ -10,6 +10,8 @@ conmon daemonizes, so it (and the container) outlive the agent.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import json
 import os
 import signal as _signal
@@ -176,10 +178,8 @@ def _read_sync(fd: int) -> str:
 def die_with_parent() -> None:
     """preexec_fn: a helper (skopeo, umoci, runc exec) dies with the agent (PR_SET_PDEATHSIG),
     so a restarted agent never races a previous one's half-done pull. Not for conmon."""
-    import ctypes
-
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(_signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        _libc().prctl(1, int(_signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
@@ -232,16 +232,13 @@ async def wait_for_exit(pid: int, timeout: float) -> None:
         os.close(fd)
 
 
-def _libc():
-    import ctypes
-
+@functools.cache
+def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
 def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
     """Mount `lower` (read-only) under `upper` on `target`: a container's rootfs in ~1 ms."""
-    import ctypes
-
     for p in (lower, upper, work, target):
         if "," in str(p) or ":" in str(p):  # the option string's separators
             raise ApiError("internal", f"path {p} cannot be an overlay layer")

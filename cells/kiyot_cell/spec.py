@@ -4,9 +4,8 @@ umoci writes a runnable config.json from the image (args, env, cwd, user, defaul
 namespaces and mounts). The node's `spec` wins for every key it sets; whatever it leaves
 out comes from umoci's, so a minimal spec such as `{"process": {"args": [...]}}` works.
 Then the cell's facts: root.path, the network namespace, the pod's IPC namespace when asked
-for, cgroupsPath, the pod's /etc files
-(unless the node's spec mounts its own there),
-and `terminal: false` (runc refuses a terminal when detached under conmon).
+for, cgroupsPath, the pod's /etc files (unless the node's spec mounts its own there), and
+`terminal: false` (runc refuses a terminal when detached under conmon).
 """
 
 from __future__ import annotations
@@ -85,11 +84,9 @@ def build(image_cfg: dict[str, Any], spec: dict[str, Any], facts: CellFacts, use
     if facts.pod_etc is not None:
         # A file the node mounts itself wins: the kubelet's /etc/hosts carries hostAliases.
         given = {m.get("destination") for m in spec.get("mounts") or []}
-        ours = [f"/etc/{n}" for n in ETC_FILES if f"/etc/{n}" not in given]
-        mounts = [m for m in cfg.get("mounts", []) if m.get("destination") not in ours]
-        for n in ETC_FILES:
-            if f"/etc/{n}" in given:
-                continue
+        ours = [n for n in ETC_FILES if f"/etc/{n}" not in given]
+        mounts = [m for m in cfg.get("mounts", []) if m.get("destination") not in {f"/etc/{n}" for n in ours}]
+        for n in ours:
             mounts.append({
                 "destination": f"/etc/{n}", "type": "bind",
                 "source": str(facts.pod_etc / n), "options": ["rbind", "rprivate"],
