@@ -108,8 +108,10 @@ class AgentClient:
             stderr=base64.b64decode(data.get("stderr", "")),
         )
 
-    async def logs(self, container_id: str, offset: int, follow: bool) -> AsyncIterator[bytes]:
-        """The container's CRI-format log bytes from `offset`; with follow, until it ends."""
+    async def logs(self, container_id: str, offset: int, follow: bool) -> AsyncIterator[tuple[int, bytes]]:
+        """The container's CRI-format log from logical `offset`, as (offset of the chunk,
+        chunk); with follow, until it ends. The first chunk starts later than `offset` only
+        when the cell rotated those bytes away."""
         url = f"{self._base}/v1/containers/{container_id}/logs"
         params = {"offset": str(offset), "follow": "1" if follow else "0"}
         try:
@@ -119,8 +121,10 @@ class AgentClient:
             ) as resp:
                 if resp.status >= 400:
                     raise _error(resp.status, await resp.read())
+                at = int(resp.headers.get("X-Log-Offset", offset))
                 async for chunk in resp.content.iter_any():
-                    yield chunk
+                    yield at, chunk
+                    at += len(chunk)
         except aiohttp.ClientError as exc:
             raise AgentError(0, "unreachable", f"cell agent {self._base}: {exc}") from exc
 

@@ -21,6 +21,8 @@ class LocalCellSettings:
     agent_port: int = 9276
     pull_path_port: int = 5380
     runtime: str = "runc"
+    # A container's log inside a cell is cut past this size (the node keeps it whole).
+    log_max_size: int = 10 * 1024 * 1024
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Settings:
             raise ConfigError(f"local.subnet: {exc}") from None
         if net.num_addresses < 4:
             raise ConfigError(f"local.subnet {net} is too small for cells")
+        if self.local.log_max_size < 4096:
+            raise ConfigError(f"local.log_max_size must be at least 4096 bytes, got {self.local.log_max_size}")
         if self.registries_conf is not None and not self.registries_conf.is_file():
             raise ConfigError(f"registries_conf {self.registries_conf} does not exist")
 

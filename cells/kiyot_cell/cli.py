@@ -46,6 +46,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime-path", default=None, metavar="P", help="path of the runtime binary")
     p.add_argument("--runtime-root", default=None, type=Path, metavar="DIR",
                    help="the runtime's --root for its state (default: the runtime's own, /run/runc)")
+    p.add_argument("--log-max-size", type=int, default=10 * 1024 * 1024, metavar="BYTES",
+                   help="cut a container's log in the cell past this size, keeping the current and the "
+                        "previous segment (default 10 MiB; the node keeps the whole log)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
@@ -72,6 +75,8 @@ def _config(ns: argparse.Namespace) -> AgentConfig:
     token = ns.token_file.read_bytes().strip()
     if not token:
         sys.exit(f"kiyot-cell: token file {ns.token_file} is empty")
+    if ns.log_max_size < 4096:
+        sys.exit(f"kiyot-cell: --log-max-size must be at least 4096 bytes, got {ns.log_max_size}")
     runtime_path = ns.runtime_path or shutil.which(ns.runtime) or f"/usr/sbin/{ns.runtime}"
     cfg = AgentConfig(
         host=host.strip("[]"), port=int(port), token=token, state_dir=ns.state_dir.resolve(),
@@ -79,6 +84,7 @@ def _config(ns: argparse.Namespace) -> AgentConfig:
         conmon_path=shutil.which("conmon") or "/usr/bin/conmon",
         skopeo_path=shutil.which("skopeo") or "skopeo", umoci_path=shutil.which("umoci") or "umoci",
         runtime_root=ns.runtime_root.resolve() if ns.runtime_root else None,
+        log_max_size=ns.log_max_size,
     )
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.get("cli").warning("token_file_mode", path=str(ns.token_file), mode=oct(st.st_mode & 0o777),

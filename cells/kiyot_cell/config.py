@@ -20,6 +20,9 @@ class AgentConfig:
     skopeo_path: str = "skopeo"
     umoci_path: str = "umoci"
     max_body: int = 4 * 1024 * 1024
+    # A container's log in the cell is cut into segments of about this size; the current
+    # and the previous one are kept (the node holds the whole log).
+    log_max_size: int = 10 * 1024 * 1024
     pull_timeout: float = 900.0
     # The runtime's --root; None = its default (/run/runc), where `runc list` on the cell
     # shows the pod's containers. Ids are 64-hex and unique, so agents may share it.
@@ -33,7 +36,6 @@ class AgentConfig:
     @property
     def containers_dir(self) -> Path:
         return self.state_dir / "containers"
-
 
     @property
     def pod_dir(self) -> Path:

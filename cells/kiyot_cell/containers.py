@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal as _signal
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ class ContainerManager:
         self.runtime = Runtime(cfg)
         self.store = RecordStore(cfg.containers_dir)
         self._locks: dict[str, asyncio.Lock] = {}
+        self._log_locks: dict[str, asyncio.Lock] = {}  # a log's segments move only under it
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._changed = asyncio.Condition()
 
@@ -91,10 +93,10 @@ class ContainerManager:
 
     def view(self, rec: ContainerRecord) -> dict[str, Any]:
         out = rec.public()
-        try:
-            out["log_size"] = self.paths(rec.id).log.stat().st_size  # fresh, without an event per line
+        try:  # fresh, without an event per line
+            out["log_size"] = rec.log_base + self.paths(rec.id).log.stat().st_size
         except FileNotFoundError:
-            out["log_size"] = 0
+            out["log_size"] = rec.log_base
         return out
 
     def get(self, cid: str) -> ContainerRecord:
@@ -200,6 +202,7 @@ class ContainerManager:
                             await self._set(rec, state=EXITED, exit_code=code, reason=reason,
                                             finished_at=max(finished, rec.started_at))
                     return
+                await self._rotate_log_if_big(cid)
                 await wait_for_exit(pid, RECHECK)
         except asyncio.CancelledError:
             raise
@@ -403,9 +406,50 @@ class ContainerManager:
             "stderr": base64.b64encode(err).decode(),
         }
 
-    def log_path(self, cid: str) -> Path:
-        self.get(cid)
-        return self.paths(cid).log
+    # --- logs -----------------------------------------------------------------------------
+    #
+    # conmon writes the CRI-format log to ctr.log. Offsets the node sees are logical (bytes
+    # since the container began), so they stay valid when the file is cut: past
+    # log_max_size, ctr.log becomes ctr.log.1 (the older one goes) and conmon reopens a new
+    # ctr.log. conmon writes whole lines, so segments start on line boundaries.
+
+    async def read_log(self, cid: str, offset: int) -> tuple[int, bytes]:
+        """(where the bytes start, bytes) from logical `offset` on; the start is later than
+        `offset` only when those bytes were rotated away."""
+        async with self._log_locks.setdefault(cid, asyncio.Lock()):
+            rec = self.store.get(cid)
+            if rec is None:  # deleted meanwhile: the log has ended
+                return offset, b""
+            paths = self.paths(cid)
+            has_prev = rec.log_base > 0 and paths.log_prev.exists()
+            first = rec.log_prev_base if has_prev else rec.log_base
+            offset = max(offset, first)
+            if offset >= rec.log_base:
+                return offset, await asyncio.to_thread(_read_at, paths.log, offset - rec.log_base)
+            return offset, await asyncio.to_thread(_read_at, paths.log_prev, offset - rec.log_prev_base)
+
+    async def _rotate_log_if_big(self, cid: str) -> None:
+        async with self._log_locks.setdefault(cid, asyncio.Lock()):
+            rec = self.store.get(cid)
+            paths = self.paths(cid)
+            try:
+                size = paths.log.stat().st_size
+            except FileNotFoundError:
+                return
+            if rec is None or size <= self.cfg.log_max_size:
+                return
+            os.replace(paths.log, paths.log_prev)  # conmon writes on into it until it reopens
+            if not await asyncio.to_thread(_ask_conmon_to_reopen, paths):
+                os.replace(paths.log_prev, paths.log)  # conmon did not answer: nothing was cut
+                _log.warning("log_rotation_skipped", id=cid)
+                return
+            rec.log_prev_base = rec.log_base
+            rec.log_base += paths.log_prev.stat().st_size
+            await asyncio.to_thread(self.store.save, rec)
+            _log.info("log_rotated", id=cid, log_base=rec.log_base)
+
+    def log_size(self, cid: str) -> int:
+        return self.view(self.get(cid))["log_size"]
 
 
 async def _read_capped(stream: asyncio.StreamReader, limit: int = EXEC_OUTPUT_MAX) -> bytes:
@@ -414,3 +458,32 @@ async def _read_capped(stream: asyncio.StreamReader, limit: int = EXEC_OUTPUT_MA
         if len(kept) < limit:
             kept += chunk[: limit - len(kept)]
     return bytes(kept)
+
+
+def _read_at(path: Path, pos: int, limit: int = 256 * 1024) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(pos)
+            return f.read(limit)
+    except FileNotFoundError:
+        return b""
+
+
+def _ask_conmon_to_reopen(paths: ContainerPaths, wait: float = 2.0) -> bool:
+    """Write conmon's reopen request and wait (bounded) for its new log file."""
+    try:
+        fd = os.open(paths.ctl, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # no fifo, or no conmon reading it
+        return False
+    try:
+        os.write(fd, b"2 0 0\n")
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + wait
+    while not paths.log.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True

@@ -42,6 +42,10 @@ class ContainerRecord:
     request_hash: str = ""
     stop_signal: str = "SIGTERM"
     conmon_pid: int = 0
+    # Log offsets are logical (bytes since the container began): the current log file
+    # starts at log_base, the previous one (ctr.log.1, if any) at log_prev_base.
+    log_base: int = 0
+    log_prev_base: int = 0
 
     PUBLIC = (
         "id", "name", "image_digest", "state", "pid", "exit_code", "reason", "message",

@@ -50,6 +50,15 @@ class ContainerPaths:
         return self.dir / "ctr.log"
 
     @property
+    def log_prev(self) -> Path:
+        return self.dir / "ctr.log.1"
+
+    @property
+    def ctl(self) -> Path:
+        """conmon's control fifo: `2 0 0` makes it reopen the log file."""
+        return self.bundle / "ctl"
+
+    @property
     def exit_dir(self) -> Path:
         return self.dir / "exit"
 

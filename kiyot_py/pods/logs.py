@@ -97,7 +97,13 @@ class LogShipper:
             while True:
                 pending = b""
                 try:
-                    async for chunk in self._agent.logs(c.id, c.log_offset, follow=True):
+                    async for at, chunk in self._agent.logs(c.id, c.log_offset, follow=True):
+                        if at > c.log_offset + len(pending):
+                            # Only at a stream's start: the cell cut these bytes off its
+                            # log while we could not read them (cells keep two segments).
+                            log.warning("log bytes lost in the cell", container=c.id,
+                                        lost=at - c.log_offset)
+                            c.log_offset = at
                         pending += chunk
                         cut = pending.rfind(b"\n") + 1
                         if cut:

@@ -214,6 +214,7 @@ class LocalProvider:
             "--netns", str(NETNS_DIR / cell.netns),
             "--cgroup-parent", f"kiyot/{cell.id}",
             "--runtime", self._settings.runtime,
+            "--log-max-size", str(self._settings.log_max_size),
         ]
         with open(cell_dir / "agent.log", "ab") as out:
             # A session of its own: the cell outlives `kiyot-py serve`.

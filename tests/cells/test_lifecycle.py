@@ -302,3 +302,50 @@ def test_containers_of_an_image_share_one_unpack_and_never_change_it(agent, busy
     agent.call("DELETE", f"/v1/containers/{reader['id']}")
     assert not _mounted(reader_rootfs) and not reader_rootfs.exists()
     assert (rootfs / "bin" / "true").is_symlink()
+
+
+def _cri_lines(log: bytes) -> list[str]:
+    """Whole lines of a CRI-format log, with partial (P) pieces joined."""
+    lines, part = [], ""
+    for record in log.decode().splitlines():
+        _, _, tag, text = record.split(" ", 3)
+        part += text
+        if tag == "F":
+            lines.append(part)
+            part = ""
+    return lines
+
+
+def test_a_long_log_is_cut_in_the_cell_and_a_follower_loses_nothing(tmp_path, cell_images):
+    from tests.cells.conftest import Agent
+
+    agent = Agent(tmp_path, extra_args=["--log-max-size", "65536"]).start()
+    try:
+        img = cell_images["busybox"]
+        agent.pull(img)
+        # Bursts of ~50 KiB a second: the cell cuts the log several times while it runs.
+        script = ("i=0; for b in 1 2 3 4 5 6; do j=0; while [ $j -lt 1500 ]; do "
+                  "echo line $i; i=$((i+1)); j=$((j+1)); done; sleep 1; done")
+        rec = agent.create(img, ["sh", "-c", script])
+        conn = agent.conn()
+        conn.request("GET", f"/v1/containers/{rec['id']}/logs?offset=0&follow=1", headers=agent.headers())
+        follow = conn.getresponse()
+        agent.ok("POST", f"/v1/containers/{rec['id']}/start")
+        followed = follow.read()  # ends once the container has exited and every byte was sent
+        conn.close()
+        assert _cri_lines(followed) == [f"line {i}" for i in range(9000)], \
+            "a follower connected throughout misses nothing"
+
+        done = agent.wait_state(rec["id"], "exited")
+        assert done["log_size"] == len(followed)  # offsets are logical: the whole log's length
+        cdir = agent.state_dir / "containers" / rec["id"]
+        assert sorted(p.name for p in cdir.glob("ctr.log*")) == ["ctr.log", "ctr.log.1"]
+        kept = sum(p.stat().st_size for p in cdir.glob("ctr.log*"))
+        assert kept < len(followed) // 2  # the cell holds only the last two segments
+        # A late reader from 0 is told where the kept bytes begin; they match the log's end.
+        late = agent.call("GET", f"/v1/containers/{rec['id']}/logs?offset=0")
+        start = int(late.headers["X-Log-Offset"])
+        assert start == len(followed) - kept and late.body == followed[start:]
+        assert followed[start - 1:start] == b"\n"  # segments begin on a line
+    finally:
+        agent.cleanup()

@@ -23,6 +23,7 @@ from .helpers import new_pod, pod_name, remove_pod
 # A bridge and subnet of the tests' own, apart from a developer's running service.
 BRIDGE = "kiyott0"
 SUBNET = "10.123.0.0/24"
+LOG_MAX_SIZE = 65536
 
 
 @dataclass
@@ -99,7 +100,8 @@ def service(tmp_path_factory, registry) -> Service:
         f'node_name = "test-node"\n'
         f'log_level = "debug"\n'
         f'registries_conf = "{registries}"\n'
-        f'[local]\nbridge = "{BRIDGE}"\nsubnet = "{SUBNET}"\n'
+        # Small log segments, so that every test's logs also go through the cells' cuts.
+        f'[local]\nbridge = "{BRIDGE}"\nsubnet = "{SUBNET}"\nlog_max_size = {LOG_MAX_SIZE}\n'
     )
     svc = Service(state_dir=base / "state", socket=base / "kiyot.sock", config=config,
                   log_file=base / "serve.log")

@@ -15,6 +15,7 @@ import pytest
 from kiyot_py.config import LocalCellSettings
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 
+from .conftest import LOG_MAX_SIZE
 from .helpers import log_lines, remove_pod, run, wait_for, wait_state
 
 
@@ -171,3 +172,30 @@ def test_a_container_the_node_never_recorded_is_removed(service, pod, busybox):
     listed = cri.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(pod_sandbox_id=sandbox_id)))
     assert [c.id for c in listed.containers] == [known]
     assert _runc_status(known) == "running"
+
+
+def test_a_log_cut_in_the_cell_while_the_service_was_down_leaves_one_gap(service, pod, busybox):
+    """Cells keep two log segments: what rotated away while nobody read it is lost once,
+    openly (a warning), and the copy goes on from the oldest byte the cell still has."""
+    cri, sandbox_id = service.runtime, pod[0]
+    cid = run(cri, pod, "chatty", busybox, ["sh", "-c", (
+        "i=0; while true; do j=0; while [ $j -lt 100 ]; do echo tick $i; i=$((i+1)); j=$((j+1)); done; "
+        "sleep 0.05; done")])
+    log_path = wait_state(cri, cid, pb.CONTAINER_RUNNING).log_path
+    wait_for(lambda: len(_ticks(log_path)) >= 100)
+    service.kill9()
+    copied = Path(log_path).stat().st_size
+
+    def in_cell() -> int:
+        return _agent_call(service, sandbox_id, "GET", f"/v1/containers/{cid}")[1]["log_size"]
+
+    assert wait_for(lambda: in_cell() > copied + 3 * LOG_MAX_SIZE, seconds=60)
+    service.start()
+    cri = service.runtime
+    assert wait_for(lambda: Path(log_path).stat().st_size > copied + LOG_MAX_SIZE)
+    cri.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=0))
+    ticks = _ticks(log_path)
+    steps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
+    assert all(step >= 1 for step in steps), "no line twice, none out of order"
+    assert sum(step > 1 for step in steps) == 1, "exactly one gap: the bytes cut while no one read"
+    assert "log bytes lost in the cell" in service.log_file.read_text()

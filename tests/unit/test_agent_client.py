@@ -66,7 +66,7 @@ async def test_client_covers_every_route(fake_agent):
     await client.start_container(CID)
     await client.stop_container(CID, 1, "SIGTERM")
     await client.delete_container(CID)
-    assert b"".join([c async for c in client.logs(CID, 0, follow=False)]).endswith(b"hi\n")
+    assert b"".join([c async for _, c in client.logs(CID, 0, follow=False)]).endswith(b"hi\n")
     result = await client.exec_sync(CID, ["true"], 1)
     assert (result.exit_code, result.stdout, result.stderr) == (4, b"o", b"e")
     with pytest.raises(AgentError):  # the fake's stream ends; a real one never does
