@@ -102,6 +102,9 @@ def one_iteration(channel: grpc.Channel, image: str, log_dir: Path) -> dict[str,
         config = pb.ContainerConfig(
             metadata=pb.ContainerMetadata(name="sleeper"), image=pb.ImageSpec(image=image),
             command=["sleep", "3600"], log_path="sleeper.log",
+            # As the kubelet sends them for a plain pod.
+            linux=pb.LinuxContainerConfig(security_context=pb.LinuxContainerSecurityContext(
+                namespace_options=pb.NamespaceOption(network=pb.POD, pid=pb.CONTAINER, ipc=pb.POD))),
         )
         cid = timed("create", rt.CreateContainer, pb.CreateContainerRequest(
             pod_sandbox_id=sandbox, config=config, sandbox_config=sandbox_config)).container_id

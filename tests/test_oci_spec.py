@@ -539,13 +539,23 @@ def test_namespaces():
     assert "pid" not in ns_types(spec) and "network" in ns_types(spec)
 
 
-def test_ipc_is_the_pods_unless_asked_otherwise():
-    assert build().pod_namespaces == ("ipc",)  # no options: POD, as the kubelet's default
-    assert build(cfg(linux=sc(namespace_options=cri.NamespaceOption(ipc=cri.POD)))).pod_namespaces == ("ipc",)
-    own = build(cfg(linux=sc(namespace_options=cri.NamespaceOption(ipc=cri.CONTAINER))))
-    assert own.pod_namespaces == () and "ipc" in ns_types(own.spec)
-    cell = build(cfg(linux=sc(namespace_options=cri.NamespaceOption(ipc=cri.NODE))))
-    assert cell.pod_namespaces == () and "ipc" not in ns_types(cell.spec)
+def ns_option(**modes):
+    return cfg(linux=sc(namespace_options=cri.NamespaceOption(**modes)))
+
+
+def test_pod_namespaces_follow_the_modes():
+    assert build().pod_namespaces == ("pid", "ipc")  # no options at all: POD, as containerd reads it
+    kubelet = build(ns_option(network=cri.POD, pid=cri.CONTAINER, ipc=cri.POD))
+    assert kubelet.pod_namespaces == ("ipc",) and kubelet.pid_target is None
+    assert {"pid", "ipc"} <= set(ns_types(kubelet.spec))
+    own = build(ns_option(pid=cri.CONTAINER, ipc=cri.CONTAINER))
+    assert own.pod_namespaces == () and {"pid", "ipc"} <= set(ns_types(own.spec))
+    cell = build(ns_option(pid=cri.NODE, ipc=cri.NODE))
+    assert cell.pod_namespaces == () and not {"pid", "ipc"} & set(ns_types(cell.spec))
+    debug = build(ns_option(pid=cri.TARGET, target_id="ab" * 32, ipc=cri.POD))
+    assert debug.pid_target == "ab" * 32 and debug.pod_namespaces == ("ipc",)
+    with pytest.raises(SpecError, match="target_id"):
+        build(ns_option(pid=cri.TARGET))
 
 
 def test_hostname_and_annotations():
@@ -833,7 +843,8 @@ def test_cri_device_directory():
 
 
 def test_ipc_node_and_target_namespaces():
-    spec = build(cfg(linux=sc(namespace_options=cri.NamespaceOption(ipc=cri.NODE, pid=cri.TARGET)))).spec
+    spec = build(cfg(linux=sc(namespace_options=cri.NamespaceOption(ipc=cri.NODE, pid=cri.TARGET,
+                                                                    target_id="ab" * 32)))).spec
     assert ns_types(spec) == ["pid", "uts", "mount", "network"]
     sb = sandbox(linux=cri.LinuxPodSandboxConfig(sysctls={"kernel.shmmax": "1"}))
     with pytest.raises(SpecError, match="IPC"):

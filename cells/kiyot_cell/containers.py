@@ -219,6 +219,7 @@ class ContainerManager:
         user = body.get("user")
         stop_signal = body.get("stop_signal") or ""
         pod_namespaces = body.get("pod_namespaces") or []
+        pid_target = body.get("pid_target")
         if not isinstance(cid, str):
             raise invalid("'id' is required")
         check_id(cid)
@@ -234,11 +235,20 @@ class ContainerManager:
             raise invalid("'stop_signal' must be a string")
         if stop_signal:
             parse_signal(stop_signal)
-        if not isinstance(pod_namespaces, list) or not all(k in ("ipc",) for k in pod_namespaces):
-            raise invalid("'pod_namespaces' must be a list drawn from [\"ipc\"]")
+        if not isinstance(pod_namespaces, list) or not all(k in ("ipc", "pid") for k in pod_namespaces):
+            raise invalid("'pod_namespaces' must be a list drawn from [\"ipc\", \"pid\"]")
+        if pid_target is not None and "pid" in pod_namespaces:
+            raise invalid("'pid_target' and a pod PID namespace exclude each other")
         shared = {kind: self.pod.namespace(kind) for kind in pod_namespaces}
         if None in shared.values():
             raise conflict("the pod's namespaces do not exist yet: PUT /v1/pod first")
+        if pid_target is not None:
+            if not isinstance(pid_target, str):
+                raise invalid("'pid_target' must be a container id")
+            target = self.get(pid_target)
+            if target.state != RUNNING:
+                raise conflict(f"'pid_target' {pid_target} is {target.state}, not running")
+            shared["pid"] = Path(f"/proc/{target.pid}/ns/pid")
         req_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
         async with self._lock(cid):

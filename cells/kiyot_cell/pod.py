@@ -4,7 +4,9 @@ The files are rewritten *in place* (not tmp+rename): containers bind-mount them,
 bind mount pins the inode, so a rename would leave running containers on the old file.
 The pod's IPC namespace is kept by a bind mount of its nsfs file (as `ip netns` keeps a
 network namespace), so it needs no process to hold it and outlives agent restarts;
-containers whose IPC mode is POD join it.
+containers whose IPC mode is POD join it. A PID namespace cannot outlive its first
+process, so the pod's (made on first use, for shareProcessNamespace) is held by a tiny
+init that reaps orphans, as the pause container does; it outlives agent restarts too.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 import os
 import re
 import subprocess
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +64,8 @@ class Pod:
         self.dir = pod_dir
         self.etc = pod_dir / "etc"
         self.ipc_ns = pod_dir / "ns" / "ipc"
+        self._pid_init_file = pod_dir / "ns" / "pid-init"
+        self._pid_holder: subprocess.Popen[bytes] | None = None
         self.spec: PodSpec | None = None
 
     def load(self) -> None:
@@ -87,8 +93,61 @@ class Pod:
         return {"etc_dir": str(self.etc)}
 
     def namespace(self, kind: str) -> Path | None:
-        """The pod's own namespace of `kind` ("ipc"), once PUT /v1/pod made it."""
-        return self.ipc_ns if kind == "ipc" and _is_mount_point(self.ipc_ns) else None
+        """The pod's own namespace of `kind` ("ipc" or "pid"), once PUT /v1/pod was done."""
+        if self.spec is None:
+            return None
+        if kind == "ipc":
+            return self.ipc_ns if _is_mount_point(self.ipc_ns) else None
+        if kind == "pid":
+            return Path(f"/proc/{self._pid_init()}/ns/pid")
+        return None
+
+    def _pid_init(self) -> int:
+        """The host pid of the pod's PID-namespace init, started if none lives."""
+        try:
+            pid = int(self._pid_init_file.read_text())
+        except (FileNotFoundError, ValueError):
+            pid = 0
+        if pid and _is_our_init(pid, self.dir):
+            return pid
+        if self._pid_holder is not None:
+            self._pid_holder.poll()  # reap the `unshare` of an init that died
+        # Same process group as the agent and no parent-death signal: it survives an agent
+        # restart, and a local cell's teardown (a kill of the whole group) takes it down.
+        self._pid_holder = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--", sys.executable, "-I", "-S", "-c", _POD_INIT, str(self.dir)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        children = Path(f"/proc/{self._pid_holder.pid}/task/{self._pid_holder.pid}/children")
+        deadline = time.monotonic() + 5
+        while not (kids := children.read_text().split() if children.exists() else []):
+            if time.monotonic() > deadline or self._pid_holder.poll() is not None:
+                raise ApiError("internal", "the pod's PID namespace did not start")
+            time.sleep(0.002)
+        self._pid_init_file.parent.mkdir(parents=True, exist_ok=True)
+        self._pid_init_file.write_text(kids[0])
+        return int(kids[0])
+
+
+# PID 1 of the pod's PID namespace: reap whatever is orphaned into it, hold it open.
+_POD_INIT = """
+import os, signal
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])  # taken by sigtimedwait below
+while True:
+    try:
+        os.waitpid(-1, 0)
+    except ChildProcessError:
+        signal.sigtimedwait([signal.SIGCHLD], 1.0)
+"""
+
+
+def _is_our_init(pid: int, pod_dir: Path) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != b"Z" and str(pod_dir).encode() in cmdline and b"unshare" not in cmdline[0]
 
 
 def _is_mount_point(path: Path) -> bool:

@@ -13,11 +13,11 @@ differences, all forced by cells or by the hosts (see DESIGN.md):
 * a negative ``oom_score_adj`` is clamped to 0 (runc create fails with one on
   these hosts);
 * ``process.terminal`` is always false (no tty support in the agent yet);
-* IPC ``POD`` (the default) shares the pod's IPC namespace, which the agent
-  keeps per cell: ``ContainerSpec.pod_namespaces`` names it and the agent sets
-  its path. PID sharing with the pod (``POD``/``TARGET``) is not possible yet:
-  the container keeps its own PID namespace. ``NODE`` omits the namespace (a
-  cell is the pod's "host", so that is the cell's own);
+* IPC ``POD`` (the default) and PID ``POD`` (shareProcessNamespace) share the
+  pod's namespaces, which the agent keeps per cell: ``ContainerSpec.pod_namespaces``
+  names them and the agent sets their paths; PID ``TARGET`` joins the PID namespace
+  of ``ContainerSpec.pid_target``. ``NODE`` omits the namespace (a cell is the
+  pod's "host", so that is the cell's own);
 * the network namespace is always listed without a path: the agent points it
   at the cell's namespace (a cell is the pod's "host", even for hostNetwork);
 * AppArmor and SELinux options are ignored;
@@ -242,8 +242,10 @@ class ContainerSpec:
     spec: dict
     user: str | None
     stop_signal: str
-    # Namespaces the container shares with its pod ("ipc"): the agent sets their paths.
+    # Namespaces the container shares with its pod ("ipc", "pid"): the agent sets their paths.
     pod_namespaces: tuple[str, ...] = ()
+    # PID mode TARGET: the container whose PID namespace this one joins.
+    pid_target: str | None = None
 
 
 # --------------------------------------------------------------------------- #
@@ -289,7 +291,7 @@ def build_container_spec(
         "noNewPrivileges": bool(sc.no_new_privs),
     }
 
-    namespaces, pod_namespaces = _namespaces(sc)
+    namespaces, pod_namespaces, pid_target = _namespaces(sc)
     linux_spec: dict[str, Any] = {
         "namespaces": namespaces,
         "resources": {},
@@ -339,7 +341,8 @@ def build_container_spec(
     }
     if sandbox.hostname:
         spec["hostname"] = sandbox.hostname
-    return ContainerSpec(spec=spec, user=resolve, stop_signal=stop_signal, pod_namespaces=pod_namespaces)
+    return ContainerSpec(spec=spec, user=resolve, stop_signal=stop_signal, pod_namespaces=pod_namespaces,
+                         pid_target=pid_target)
 
 
 # --------------------------------------------------------------------------- #
@@ -591,21 +594,29 @@ def _capabilities(sc: api_pb2.LinuxContainerSecurityContext) -> dict[str, list[s
 
 def _namespaces(
     sc: api_pb2.LinuxContainerSecurityContext,
-) -> tuple[list[dict[str, str]], tuple[str, ...]]:
-    """The container's namespaces, and which of them are the pod's (paths set by the agent)."""
+) -> tuple[list[dict[str, str]], tuple[str, ...], str | None]:
+    """The container's namespaces, which of them are the pod's (paths set by the agent),
+    and the container whose PID namespace it joins (mode TARGET)."""
     nso = sc.namespace_options  # unset: every mode is POD (0), as for containerd
-    NODE, POD = api_pb2.NODE, api_pb2.POD
+    NODE, POD, TARGET = api_pb2.NODE, api_pb2.POD, api_pb2.TARGET
     namespaces = []
-    pod_namespaces: tuple[str, ...] = ()
-    # PID: CONTAINER -> own. POD/TARGET (share with the pod or a target
-    # container) cannot be done by the agent yet: the container keeps its
-    # own. NODE -> no new namespace (the cell's own).
+    pod_namespaces: list[str] = []
+    pid_target = None
+    # The kubelet's default for PID is CONTAINER (a namespace of the container's own);
+    # POD is shareProcessNamespace; TARGET is an ephemeral container beside its target.
+    # Unset options (crictl) mean POD, as in containerd.
     if nso.pid != NODE:
         namespaces.append({"type": "pid"})
+        if nso.pid == POD:
+            pod_namespaces.append("pid")
+        elif nso.pid == TARGET:
+            if not nso.target_id:
+                raise SpecError("PID namespace mode TARGET needs a target_id")
+            pid_target = nso.target_id
     if nso.ipc != NODE:
         namespaces.append({"type": "ipc"})
         if nso.ipc == POD:
-            pod_namespaces = ("ipc",)
+            pod_namespaces.append("ipc")
     namespaces.append({"type": "uts"})
     namespaces.append({"type": "mount"})
     # The agent sets the path to the cell's network namespace.
@@ -614,7 +625,7 @@ def _namespaces(
         u = nso.userns_options
         if u.mode == POD and (len(u.uids) or len(u.gids)):
             raise SpecError("user namespaces are not supported")
-    return namespaces, pod_namespaces
+    return namespaces, tuple(pod_namespaces), pid_target
 
 
 def _sysctl_name(name: str) -> str:

@@ -301,7 +301,7 @@ class PodRuntime:
             record = await agent.create_container({
                 "id": container.id, "name": md.name, "image_digest": image.platform_digest,
                 "spec": spec.spec, "user": spec.user, "stop_signal": spec.stop_signal,
-                "pod_namespaces": list(spec.pod_namespaces),
+                "pod_namespaces": list(spec.pod_namespaces), "pid_target": spec.pid_target,
             })
             self._apply(container, record, save=False)
             self.containers[container.id] = container

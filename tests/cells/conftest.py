@@ -176,6 +176,16 @@ class Agent:
         except (OSError, AssertionError):
             pass
         self.stop()
+        # The pod's PID-namespace init outlives agents (as in a cell, where the VM's end
+        # takes it): the last agent's process group, and the one any earlier agent started.
+        init = self.state_dir / "pod" / "ns" / "pid-init"
+        for kill, pid in ((os.killpg, self.proc.pid if self.proc else 0),
+                          (os.kill, int(init.read_text()) if init.exists() else 0)):
+            try:
+                if pid:
+                    kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         # Whatever is left (an agent that died): every container dir it had, by id.
         root = ["--root", self.extra_args[self.extra_args.index("--runtime-root") + 1]] \
             if "--runtime-root" in self.extra_args else []

@@ -113,10 +113,35 @@ def test_containers_share_the_pods_ipc_namespace_when_asked(agent, busybox):
     agent.ok("PUT", "/v1/pod", {"sandbox_id": "a" * 64, "hostname": "ipc-pod"})
     assert agent.call("POST", "/v1/containers", {"id": "2" * 64, "name": "bad", "image_digest": busybox.manifest_digest,
                                                  "spec": {"process": {"args": ["true"]}},
-                                                 "pod_namespaces": ["pid"]}).status == 400
+                                                 "pod_namespaces": ["uts"]}).status == 400
     one = agent.run(busybox, ["sleep", "1000"], name="one", pod_namespaces=["ipc"])
     two = agent.run(busybox, ["sleep", "1000"], name="two", pod_namespaces=["ipc"])
     own = agent.run(busybox, ["sleep", "1000"], name="own")
     pod_ns = f"ipc:[{(agent.state_dir / 'pod' / 'ns' / 'ipc').stat().st_ino}]"
     assert _ipc_ns(one["pid"]) == _ipc_ns(two["pid"]) == pod_ns
     assert _ipc_ns(own["pid"]) not in (pod_ns, _ipc_ns(os.getpid()))
+
+
+def _pid_ns(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/pid")
+
+
+def test_the_pods_pid_namespace_outlives_an_agent_restart(agent, busybox):
+    agent.ok("PUT", "/v1/pod", {"sandbox_id": "a" * 64, "hostname": "pid-pod"})
+    one = agent.run(busybox, ["sleep", "1000"], name="one", pod_namespaces=["pid"])
+    own = agent.run(busybox, ["sleep", "1000"], name="own")
+    assert _pid_ns(one["pid"]) != _pid_ns(own["pid"])
+    agent.stop()
+    agent.start()  # a new agent over the same state: the pod's init lived on
+    two = agent.run(busybox, ["sleep", "1000"], name="two", pod_namespaces=["pid"])
+    assert _pid_ns(two["pid"]) == _pid_ns(one["pid"])
+    # A target's namespace, and the mistakes around it.
+    three = agent.run(busybox, ["sleep", "1000"], name="three", pid_target=own["id"])
+    assert _pid_ns(three["pid"]) == _pid_ns(own["pid"])
+    body = {"id": "4" * 64, "name": "bad", "image_digest": busybox.manifest_digest,
+            "spec": {"process": {"args": ["true"]}}}
+    assert agent.call("POST", "/v1/containers", {**body, "pid_target": own["id"],
+                                                 "pod_namespaces": ["pid"]}).status == 400
+    assert agent.call("POST", "/v1/containers", {**body, "pid_target": "5" * 64}).status == 404
+    agent.ok("POST", f"/v1/containers/{own['id']}/stop", {"timeout": 0})
+    assert agent.call("POST", "/v1/containers", {**body, "pid_target": own["id"]}).status == 409

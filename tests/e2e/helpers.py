@@ -28,8 +28,15 @@ def sandbox_config(name: str, log_dir: Path, **labels: str) -> pb.PodSandboxConf
     )
 
 
+# What the kubelet sends for a plain pod: the pod's network and IPC, a PID namespace of
+# the container's own (shareProcessNamespace makes it POD).
+KUBELET_NAMESPACES = pb.NamespaceOption(network=pb.POD, pid=pb.CONTAINER, ipc=pb.POD)
+
+
 def container_config(name: str, image: str, command: list[str] | None = None,
                      args: list[str] | None = None, **kw) -> pb.ContainerConfig:
+    kw.setdefault("linux", pb.LinuxContainerConfig(
+        security_context=pb.LinuxContainerSecurityContext(namespace_options=KUBELET_NAMESPACES)))
     return pb.ContainerConfig(
         metadata=pb.ContainerMetadata(name=name, attempt=0),
         image=pb.ImageSpec(image=image),

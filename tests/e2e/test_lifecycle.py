@@ -103,7 +103,7 @@ def test_containers_of_a_pod_share_localhost(cri, pod, pulled, test_images):
 def test_containers_of_a_pod_share_ipc_unless_asked_otherwise(cri, pod, pulled, test_images):
     ref = test_images["busybox"].ref
     own_ipc = pb.LinuxContainerConfig(security_context=pb.LinuxContainerSecurityContext(
-        namespace_options=pb.NamespaceOption(ipc=pb.CONTAINER)))
+        namespace_options=pb.NamespaceOption(network=pb.POD, pid=pb.CONTAINER, ipc=pb.CONTAINER)))
     ids = {name: run(cri, pod, name, ref, ["sleep", "3600"], **kw)
            for name, kw in (("a", {}), ("b", {}), ("loner", {"linux": own_ipc}))}
 
@@ -117,6 +117,41 @@ def test_containers_of_a_pod_share_ipc_unless_asked_otherwise(cri, pod, pulled, 
 
     assert ipc(ids["a"]) == ipc(ids["b"])  # the kubelet's default: IPC is the pod's
     assert ipc(ids["loner"]) != ipc(ids["a"])
+
+
+def _linux(**modes) -> pb.LinuxContainerConfig:
+    return pb.LinuxContainerConfig(security_context=pb.LinuxContainerSecurityContext(
+        namespace_options=pb.NamespaceOption(network=pb.POD, ipc=pb.POD, **modes)))
+
+
+def _ps(cri, cid) -> list[str]:
+    r = cri.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["ps", "-o", "pid,args"], timeout=10))
+    assert r.exit_code == 0, r
+    return r.stdout.decode().splitlines()[1:]
+
+
+def test_share_process_namespace_and_a_target_pid_namespace(cri, pod, pulled, test_images):
+    ref = test_images["busybox"].ref
+    one = run(cri, pod, "one", ref, ["sleep", "1111"], linux=_linux(pid=pb.POD))
+    two = run(cri, pod, "two", ref, ["sleep", "2222"], linux=_linux(pid=pb.POD))
+    alone = run(cri, pod, "alone", ref, ["sleep", "3333"], linux=_linux(pid=pb.CONTAINER))
+    for cid in (one, two, alone):
+        wait_state(cri, cid, pb.CONTAINER_RUNNING)
+    # shareProcessNamespace: each sees the other; PID 1 is the pod's own init, not theirs.
+    seen = _ps(cri, one)
+    assert any("sleep 2222" in ln for ln in seen) and any("sleep 1111" in ln for ln in seen)
+    assert not any(ln.split(None, 1)[0] == "1" and "sleep" in ln for ln in seen)
+    assert not any("sleep 1111" in ln for ln in _ps(cri, alone))
+    # Stopping a container of a shared namespace ends it only (and SIGTERM works: not PID 1).
+    cri.StopContainer(pb.StopContainerRequest(container_id=two, timeout=10))
+    assert wait_state(cri, two, pb.CONTAINER_EXITED).exit_code == 143
+    assert not any("sleep 2222" in ln for ln in _ps(cri, one))
+    # TARGET (an ephemeral debug container): it joins its target's PID namespace.
+    debug = run(cri, pod, "debug", ref, ["sleep", "4444"], linux=_linux(pid=pb.TARGET, target_id=alone))
+    wait_state(cri, debug, pb.CONTAINER_RUNNING)
+    debug_sees = _ps(cri, debug)
+    assert any("sleep 3333" in ln for ln in debug_sees) and any("sleep 4444" in ln for ln in debug_sees)
+    assert not any("sleep 1111" in ln for ln in debug_sees)
 
 
 def test_exec_sync_output_exit_code_and_timeout(cri, pod, pulled, test_images):
