@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import signal
 import sys
+from typing import IO
 
 import aiohttp
 import structlog
@@ -33,17 +34,25 @@ def _reap_with_pidfds() -> None:
         asyncio.set_child_watcher(watcher)
 
 
-async def serve(settings: Settings) -> None:
-    _reap_with_pidfds()
+STORE_FILE = "state.db"
+
+
+def _lock_state_dir(settings: Settings) -> IO[str]:
+    """One service per state directory: a second one would fight over the same cells."""
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # One service per state directory: a second one would fight over the same cells.
     lock = open(settings.state_dir / "serve.lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise ConfigError(f"another kiyot-py already serves {settings.state_dir}") from None
+        lock.close()
+        raise ConfigError(f"a kiyot-py service is running on {settings.state_dir}; stop it first") from None
+    return lock
 
-    store = Store(settings.state_dir / "state.db")
+
+async def serve(settings: Settings) -> None:
+    _reap_with_pidfds()
+    lock = _lock_state_dir(settings)
+    store = Store(settings.state_dir / STORE_FILE)
     provider = LocalProvider(settings.state_dir, settings.local)
     await provider.start()
     registries = RegistriesConfig.load(settings.registries_conf)
@@ -72,3 +81,17 @@ async def serve(settings: Settings) -> None:
     await provider.close()
     store.close()
     lock.close()
+
+
+async def reset(settings: Settings) -> int:
+    """Take this node's local cells down for good (their containers die), remove the bridge
+    and its fence, and forget every sandbox, container and image; the number of cells."""
+    lock = _lock_state_dir(settings)
+    try:
+        cells = await LocalProvider(settings.state_dir, settings.local).reset()
+        for suffix in ("", "-wal", "-shm"):
+            (settings.state_dir / f"{STORE_FILE}{suffix}").unlink(missing_ok=True)
+        log.info("reset", state_dir=str(settings.state_dir), cells_deleted=cells)
+        return cells
+    finally:
+        lock.close()

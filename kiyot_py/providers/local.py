@@ -59,6 +59,18 @@ def fence_chain(bridge: str) -> str:
     return f"KIYOT-{bridge}"[:28]  # iptables allows 28 characters
 
 
+async def remove_host_network(bridge: str) -> None:
+    """Undo what start() sets up on the host: the fence and the bridge (and its address)."""
+    chain = fence_chain(bridge)
+    for argv in (
+        ["iptables", "-D", "INPUT", "-i", bridge, "-j", chain],
+        ["iptables", "-F", chain],
+        ["iptables", "-X", chain],
+        ["ip", "link", "del", bridge],
+    ):
+        await _run(*argv, check=False)
+
+
 async def _succeeds(*argv: str) -> bool:
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
@@ -101,6 +113,15 @@ class LocalProvider:
 
     async def close(self) -> None:
         pass
+
+    async def reset(self) -> int:
+        """Delete every cell here and undo start() (fence, bridge); the number of cells deleted."""
+        async with self._lock:
+            cell_ids = [d.name for d in self._dir.iterdir() if d.is_dir()] if self._dir.exists() else []
+            for cell_id in cell_ids:
+                await self._teardown(cell_id)
+        await remove_host_network(self._settings.bridge)
+        return len(cell_ids)
 
     async def _fence_host(self) -> None:
         """Cells reach this host only at the pull path, as a VM in a VPC would reach the node.

@@ -83,11 +83,8 @@ def _cleanup(service: Service) -> None:
         pass
 
 
-@pytest.fixture(scope="session")
-def service(tmp_path_factory, registry) -> Service:
-    if os.geteuid() != 0:
-        pytest.skip("end-to-end tests need root (network namespaces, runc)")
-    base = tmp_path_factory.mktemp("kiyot")
+def new_service(base: Path, bridge: str = BRIDGE, subnet: str = SUBNET) -> Service:
+    """A service (not started yet) with its own state, socket and cells' bridge under `base`."""
     config = base / "kiyot.toml"
     registries = base / "registries.conf"
     # registries.conf(5) style: registry.k8s.io comes from the local test registry.
@@ -101,10 +98,17 @@ def service(tmp_path_factory, registry) -> Service:
         f'log_level = "debug"\n'
         f'registries_conf = "{registries}"\n'
         # Small log segments, so that every test's logs also go through the cells' cuts.
-        f'[local]\nbridge = "{BRIDGE}"\nsubnet = "{SUBNET}"\nlog_max_size = {LOG_MAX_SIZE}\n'
+        f'[local]\nbridge = "{bridge}"\nsubnet = "{subnet}"\nlog_max_size = {LOG_MAX_SIZE}\n'
     )
-    svc = Service(state_dir=base / "state", socket=base / "kiyot.sock", config=config,
-                  log_file=base / "serve.log")
+    return Service(state_dir=base / "state", socket=base / "kiyot.sock", config=config,
+                   log_file=base / "serve.log")
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory, registry) -> Service:
+    if os.geteuid() != 0:
+        pytest.skip("end-to-end tests need root (network namespaces, runc)")
+    svc = new_service(tmp_path_factory.mktemp("kiyot"))
     svc.start()
     yield svc
     _cleanup(svc)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -103,3 +105,9 @@ def log_lines(path: str) -> list[tuple[str, str, str]]:
         assert "T" in ts, line
         out.append((stream, tag, text))
     return out
+
+
+def runc_status(container_id: str) -> str:
+    """What runc on this host says of a container: running, stopped, ... or gone."""
+    out = subprocess.run(["runc", "state", container_id], capture_output=True, text=True)
+    return json.loads(out.stdout)["status"] if out.returncode == 0 else "gone"

@@ -16,7 +16,7 @@ from kiyot_py.config import LocalCellSettings
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 
 from .conftest import LOG_MAX_SIZE
-from .helpers import log_lines, remove_pod, run, wait_for, wait_state
+from .helpers import log_lines, remove_pod, run, runc_status, wait_for, wait_state
 
 
 @pytest.fixture
@@ -61,11 +61,6 @@ def test_kill9_of_the_service_loses_nothing(service, pod, busybox):
     remove_pod(cri, sandbox_id)
 
 
-def _runc_status(container_id: str) -> str:
-    out = subprocess.run(["runc", "state", container_id], capture_output=True, text=True)
-    return json.loads(out.stdout)["status"] if out.returncode == 0 else "gone"
-
-
 def test_kill9_of_the_agent_loses_nothing(service, pod, busybox):
     cri, ref, sandbox_id = service.runtime, busybox, pod[0]
     long_runner = run(cri, pod, "long", ref, ["sleep", "3600"])
@@ -83,13 +78,13 @@ def test_kill9_of_the_agent_loses_nothing(service, pod, busybox):
     try:
         os.kill(agent, signal.SIGKILL)
         subprocess.run(["runc", "kill", exits_later, "KILL"], check=True)
-        assert wait_for(lambda: _runc_status(exits_later) == "stopped")
+        assert wait_for(lambda: runc_status(exits_later) == "stopped")
     finally:
         os.kill(supervisor, signal.SIGCONT)
     # The supervisor brings the agent back; it reports what happened while it was down.
     status = wait_state(cri, exits_later, pb.CONTAINER_EXITED)
     assert (status.state, status.exit_code) == (pb.CONTAINER_EXITED, 137)
-    assert _runc_status(long_runner) == "running"
+    assert runc_status(long_runner) == "running"
     assert cri.ContainerStatus(pb.ContainerStatusRequest(container_id=long_runner)).status.state \
         == pb.CONTAINER_RUNNING
     new_children = wait_for(lambda: Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split())
@@ -107,12 +102,12 @@ def test_sigterm_shuts_down_cleanly_and_leaves_cells_running(service, pod, busyb
     cid = run(cri, pod, "keeps", ref, ["sleep", "3600"])
     wait_state(cri, cid, pb.CONTAINER_RUNNING)
     assert service.stop() == 0
-    assert _runc_status(cid) == "running"
+    assert runc_status(cid) == "running"
     service.start()
     cri = service.runtime
     assert cri.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status.state == pb.CONTAINER_RUNNING
     remove_pod(cri, sandbox_id)
-    assert _runc_status(cid) == "gone"
+    assert runc_status(cid) == "gone"
 
 
 def test_a_cell_lost_while_the_service_was_down_is_reported(service, pod, busybox):
@@ -162,16 +157,16 @@ def test_a_container_the_node_never_recorded_is_removed(service, pod, busybox):
         "spec": {"process": {"args": ["sleep", "3600"]}}})
     assert status == 201
     assert _agent_call(service, sandbox_id, "POST", f"/v1/containers/{stray}/start")[0] == 200
-    assert _runc_status(stray) == "running"
+    assert runc_status(stray) == "running"
 
     service.kill9()
     service.start()
     cri = service.runtime
     assert wait_for(lambda: _agent_call(service, sandbox_id, "GET", f"/v1/containers/{stray}")[0] == 404)
-    assert _runc_status(stray) == "gone"
+    assert runc_status(stray) == "gone"
     listed = cri.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(pod_sandbox_id=sandbox_id)))
     assert [c.id for c in listed.containers] == [known]
-    assert _runc_status(known) == "running"
+    assert runc_status(known) == "running"
 
 
 def test_a_log_cut_in_the_cell_while_the_service_was_down_leaves_one_gap(service, pod, busybox):

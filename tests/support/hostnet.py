@@ -6,17 +6,10 @@ ran a service on a bridge of their own remove them afterwards.
 
 from __future__ import annotations
 
-import subprocess
+import asyncio
 
-from kiyot_py.providers.local import fence_chain
+from kiyot_py.providers import local
 
 
 def remove_host_network(bridge: str) -> None:
-    chain = fence_chain(bridge)
-    for argv in (
-        ["iptables", "-D", "INPUT", "-i", bridge, "-j", chain],
-        ["iptables", "-F", chain],
-        ["iptables", "-X", chain],
-        ["ip", "link", "del", bridge],
-    ):
-        subprocess.run(argv, capture_output=True)
+    asyncio.run(local.remove_host_network(bridge))
