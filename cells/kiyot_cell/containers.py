@@ -53,6 +53,7 @@ EXIT_WAIT_AFTER_KILL = 30.0  # bound on waiting for conmon's exit file after SIG
 # 16 MiB gRPC message. The rest is read and dropped, so a chatty command neither blocks
 # on a full pipe nor swells the agent.
 EXEC_OUTPUT_MAX = 8 * 1024 * 1024 - 4096
+CUT_ASIDE = "ctr.log.cut"  # a log segment being cut, until conmon has reopened ctr.log
 
 
 def _image_stop_signal(image_cfg: dict[str, Any]) -> str:
@@ -143,6 +144,7 @@ class ContainerManager:
             await self.runtime.delete(d.name)
             await self._remove_files(ContainerPaths(d))
         for rec in recs:
+            await self._finish_log_cut(rec)
             if rec.state in LIVE_STATES:
                 self._watch(rec)
         _log.info("recovered", containers=len(recs), live=sum(r.state in LIVE_STATES for r in recs))
@@ -448,15 +450,27 @@ class ContainerManager:
                 return
             if rec is None or size <= self.cfg.log_max_size:
                 return
-            os.replace(paths.log, paths.log_prev)  # conmon writes on into it until it reopens
-            if not await asyncio.to_thread(_ask_conmon_to_reopen, paths):
-                os.replace(paths.log_prev, paths.log)  # conmon did not answer: nothing was cut
-                _log.warning("log_rotation_skipped", id=cid)
+            pid = rec.conmon_pid or read_pidfile(paths.conmon_pidfile)
+            if not await asyncio.to_thread(_cut_log, paths, pid, cid):
+                _log.info("log_cut_skipped", id=cid, reason="conmon exited first")
                 return
-            rec.log_prev_base = rec.log_base
-            rec.log_base += paths.log_prev.stat().st_size
-            await asyncio.to_thread(self.store.save, rec)
+            await self._finish_log_cut(rec)
             _log.info("log_rotated", id=cid, log_base=rec.log_base)
+
+    async def _finish_log_cut(self, rec: ContainerRecord) -> None:
+        """Settle a cut: done if conmon has reopened the log (ctr.log is back), undone if
+        not. At start, this also settles a cut the previous agent died in the middle of."""
+        paths = self.paths(rec.id)
+        aside = paths.dir / CUT_ASIDE
+        if not aside.exists():
+            return
+        if not paths.log.exists():
+            os.replace(aside, paths.log)
+            return
+        os.replace(aside, paths.log_prev)
+        rec.log_prev_base = rec.log_base
+        rec.log_base += paths.log_prev.stat().st_size
+        await asyncio.to_thread(self.store.save, rec)
 
     def log_size(self, cid: str) -> int:
         return self.view(self.get(cid))["log_size"]
@@ -479,21 +493,27 @@ def _read_at(path: Path, pos: int, limit: int = 256 * 1024) -> bytes:
         return b""
 
 
-def _ask_conmon_to_reopen(paths: ContainerPaths, wait: float = 2.0) -> bool:
-    """Write conmon's reopen request and wait (bounded) for its new log file."""
+def _cut_log(paths: ContainerPaths, conmon_pid: int, cid: str, wait: float = 30.0) -> bool:
+    """Start a new log segment: move ctr.log aside and have conmon reopen it (`2 0 0` on
+    its ctl fifo). False, with nothing changed, when conmon is gone (or stuck) before it
+    reopened: it is exiting, and the log stays whole."""
+    if not conmon_alive(conmon_pid, cid):
+        return False
+    aside = paths.dir / CUT_ASIDE
+    os.replace(paths.log, aside)  # conmon writes on into it until it reopens
     try:
         fd = os.open(paths.ctl, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError:  # no fifo, or no conmon reading it
+        try:
+            os.write(fd, b"2 0 0\n")
+        finally:
+            os.close(fd)
+    except OSError:  # no fifo, or nobody reading it
+        os.replace(aside, paths.log)
         return False
-    try:
-        os.write(fd, b"2 0 0\n")
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
     deadline = time.monotonic() + wait
     while not paths.log.exists():
-        if time.monotonic() > deadline:
+        if not conmon_alive(conmon_pid, cid) or time.monotonic() > deadline:
+            os.replace(aside, paths.log)
             return False
-        time.sleep(0.005)
-    return True
+        time.sleep(0.002)
+    return True  # the caller makes the aside segment ctr.log.1

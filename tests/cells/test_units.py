@@ -125,3 +125,13 @@ def test_rlimits_are_clamped_to_what_the_cell_can_grant():
         assert out[0]["hard"] <= hard
     assert out[1] == {"type": "RLIMIT_NOFILE", "hard": 64, "soft": 32}
     assert out[2] == {"type": "RLIMIT_BOGUS", "hard": 5, "soft": 5}
+
+
+def test_a_log_cut_without_a_live_conmon_changes_nothing(tmp_path):
+    from kiyot_cell.containers import _cut_log
+    from kiyot_cell.runtime import ContainerPaths
+
+    paths = ContainerPaths(tmp_path)
+    paths.log.write_bytes(b"2026-11-24T10:00:00.000000000Z stdout F kept\n")
+    assert _cut_log(paths, conmon_pid=0, cid="c" * 64) is False
+    assert paths.log.read_bytes().endswith(b"F kept\n") and not paths.log_prev.exists()
