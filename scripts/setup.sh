@@ -17,6 +17,7 @@ fi
 declare -A WANT=(
     [runc]=/usr/sbin/runc
     [conmon]=/usr/bin/conmon
+    [catatonit]=/usr/bin/catatonit
     [umoci]=/usr/bin/umoci
     [skopeo]=/usr/bin/skopeo
     [docker-registry]=/usr/bin/docker-registry

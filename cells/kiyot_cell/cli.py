@@ -82,6 +82,7 @@ def _config(ns: argparse.Namespace) -> AgentConfig:
         host=host.strip("[]"), port=int(port), token=token, state_dir=ns.state_dir.resolve(),
         netns=ns.netns, cgroup_parent=ns.cgroup_parent, runtime=ns.runtime, runtime_path=runtime_path,
         conmon_path=shutil.which("conmon") or "/usr/bin/conmon",
+        catatonit_path=shutil.which("catatonit") or "/usr/bin/catatonit",
         skopeo_path=shutil.which("skopeo") or "skopeo", umoci_path=shutil.which("umoci") or "umoci",
         runtime_root=ns.runtime_root.resolve() if ns.runtime_root else None,
         log_max_size=ns.log_max_size,

@@ -17,6 +17,7 @@ class AgentConfig:
     runtime: str = "runc"
     runtime_path: str = "/usr/sbin/runc"
     conmon_path: str = "/usr/bin/conmon"
+    catatonit_path: str = "/usr/bin/catatonit"  # the init of a pod's shared PID namespace
     skopeo_path: str = "skopeo"
     umoci_path: str = "umoci"
     max_body: int = 4 * 1024 * 1024

@@ -5,8 +5,9 @@ bind mount pins the inode, so a rename would leave running containers on the old
 The pod's IPC namespace is kept by a bind mount of its nsfs file (as `ip netns` keeps a
 network namespace), so it needs no process to hold it and outlives agent restarts;
 containers whose IPC mode is POD join it. A PID namespace cannot outlive its first
-process, so the pod's (made on first use, for shareProcessNamespace) is held by a tiny
-init that reaps orphans, as the pause container does; it outlives agent restarts too.
+process, so the pod's (made on first use, for shareProcessNamespace) is held by
+catatonit in pause mode, an init that reaps orphans (podman's pod pause); it outlives
+agent restarts too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,8 +60,9 @@ class PodSpec:
 
 
 class Pod:
-    def __init__(self, pod_dir: Path) -> None:
+    def __init__(self, pod_dir: Path, catatonit: str = "catatonit") -> None:
         self.dir = pod_dir
+        self._catatonit = catatonit
         self.etc = pod_dir / "etc"
         self.ipc_ns = pod_dir / "ns" / "ipc"
         self._pid_init_file = pod_dir / "ns" / "pid-init"
@@ -115,7 +116,8 @@ class Pod:
         # Same process group as the agent and no parent-death signal: it survives an agent
         # restart, and a local cell's teardown (a kill of the whole group) takes it down.
         self._pid_holder = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "--", sys.executable, "-I", "-S", "-c", _POD_INIT, str(self.dir)],
+            ["unshare", "--pid", "--fork", "--", self._catatonit, "-P"],
+            env={_INIT_MARK: str(self.dir)},  # how a restarted agent knows its pod's init
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         children = Path(f"/proc/{self._pid_holder.pid}/task/{self._pid_holder.pid}/children")
         deadline = time.monotonic() + 5
@@ -128,26 +130,18 @@ class Pod:
         return int(kids[0])
 
 
-# PID 1 of the pod's PID namespace: reap whatever is orphaned into it, hold it open.
-_POD_INIT = """
-import os, signal
-signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])  # taken by sigtimedwait below
-while True:
-    try:
-        os.waitpid(-1, 0)
-    except ChildProcessError:
-        signal.sigtimedwait([signal.SIGCHLD], 1.0)
-"""
+_INIT_MARK = "KIYOT_POD_DIR"
 
 
 def _is_our_init(pid: int, pod_dir: Path) -> bool:
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        comm = Path(f"/proc/{pid}/comm").read_bytes().strip()
         state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
     except (OSError, IndexError):
         return False
-    return state != b"Z" and str(pod_dir).encode() in cmdline and b"unshare" not in cmdline[0]
+    mark = f"{_INIT_MARK}={pod_dir}".encode()
+    return comm == b"catatonit" and state != b"Z" and mark in environ
 
 
 def _is_mount_point(path: Path) -> bool:

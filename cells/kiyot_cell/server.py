@@ -212,7 +212,7 @@ def build_app(cfg: AgentConfig) -> web.Application:
     app = web.Application(middlewares=[errors_mw, auth_mw], client_max_size=cfg.max_body)
     hub = EventHub()
     images = ImageStore(cfg)
-    pod = Pod(cfg.pod_dir)
+    pod = Pod(cfg.pod_dir, cfg.catatonit_path)
     mgr = ContainerManager(cfg, images, pod, hub)
     app[CFG] = cfg
     app[HUB] = hub
