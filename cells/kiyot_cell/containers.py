@@ -241,16 +241,8 @@ class ContainerManager:
             raise invalid("'pod_namespaces' must be a list drawn from [\"ipc\", \"pid\"]")
         if pid_target is not None and "pid" in pod_namespaces:
             raise invalid("'pid_target' and a pod PID namespace exclude each other")
-        shared = {kind: self.pod.namespace(kind) for kind in pod_namespaces}
-        if None in shared.values():
-            raise conflict("the pod's namespaces do not exist yet: PUT /v1/pod first")
-        if pid_target is not None:
-            if not isinstance(pid_target, str):
-                raise invalid("'pid_target' must be a container id")
-            target = self.get(pid_target)
-            if target.state != RUNNING:
-                raise conflict(f"'pid_target' {pid_target} is {target.state}, not running")
-            shared["pid"] = Path(f"/proc/{target.pid}/ns/pid")
+        if pid_target is not None and not isinstance(pid_target, str):
+            raise invalid("'pid_target' must be a container id")
         req_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
         async with self._lock(cid):
@@ -261,6 +253,8 @@ class ContainerManager:
                 raise conflict(f"container {cid} exists with a different body")
             if not self.images.has(digest):
                 raise conflict(f"image {digest} has not been pulled in this cell")
+            # After the repeat check: a repeated create answers even if its target has gone.
+            shared = self._shared_namespaces(pod_namespaces, pid_target)
             paths = self.paths(cid)
             if paths.dir.exists():
                 await self._remove_files(paths)
@@ -297,6 +291,18 @@ class ContainerManager:
             self._watch(rec)
             _log.info("created", id=cid, seconds=round(asyncio.get_running_loop().time() - t0, 3))
             return rec, True
+
+    def _shared_namespaces(self, pod_namespaces: list[str], pid_target: str | None) -> dict[str, Path]:
+        """Paths of the namespaces a new container joins: the pod's, or its PID target's."""
+        shared = {kind: self.pod.namespace(kind) for kind in pod_namespaces}
+        if None in shared.values():
+            raise conflict("the pod's namespaces do not exist yet: PUT /v1/pod first")
+        if pid_target is not None:
+            target = self.get(pid_target)
+            if target.state != RUNNING:
+                raise conflict(f"'pid_target' {pid_target} is {target.state}, not running")
+            shared["pid"] = Path(f"/proc/{target.pid}/ns/pid")
+        return shared
 
     async def start(self, cid: str) -> ContainerRecord:
         rec = self.get(cid)

@@ -361,13 +361,18 @@ def _verify(body: bytes, expected: str | None, header: str | None, where: str, w
     return actual
 
 
-def _parse_manifest(body: bytes, content_type: str, where: str) -> tuple[str, dict[str, Any]]:
+def _json_object(body: bytes, where: str, what: str) -> dict[str, Any]:
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        raise RegistryError(f"{where}: manifest is not JSON") from None
+        raise RegistryError(f"{where}: {what} is not JSON") from None
     if not isinstance(doc, dict):
-        raise RegistryError(f"{where}: manifest is not a JSON object")
+        raise RegistryError(f"{where}: {what} is not a JSON object")
+    return doc
+
+
+def _parse_manifest(body: bytes, content_type: str, where: str) -> tuple[str, dict[str, Any]]:
+    doc = _json_object(body, where, "manifest")
     media_type = doc.get("mediaType") or content_type.split(";", 1)[0].strip()
     if not media_type or media_type in ("application/json", "application/octet-stream", "text/plain"):
         # An OCI document may omit mediaType; tell index from manifest by shape.
@@ -540,12 +545,7 @@ class RegistryClient:
             raise ImageNotFound(f"{where}: config blob {config_digest}: 404 {_registry_error_text(body)}")
         _check(status, body, where, f"config blob {config_digest}")
         _verify(body, config_digest, None, where, "config blob")
-        try:
-            config = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise RegistryError(f"{where}: config blob {config_digest} is not JSON") from None
-        if not isinstance(config, dict):
-            raise RegistryError(f"{where}: config blob {config_digest} is not a JSON object")
+        config = _json_object(body, where, f"config blob {config_digest}")
 
         return ResolvedImage(
             name=ref.name,

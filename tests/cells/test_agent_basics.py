@@ -145,3 +145,7 @@ def test_the_pods_pid_namespace_outlives_an_agent_restart(agent, busybox):
     assert agent.call("POST", "/v1/containers", {**body, "pid_target": "5" * 64}).status == 404
     agent.ok("POST", f"/v1/containers/{own['id']}/stop", {"timeout": 0})
     assert agent.call("POST", "/v1/containers", {**body, "pid_target": own["id"]}).status == 409
+    # A repeated create is answered from its record, though its target has stopped since.
+    again = {"id": three["id"], "name": "three", "image_digest": busybox.manifest_digest,
+             "spec": {"process": {"args": ["sleep", "1000"]}}, "pid_target": own["id"]}
+    assert agent.ok("POST", "/v1/containers", again)["id"] == three["id"]
