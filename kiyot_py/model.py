@@ -44,6 +44,9 @@ class Cell:
     # Where the cell pulls images from: "host:port" of the node's pull path, or "" to
     # go to the registries directly (a cloud cell).
     pull_path: str = ""
+    # The cell's own host name: a pod that names none (hostNetwork) gets it, as a pod on
+    # a node gets the node's. At most 64 bytes, like every host name.
+    hostname: str = ""
 
 
 @dataclass
@@ -60,6 +63,7 @@ class Sandbox:
     runtime_handler: str = ""
     log_directory: str = ""
     config: bytes = field(default=b"", repr=False)  # the PodSandboxConfig as sent
+    hostname: str = ""  # the pod's host name: the config's, else the cell's own
     # "creating" until the cell answered; such a sandbox is not listed yet.
     phase: str = "creating"
     cell: Cell | None = None

@@ -24,7 +24,9 @@ from typing import Any
 from .errors import ApiError, invalid
 from .records import atomic_write_json
 
-HOSTNAME_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9\-.]{0,251}[a-zA-Z0-9])?$")
+# sethostname(2) takes at most 64 bytes (HOST_NAME_MAX): refuse more here, with a clear
+# message, rather than let runc fail every container of the pod.
+HOSTNAME_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9\-.]{0,62}[a-zA-Z0-9])?$")
 
 
 @dataclass
@@ -43,7 +45,7 @@ class PodSpec:
         if not isinstance(sid, str) or not sid:
             raise invalid("'sandbox_id' is required")
         if not isinstance(host, str) or not HOSTNAME_RE.match(host):
-            raise invalid("'hostname' is required and must be a valid host name")
+            raise invalid("'hostname' is required and must be a valid host name of at most 64 bytes")
         dns = body.get("dns") or {}
         if not isinstance(dns, dict):
             raise invalid("'dns' must be an object")

@@ -95,21 +95,57 @@ def build(image_cfg: dict[str, Any], spec: dict[str, Any], facts: CellFacts, use
 
     if proc.get("rlimits"):
         proc["rlimits"] = clamp_rlimits(proc["rlimits"])
+    if proc.get("capabilities"):
+        proc["capabilities"] = clamp_capabilities(proc["capabilities"])
     if user:
         proc["user"] = resolve_user(facts.rootfs, user, proc.get("user", {}).get("additionalGids", []))
     return cfg
 
 
-# --- rlimits --------------------------------------------------------------------------------
+# --- capabilities and rlimits ---------------------------------------------------------------
 
-def _has_cap_sys_resource() -> bool:
+# Capability names in kernel number order (CAP_CHOWN = 0 ...).
+CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG",
+    "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+)
+
+
+def _own_capabilities(field_name: str = "CapBnd") -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) & (1 << 24))
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1], 16)
     except (OSError, ValueError):
         pass
-    return False
+    return 0
+
+
+def _has_cap_sys_resource() -> bool:
+    return bool(_own_capabilities("CapEff") & (1 << 24))
+
+
+def clamp_capabilities(caps: dict[str, Any]) -> dict[str, Any]:
+    """Keep only the capabilities this cell can grant (its own bounding set).
+
+    A privileged container (or "add ALL") asks for every capability the node's kernel
+    knows; a cell that does not hold one of them (CAP_SYS_RESOURCE on some hosts) would
+    make `runc create` fail with EPERM. containerd gives a privileged container the
+    capabilities it holds itself, for the same reason.
+    """
+    held = _own_capabilities()
+    if not held:
+        return caps
+    allowed = {name for i, name in enumerate(CAPABILITIES) if held >> i & 1}
+    return {kind: [c for c in names if c in allowed] if isinstance(names, list) else names
+            for kind, names in caps.items()}
 
 
 def clamp_rlimits(rlimits: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -38,6 +38,9 @@ class LogShipper:
         self._last_save = 0.0
 
     def start(self) -> None:
+        # The file exists once StartContainer returns, as with containerd: a reader that
+        # opens it at once (critest does) must find it, even before the first line.
+        self._open(resume=True)
         self._task = asyncio.create_task(self._run(), name=f"logs-{self._c.id[:12]}")
 
     async def wait(self, timeout: float) -> None:
@@ -90,8 +93,6 @@ class LogShipper:
 
     async def _run(self) -> None:
         c = self._c
-        async with self._lock:
-            self._open(resume=True)
         backoff = 0.1
         try:
             while True:

@@ -257,15 +257,19 @@ def build_container_spec(
     sandbox: api_pb2.PodSandboxConfig,
     image_config: dict | None,
     *,
+    hostname: str | None = None,
     seccomp_profile_root: str = "/var/lib/kubelet/seccomp",
     default_seccomp_profile: str = DEFAULT_SECCOMP_PROFILE,
 ) -> ContainerSpec:
     """Build a container's OCI runtime spec from CRI and image config.
 
     ``image_config`` is the ``config`` object of the OCI image config (any key
-    may be absent or null). Raises :class:`SpecError` for input that cannot
-    run.
+    may be absent or null). ``hostname`` is the pod's effective host name (the
+    sandbox config's, else the cell's own). Raises :class:`SpecError` for input
+    that cannot run.
     """
+    if hostname is None:
+        hostname = sandbox.hostname
     img = image_config or {}
     if not isinstance(img, dict):
         raise SpecError("image config must be a JSON object")
@@ -274,7 +278,7 @@ def build_container_spec(
     privileged = sc.privileged
 
     args = _process_args(config, img)
-    env = _process_env(config, sandbox, img)
+    env = _process_env(config, hostname, img)
     cwd = _working_dir(config, img)
     proc_user, resolve = _user(sc, img)
     caps = _capabilities(sc)
@@ -339,8 +343,8 @@ def build_container_spec(
         "annotations": annotations,
         "linux": linux_spec,
     }
-    if sandbox.hostname:
-        spec["hostname"] = sandbox.hostname
+    if hostname:
+        spec["hostname"] = hostname
     return ContainerSpec(spec=spec, user=resolve, stop_signal=stop_signal, pod_namespaces=pod_namespaces,
                          pid_target=pid_target)
 
@@ -384,17 +388,15 @@ def _env_key(entry: str) -> str:
     return entry.split("=", 1)[0]
 
 
-def _process_env(
-    config: api_pb2.ContainerConfig, sandbox: api_pb2.PodSandboxConfig, img: dict
-) -> list[str]:
+def _process_env(config: api_pb2.ContainerConfig, hostname: str, img: dict) -> list[str]:
     # Ordered map: a later value for a key replaces the earlier one in place.
     env: dict[str, str] = {}
 
     def put(entry: str) -> None:
         env[_env_key(entry)] = entry
 
-    if sandbox.hostname:
-        put(f"HOSTNAME={sandbox.hostname}")
+    if hostname:
+        put(f"HOSTNAME={hostname}")
     for entry in _str_list(img.get("Env"), "Env"):
         if entry:
             put(entry)

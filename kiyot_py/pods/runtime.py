@@ -16,6 +16,7 @@ import structlog
 from kiyot_py.agent_client import AgentClient, AgentError, ExecResult
 from kiyot_py.config import Settings
 from kiyot_py.gen.runtime.v1 import api_pb2
+from kiyot_py.hostports import HostPort, HostPortError, HostPorts
 from kiyot_py.model import (
     CONTAINER_CREATED,
     CONTAINER_EXITED,
@@ -55,6 +56,7 @@ _AGENT_STATES = {
 _RANK = {CONTAINER_CREATED: 0, CONTAINER_RUNNING: 1, CONTAINER_EXITED: 2, CONTAINER_UNKNOWN: 2}
 
 GC_INTERVAL = 60.0
+HOST_NAME_MAX = 64  # bytes; sethostname(2) refuses more
 
 
 class PodRuntime:
@@ -81,6 +83,7 @@ class PodRuntime:
         self._shippers: dict[str, LogShipper] = {}
         self._gc_task: asyncio.Task | None = None
         self._gc_suspects: set[str] = set()
+        self._hostports = HostPorts()
 
     # -- start and stop -------------------------------------------------------------
 
@@ -105,6 +108,11 @@ class PodRuntime:
                 continue
             sb.cell = cell
             self._store.put(sb)
+            try:
+                config = api_pb2.PodSandboxConfig.FromString(sb.config)
+                await self._hostports.open(sb.id, cell.address, host_ports(config))
+            except (HostPortError, InvalidArgument) as exc:
+                log.warning("host ports not reopened", sandbox=sb.id, error=str(exc))
             self._start_watcher(sb)
             for c in self._containers_of(sb.id):
                 if c.state != CONTAINER_CREATED and c.log_path and not c.log_done:
@@ -119,6 +127,7 @@ class PodRuntime:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(s.stop() for s in self._shippers.values()), return_exceptions=True)
+        await self._hostports.close_all()
 
     # -- sandboxes ------------------------------------------------------------------
 
@@ -126,6 +135,13 @@ class PodRuntime:
         md = config.metadata
         if not md.name or not md.namespace or not md.uid:
             raise InvalidArgument("sandbox metadata needs name, namespace and uid")
+        if len(config.hostname.encode()) > HOST_NAME_MAX:
+            raise InvalidArgument(
+                f"hostname {config.hostname!r} is longer than {HOST_NAME_MAX} bytes")
+        ports = host_ports(config)
+        if any(p.container_port == self._settings.local.agent_port for p in ports):
+            raise InvalidArgument(
+                f"container port {self._settings.local.agent_port} is the cell agent's own")
         key = (md.name, md.namespace, md.uid, md.attempt)
         for sb in self.sandboxes.values():
             if sb.key == key and sb.phase != "creating":
@@ -152,24 +168,31 @@ class PodRuntime:
         log.info("creating sandbox", sandbox=sb.id, pod=f"{md.namespace}/{md.name}")
         try:
             sb.cell = await self._provider.create_cell(sb.id, self._tags(sb))
+            # No host name given (hostNetwork, crictl): the cell's own, as containerd
+            # gives the node's. The pod's name would not do: it may exceed 64 bytes.
+            sb.hostname = config.hostname or sb.cell.hostname or sb.cell.id
             self._store.put(sb)
+            await self._hostports.open(sb.id, sb.cell.address, host_ports(config))
             agent = self._agent(sb)
             await self._wait_for_agent(agent)
             dns = config.dns_config
             await agent.put_pod({
                 "sandbox_id": sb.id,
-                "hostname": config.hostname or md.name,
+                "hostname": sb.hostname,
                 "dns": {"servers": list(dns.servers), "searches": list(dns.searches),
                         "options": list(dns.options)},
                 "labels": dict(config.labels),
             })
         except BaseException as exc:
             log.warning("sandbox creation failed", sandbox=sb.id, error=str(exc))
+            await self._hostports.close(sb.id)
             if sb.cell is not None:
                 await asyncio.shield(self._provider.delete_cell(sb.cell.id))
             self._forget_sandbox(sb)
             if isinstance(exc, AgentError):
                 raise _agent_failure(f"setting up the cell of sandbox {sb.id}", exc) from None
+            if isinstance(exc, HostPortError):
+                raise FailedPrecondition(str(exc)) from None
             raise
         sb.state = SANDBOX_READY
         sb.phase = "ready"
@@ -226,6 +249,7 @@ class PodRuntime:
             shippers = [self._shippers[c.id] for c in self._containers_of(sb.id) if c.id in self._shippers]
             await asyncio.gather(*(s.wait(5.0) for s in shippers))
             await self._stop_watcher(sb.id)
+            await self._hostports.close(sb.id)
             await self._provider.delete_cell(sb.cell.id)
             self._cell_lost(sb, reason="SandboxStopped")
             log.info("sandbox stopped", sandbox=sb.id)
@@ -283,7 +307,8 @@ class PodRuntime:
         if not sandbox_config.HasField("metadata"):
             sandbox_config = api_pb2.PodSandboxConfig.FromString(sb.config)
         try:
-            spec = build_container_spec(config, sandbox_config, image.config.get("config") or {})
+            spec = build_container_spec(config, sandbox_config, image.config.get("config") or {},
+                                        hostname=sb.hostname or None)
         except SpecError as exc:
             raise InvalidArgument(str(exc)) from None
 
@@ -538,6 +563,28 @@ class PodRuntime:
             await shipper.stop()
         self.containers.pop(c.id, None)
         self._store.delete(Container, c.id)
+
+
+_PROTOCOLS = {api_pb2.TCP: "tcp", api_pb2.UDP: "udp"}
+
+
+def host_ports(config: api_pb2.PodSandboxConfig) -> list[HostPort]:
+    """The sandbox's port mappings that ask for a port on the node (host_port > 0)."""
+    ports = []
+    for m in config.port_mappings:
+        if m.host_port <= 0:
+            continue  # only a container port: the pod IP serves it as it is
+        if m.host_port > 65535 or not 0 < m.container_port <= 65535:
+            raise InvalidArgument(f"port mapping {m.host_port}->{m.container_port} is out of range")
+        protocol = _PROTOCOLS.get(m.protocol)
+        if protocol is None:
+            raise InvalidArgument(
+                f"host port {m.host_port}: protocol {api_pb2.Protocol.Name(m.protocol)} is not supported")
+        port = HostPort(protocol, m.host_ip, m.host_port, m.container_port)
+        if any((p.protocol, p.host_ip, p.host_port) == (protocol, m.host_ip, m.host_port) for p in ports):
+            raise InvalidArgument(f"host port {port} is mapped twice")
+        ports.append(port)
+    return ports
 
 
 def _find(records: dict, wanted: str):

@@ -198,7 +198,7 @@ class LocalProvider:
             agent_url=f"http://{cell.address}:{self._settings.agent_port}",
             token=token.read_text() if token.exists() else "",
             state="running" if alive else "terminated",
-            tags=dict(cell.tags), pull_path=self.pull_path,
+            tags=dict(cell.tags), pull_path=self.pull_path, hostname=cell.id,
         )
 
     def _allocate_address(self) -> str:
@@ -220,9 +220,18 @@ class LocalProvider:
         await _run("ip", "-n", ns, "link", "set", "eth0", "up")
         await _run("ip", "-n", ns, "link", "set", "lo", "up")
         await _run("ip", "-n", ns, "route", "add", "default", "via", self.gateway)
+        await self._forget_neighbour(cell.address)
         # The agent's port answers the node only, not the pod's own containers.
         await _run("nsenter", f"--net={NETNS_DIR / ns}", "iptables", "-A", "INPUT", "-p", "tcp",
                    "--dport", str(self._settings.agent_port), "!", "-s", self.gateway, "-j", "DROP")
+
+    async def _forget_neighbour(self, address: str) -> None:
+        """Drop the host's ARP entry for a cell address.
+
+        A reused address would otherwise go to the old cell's MAC for as long as the
+        kernel deems that entry reachable (15-45 s): the new agent looks dead that long.
+        """
+        await _run("ip", "neigh", "flush", "to", address, "dev", self._settings.bridge, check=False)
 
     async def _start_agent(self, cell: _CellFile) -> None:
         cell_dir = self._dir / cell.id
@@ -275,6 +284,7 @@ class LocalProvider:
                 await _run("ip", "netns", "del", cell.netns, check=False)
             if Path(f"/sys/class/net/{cell.veth}").exists():
                 await _run("ip", "link", "del", cell.veth, check=False)
+            await self._forget_neighbour(cell.address)
             _remove_cgroups(f"kiyot/{cell.id}")
         shutil.rmtree(cell_dir, ignore_errors=True)
         log.info("cell deleted", cell=cell_id)

@@ -135,3 +135,21 @@ def test_a_log_cut_without_a_live_conmon_changes_nothing(tmp_path):
     paths.log.write_bytes(b"2026-11-24T10:00:00.000000000Z stdout F kept\n")
     assert _cut_log(paths, conmon_pid=0, cid="c" * 64) is False
     assert paths.log.read_bytes().endswith(b"F kept\n") and not paths.log_prev.exists()
+
+
+def test_capabilities_are_clamped_to_the_cells_bounding_set(monkeypatch):
+    # A cell without CAP_SYS_RESOURCE (24) and CAP_BPF (39): privileged asks for both.
+    held = (1 << len(spec.CAPABILITIES)) - 1 & ~(1 << 24) & ~(1 << 39)
+    monkeypatch.setattr(spec, "_own_capabilities", lambda field_name="CapBnd": held)
+    wanted = {"bounding": list(spec.CAPABILITIES), "effective": ["CAP_SYS_RESOURCE", "CAP_KILL"],
+              "permitted": ["CAP_BPF"]}
+    out = spec.clamp_capabilities(wanted)
+    assert out["bounding"] == [c for c in spec.CAPABILITIES if c not in ("CAP_SYS_RESOURCE", "CAP_BPF")]
+    assert out["effective"] == ["CAP_KILL"]
+    assert out["permitted"] == []
+
+
+def test_capability_names_follow_the_kernels_numbers():
+    # CAP_SYS_RESOURCE is 24 and CAP_CHECKPOINT_RESTORE 40 in <linux/capability.h>.
+    assert spec.CAPABILITIES.index("CAP_SYS_RESOURCE") == 24
+    assert spec.CAPABILITIES.index("CAP_CHECKPOINT_RESTORE") == 40

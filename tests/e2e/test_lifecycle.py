@@ -65,6 +65,14 @@ def test_container_exits_with_code_and_logs(cri, pod, pulled, test_images):
     assert ("stderr", "F", "oops") in lines
 
 
+def test_the_log_file_exists_once_start_returns(cri, pod, pulled, test_images):
+    # critest reads it at once, before any line can have been copied from the cell.
+    cid = run(cri, pod, "quiet", test_images["busybox"].ref, ["sleep", "3600"])
+    path = cri.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status.log_path
+    with open(path, "rb") as f:
+        assert f.read() == b""
+
+
 def test_completed_reason_for_exit_zero(cri, pod, pulled, test_images):
     cid = run(cri, pod, "ok", test_images["busybox"].ref, ["true"])
     status = wait_state(cri, cid, pb.CONTAINER_EXITED)

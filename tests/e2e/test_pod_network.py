@@ -1,0 +1,159 @@
+"""A pod's host name and host ports, as the conformance suite and the kubelet use them."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+import grpc
+import pytest
+
+from kiyot_py.gen.runtime.v1 import api_pb2 as pb
+
+from .helpers import remove_pod, run, sandbox_config, wait_for, wait_state
+
+
+def exec_out(cri, cid, *cmd) -> str:
+    r = cri.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=10))
+    assert r.exit_code == 0, r.stderr
+    return r.stdout.decode()
+
+
+def pull(img, ref):
+    img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_pod(cri, config: pb.PodSandboxConfig) -> str:
+    return cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
+
+
+def test_a_pod_without_hostname_and_a_long_name_gets_the_cells_name(cri, img, test_images, tmp_path):
+    # critest's pods: no hostname, names far past 64 bytes (sethostname's limit).
+    name = "a-pod-name-of-seventy-characters-" + "x" * 37
+    assert len(name) == 70
+    config = sandbox_config(name, tmp_path)
+    config.hostname = ""
+    sandbox_id = run_pod(cri, config)
+    try:
+        ref = test_images["busybox"].ref
+        pull(img, ref)
+        cid = run(cri, (sandbox_id, config), "host", ref, ["sleep", "3600"])
+        assert wait_state(cri, cid, pb.CONTAINER_RUNNING).state == pb.CONTAINER_RUNNING
+        hostname = exec_out(cri, cid, "hostname").strip()
+        assert 0 < len(hostname.encode()) <= 64
+        assert f"HOSTNAME={hostname}" in exec_out(cri, cid, "env")
+        assert exec_out(cri, cid, "cat", "/etc/hostname").strip() == hostname
+    finally:
+        remove_pod(cri, sandbox_id)
+
+
+def test_a_hostname_longer_than_64_bytes_is_refused(cri, tmp_path):
+    config = sandbox_config("long-hostname", tmp_path)
+    config.hostname = "h" * 65
+    with pytest.raises(grpc.RpcError) as err:
+        run_pod(cri, config)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "64 bytes" in err.value.details()
+    assert not [sb for sb in cri.ListPodSandbox(pb.ListPodSandboxRequest()).items
+                if sb.metadata.name == "long-hostname"]
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read()
+
+
+def test_host_port_forwards_to_the_container_port(cri, img, test_images, tmp_path):
+    host_port = free_port()
+    config = sandbox_config("host-port", tmp_path)
+    config.port_mappings.append(pb.PortMapping(protocol=pb.TCP, container_port=8080, host_port=host_port))
+    sandbox_id = run_pod(cri, config)
+    try:
+        ref = test_images["busybox"].ref
+        pull(img, ref)
+        run(cri, (sandbox_id, config), "web", ref, ["httpd", "-f", "-p", "8080", "-h", "/www"])
+
+        def page():
+            try:
+                return _get(f"http://127.0.0.1:{host_port}/index.html")
+            except OSError:
+                return None
+        assert b"hello from kiyot" in wait_for(page, 30)
+
+        # The port is this pod's: another pod asking for it gets a clear error, no cell.
+        other = sandbox_config("host-port-taken", tmp_path)
+        other.port_mappings.append(pb.PortMapping(protocol=pb.TCP, container_port=80, host_port=host_port))
+        with pytest.raises(grpc.RpcError) as err:
+            run_pod(cri, other)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert str(host_port) in err.value.details()
+        assert not [sb for sb in cri.ListPodSandbox(pb.ListPodSandboxRequest()).items
+                    if sb.metadata.name == "host-port-taken"]
+    finally:
+        remove_pod(cri, sandbox_id)
+    # Stopped: the node no longer listens there (SO_REUSEADDR: our own client's closed
+    # connections linger in TIME_WAIT, but a listener would still make bind fail).
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", host_port))
+
+
+def test_host_ports_are_validated(cri, tmp_path):
+    for mapping in (pb.PortMapping(protocol=pb.SCTP, container_port=80, host_port=free_port()),
+                    pb.PortMapping(protocol=pb.TCP, container_port=0, host_port=free_port()),
+                    pb.PortMapping(protocol=pb.TCP, container_port=80, host_port=70000)):
+        config = sandbox_config("bad-port", tmp_path)
+        config.port_mappings.append(mapping)
+        with pytest.raises(grpc.RpcError) as err:
+            run_pod(cri, config)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, mapping
+
+
+def test_host_ports_come_back_after_a_restart(service, cri, img, test_images, tmp_path):
+    host_port = free_port()
+    config = sandbox_config("host-port-restart", tmp_path)
+    config.port_mappings.append(pb.PortMapping(protocol=pb.TCP, container_port=8080, host_port=host_port))
+    sandbox_id = run_pod(cri, config)
+    try:
+        ref = test_images["busybox"].ref
+        pull(img, ref)
+        run(cri, (sandbox_id, config), "web", ref, ["httpd", "-f", "-p", "8080", "-h", "/www"])
+        service.kill9()
+        service.start()
+
+        def page():
+            try:
+                return _get(f"http://127.0.0.1:{host_port}/index.html")
+            except OSError:
+                return None
+        assert b"hello from kiyot" in wait_for(page, 30)
+    finally:
+        remove_pod(service.runtime, sandbox_id)
+
+
+def test_a_container_port_alone_is_served_at_the_pod_ip(cri, img, test_images, tmp_path):
+    # Only a container port (critest's "port mapping with only container port"): the pod IP.
+    config = sandbox_config("container-port", tmp_path)
+    config.port_mappings.append(pb.PortMapping(protocol=pb.TCP, container_port=8080))
+    sandbox_id = run_pod(cri, config)
+    try:
+        ref = test_images["busybox"].ref
+        pull(img, ref)
+        run(cri, (sandbox_id, config), "web", ref, ["httpd", "-f", "-p", "8080", "-h", "/www"])
+        ip = cri.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)).status.network.ip
+
+        def page():
+            try:
+                return _get(f"http://{ip}:8080/index.html")
+            except OSError:
+                return None
+        assert b"hello from kiyot" in wait_for(page, 30)
+    finally:
+        remove_pod(cri, sandbox_id)
+
