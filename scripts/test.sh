@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Run the tests with their real parts: setup, a registry on 127.0.0.1:5000, then pytest.
-#   bash scripts/test.sh [pytest args...]
+# Run the tests with their real parts: setup, a registry on 127.0.0.1:5000, pytest, then
+# the CRI validation suite (scripts/conformance.sh) on the same registry.
+#   bash scripts/test.sh                    everything (what CI runs)
+#   bash scripts/test.sh [pytest args...]   only pytest, with these arguments
+# KIYOT_CONFORMANCE=0 skips the suite.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -61,8 +64,7 @@ fi
 
 "$REPO/.venv/bin/ruff" check kiyot_py cells tests bench tools
 
-set +e
 "$REPO/.venv/bin/python" -m pytest -q "$@"
-rc=$?
-set -e
-exit $rc
+if [ $# -eq 0 ] && [ "${KIYOT_CONFORMANCE:-1}" != 0 ]; then
+    bash "$REPO/scripts/conformance.sh"
+fi

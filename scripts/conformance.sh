@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The CRI validation suite (critest, cri-tools v1.32.0) against kiyot-py on local cells.
+#
+#   bash scripts/conformance.sh [critest args...]      e.g. -ginkgo.focus='Networking'
+#
+# Starts `kiyot-py serve` with a state dir, socket, bridge and subnet of its own (apart from
+# a developer's service), runs the whole suite through the kit's run-critest.sh with the
+# kit's registries.conf, prints the suite's summary line, and fails when a spec fails that
+# tests/conformance/known-failures.toml does not name. Afterwards the service is stopped
+# and `kiyot-py reset` removes its cells and bridge. Needs root and scripts/setup.sh's
+# packages; the kit's registry is used on 127.0.0.1:5000 (or started there).
+#
+# Environment:
+#   KIYOT_CONFORMANCE_KIT   the kit (default: ../shared/conformance beside the repo, else
+#                           /work/shared/conformance)
+#   KIYOT_CONFORMANCE_OUT   where the results go (default /tmp/kiyot-conformance/<time>)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+log() { echo "conformance: $*"; }
+
+KIT=${KIYOT_CONFORMANCE_KIT:-}
+if [ -z "$KIT" ]; then
+    for d in "$REPO/../shared/conformance" /work/shared/conformance; do
+        if [ -x "$d/run-critest.sh" ]; then KIT=$(cd "$d" && pwd); break; fi
+    done
+fi
+if [ -z "$KIT" ] || [ ! -x "$KIT/run-critest.sh" ]; then
+    echo "conformance: no kit found (run-critest.sh); set KIYOT_CONFORMANCE_KIT" >&2
+    exit 2
+fi
+[ -x "$REPO/.venv/bin/kiyot-py" ] || bash "$REPO/scripts/setup.sh"
+
+OUT=${KIYOT_CONFORMANCE_OUT:-/tmp/kiyot-conformance/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=$(mktemp -d /tmp/kiyot-conformance-run.XXXXXX)
+CONFIG=$WORK/kiyot.toml
+cat > "$CONFIG" <<CONF
+socket = "$WORK/kiyot.sock"
+state_dir = "$WORK/state"
+node_name = "conformance"
+registries_conf = "$KIT/registry/registries.conf"
+[local]
+bridge = "kiyotcrit0"
+subnet = "10.125.0.0/24"
+CONF
+
+SERVE_PID=
+cleanup() {
+    if [ -n "$SERVE_PID" ] && kill -0 "$SERVE_PID" 2>/dev/null; then
+        kill -TERM "$SERVE_PID" 2>/dev/null || true
+        for _ in $(seq 1 100); do kill -0 "$SERVE_PID" 2>/dev/null || break; sleep 0.1; done  # bounded: 10 s
+        kill -9 "$SERVE_PID" 2>/dev/null || true
+        wait "$SERVE_PID" 2>/dev/null || true
+    fi
+    "$REPO/.venv/bin/kiyot-py" reset --yes --config "$CONFIG" >>"$OUT/serve.log" 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+log "kiyot-py serve on $WORK/kiyot.sock (log: $OUT/serve.log)"
+"$REPO/.venv/bin/kiyot-py" serve --config "$CONFIG" >"$OUT/serve.log" 2>&1 &
+SERVE_PID=$!
+CRICTL=("$KIT/bin/crictl" --config "$KIT/crictl-noconfig.yaml" --runtime-endpoint "unix://$WORK/kiyot.sock" --timeout 2s)
+for _ in $(seq 1 300); do  # bounded: 30 s
+    "${CRICTL[@]}" version >/dev/null 2>&1 && break
+    if ! kill -0 "$SERVE_PID" 2>/dev/null; then
+        echo "conformance: kiyot-py serve exited at start:" >&2; tail -20 "$OUT/serve.log" >&2; exit 1
+    fi
+    sleep 0.1
+done
+
+log "critest (results: $OUT)"
+set +e
+OUT_DIR=$OUT NAME=kiyot-py "$KIT/run-critest.sh" "unix://$WORK/kiyot.sock" "$@" >"$OUT/run-critest.out" 2>&1
+rc=$?
+set -e
+if [ ! -s "$OUT/report.json" ]; then
+    echo "conformance: critest gave no report (exit $rc):" >&2; tail -20 "$OUT/run-critest.out" >&2
+    exit 1
+fi
+grep -m1 '^wall time' "$OUT/summary.txt" | sed 's/^/conformance: /' || true
+"$REPO/.venv/bin/python" "$REPO/tests/conformance/check.py" "$OUT/report.json" \
+    "$REPO/tests/conformance/known-failures.toml"
