@@ -90,6 +90,10 @@ class Container:
     reason: str = ""
     message: str = ""
     pid: int = 0
+    # The process's identity as the cell resolved it: uid, gid, every group (gid first).
+    uid: int = 0
+    gid: int = 0
+    groups: list[int] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
     log_path: str = ""  # absolute path on the node; "" = no log requested

@@ -127,24 +127,25 @@ def test_cwd():
 def test_user_default_root():
     s = build()
     assert s.spec["process"]["user"] == {"uid": 0, "gid": 0}
-    assert s.user is None
+    assert s.user == "0"  # the agent looks up uid 0's groups in the rootfs
+    assert s.groups_policy == "Merge"
 
 
 @pytest.mark.parametrize(
     "kw,image_user,expected_user,resolve",
     [
-        ({"run_as_user": cri.Int64Value(value=1000)}, "", {"uid": 1000, "gid": 0}, None),
+        ({"run_as_user": cri.Int64Value(value=1000)}, "", {"uid": 1000, "gid": 0}, "1000"),
         (
             {"run_as_user": cri.Int64Value(value=1000), "run_as_group": cri.Int64Value(value=50)},
             "app:grp",
             {"uid": 1000, "gid": 50},
-            None,
+            "1000:50",
         ),
-        ({}, "1000", {"uid": 1000, "gid": 0}, None),
-        ({}, "1000:2000", {"uid": 1000, "gid": 2000}, None),
+        ({}, "1000", {"uid": 1000, "gid": 0}, "1000"),
+        ({}, "1000:2000", {"uid": 1000, "gid": 2000}, "1000:2000"),
         # the kubelet copies the image uid into run_as_user: image gid kept
-        ({"run_as_user": cri.Int64Value(value=1000)}, "1000:2000", {"uid": 1000, "gid": 2000}, None),
-        ({"run_as_user": cri.Int64Value(value=7)}, "1000:2000", {"uid": 7, "gid": 0}, None),
+        ({"run_as_user": cri.Int64Value(value=1000)}, "1000:2000", {"uid": 1000, "gid": 2000}, "1000:2000"),
+        ({"run_as_user": cri.Int64Value(value=7)}, "1000:2000", {"uid": 7, "gid": 0}, "7"),
         ({}, "app", {"uid": 0, "gid": 0}, "app"),
         ({}, "app:grp", {"uid": 0, "gid": 0}, "app:grp"),
         ({}, "1000:grp", {"uid": 0, "gid": 0}, "1000:grp"),
@@ -167,6 +168,9 @@ def test_user_cases(kw, image_user, expected_user, resolve):
 def test_supplemental_groups():
     s = build(cfg(linux=sc(run_as_user=cri.Int64Value(value=5), supplemental_groups=[10, 20])))
     assert s.spec["process"]["user"] == {"uid": 5, "gid": 0, "additionalGids": [10, 20]}
+    assert s.groups_policy == "Merge"
+    s = build(cfg(linux=sc(run_as_user=cri.Int64Value(value=5), supplemental_groups_policy=cri.Strict)))
+    assert s.groups_policy == "Strict"
 
 
 def test_user_errors():
@@ -806,7 +810,7 @@ def test_runc_runs_the_spec(tmp_path, seccomp):
         mounts=[mount("/data", str(tmp_path), readonly=True)],
     )
     s = build_container_spec(c, sandbox(), {"Env": ["PATH=/bin"]}, **build_kw)
-    assert s.user is None
+    assert s.user == "1000"
     res = _runc_run(_bundle(tmp_path, s.spec))
     assert res.returncode == 3, res.stderr
     assert res.stdout.splitlines() == ["hello from kiyot", "1000"], (res.stdout, res.stderr)

@@ -219,6 +219,7 @@ class ContainerManager:
         digest = body.get("image_digest")
         spec = body.get("spec")
         user = body.get("user")
+        groups_policy = body.get("groups_policy") or "Merge"
         stop_signal = body.get("stop_signal") or ""
         pod_namespaces = body.get("pod_namespaces") or []
         pid_target = body.get("pid_target")
@@ -233,6 +234,8 @@ class ContainerManager:
             raise invalid("'spec' (an OCI runtime spec object) is required")
         if user is not None and (not isinstance(user, str) or not user):
             raise invalid("'user' must be a non-empty string")
+        if groups_policy not in specmod.GROUPS_POLICIES:
+            raise invalid(f"'groups_policy' must be one of {list(specmod.GROUPS_POLICIES)}")
         if not isinstance(stop_signal, str):
             raise invalid("'stop_signal' must be a string")
         if stop_signal:
@@ -277,7 +280,7 @@ class ContainerManager:
                     pod_hostname=self.pod.spec.hostname if self.pod.spec else None,
                     pod_namespaces={kind: str(path) for kind, path in shared.items()},
                 )
-                config = specmod.build(image_cfg, spec, facts, user)
+                config = specmod.build(image_cfg, spec, facts, user, groups_policy)
                 cfg_path.write_text(json.dumps(config, indent=1))
                 pid, conmon_pid = await self.runtime.launch(cid, name, paths)
             except BaseException:
@@ -286,7 +289,7 @@ class ContainerManager:
                 raise
             rec = ContainerRecord(id=cid, name=name, image_digest=digest, state=CREATED, pid=pid,
                                   created_at=now_ns(), request_hash=req_hash, stop_signal=stop_signal,
-                                  conmon_pid=conmon_pid)
+                                  conmon_pid=conmon_pid, user=specmod.process_identity(config))
             await self._set(rec)
             self._watch(rec)
             _log.info("created", id=cid, seconds=round(asyncio.get_running_loop().time() - t0, 3))

@@ -39,6 +39,9 @@ class ContainerRecord:
     started_at: int = 0
     finished_at: int = 0
     log_size: int = 0
+    # The identity the container's process runs with: uid, gid, and every group it holds
+    # (the primary one included), as ContainerStatus reports it.
+    user: dict[str, Any] = field(default_factory=dict)
     # Private: never sent to the node.
     request_hash: str = ""
     stop_signal: str = "SIGTERM"
@@ -50,7 +53,7 @@ class ContainerRecord:
 
     PUBLIC = (
         "id", "name", "image_digest", "state", "pid", "exit_code", "reason", "message",
-        "created_at", "started_at", "finished_at", "log_size",
+        "created_at", "started_at", "finished_at", "log_size", "user",
     )
 
     def public(self) -> dict[str, Any]:

@@ -38,7 +38,11 @@ def _merge_env(image_env: list[str], spec_env: list[str]) -> list[str]:
     return list(out.values())
 
 
-def build(image_cfg: dict[str, Any], spec: dict[str, Any], facts: CellFacts, user: str | None) -> dict[str, Any]:
+GROUPS_POLICIES = ("Merge", "Strict")
+
+
+def build(image_cfg: dict[str, Any], spec: dict[str, Any], facts: CellFacts, user: str | None,
+          groups_policy: str = "Merge") -> dict[str, Any]:
     cfg = copy.deepcopy(image_cfg)
     for key, val in spec.items():
         if key in ("process", "linux") and isinstance(val, dict):
@@ -98,8 +102,17 @@ def build(image_cfg: dict[str, Any], spec: dict[str, Any], facts: CellFacts, use
     if proc.get("capabilities"):
         proc["capabilities"] = clamp_capabilities(proc["capabilities"])
     if user:
-        proc["user"] = resolve_user(facts.rootfs, user, proc.get("user", {}).get("additionalGids", []))
+        proc["user"] = resolve_user(facts.rootfs, user, proc.get("user", {}).get("additionalGids", []),
+                                    merge_image_groups=groups_policy == "Merge")
     return cfg
+
+
+def process_identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """uid, gid and every group (primary first, then the rest sorted) of a bundle's process."""
+    user = cfg.get("process", {}).get("user", {})
+    gid = int(user.get("gid", 0))
+    groups = [gid] + sorted({int(g) for g in user.get("additionalGids") or []} - {gid})
+    return {"uid": int(user.get("uid", 0)), "gid": gid, "groups": groups}
 
 
 # --- capabilities and rlimits ---------------------------------------------------------------
@@ -200,8 +213,11 @@ def _safe_etc(rootfs: Path, name: str) -> Path:
     return p
 
 
-def resolve_user(rootfs: Path, user: str, extra_gids: list[int]) -> dict[str, Any]:
-    """`uid`, `name`, `uid:gid`, `name:group` against the image's passwd/group."""
+def resolve_user(rootfs: Path, user: str, extra_gids: list[int], merge_image_groups: bool = True) -> dict[str, Any]:
+    """`uid`, `name`, `uid:gid`, `name:group` against the image's passwd/group.
+
+    With `merge_image_groups` (SupplementalGroupsPolicy Merge) the groups /etc/group gives
+    the user come first, then `extra_gids`; without it (Strict) only `extra_gids`."""
     passwd = _read_db(_safe_etc(rootfs, "passwd"))
     group = _read_db(_safe_etc(rootfs, "group"))
     u, _, g = user.partition(":")
@@ -235,7 +251,7 @@ def resolve_user(rootfs: Path, user: str, extra_gids: list[int]) -> dict[str, An
     if gid is None:
         gid = 0
     extra: list[int] = []
-    if name:
+    if name and merge_image_groups:
         for row in group:
             if len(row) >= 4 and name in row[3].split(",") and row[2].isdigit():
                 extra.append(int(row[2]))

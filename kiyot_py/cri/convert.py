@@ -88,6 +88,7 @@ def container_status(c: Container) -> pb.ContainerStatus:
         image=pb.ImageSpec(image=c.image), image_ref=c.image_ref, image_id=c.image_id,
         reason=c.reason, message=c.message, labels=c.labels, annotations=c.annotations,
         mounts=config.mounts, log_path=c.log_path,
+        user=pb.ContainerUser(linux=pb.LinuxContainerUser(uid=c.uid, gid=c.gid, supplemental_groups=c.groups)),
     )
 
 

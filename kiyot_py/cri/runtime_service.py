@@ -29,7 +29,17 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
             pb.RuntimeCondition(type="RuntimeReady", status=True),
             pb.RuntimeCondition(type="NetworkReady", status=True),
         ]
-        return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions))
+        features = self._rt.cell_features
+        handler = pb.RuntimeHandler(name="", features=pb.RuntimeHandlerFeatures(
+            recursive_read_only_mounts=features.recursive_read_only_mounts,
+            user_namespaces=features.user_namespaces,
+        ))
+        return pb.StatusResponse(
+            status=pb.RuntimeStatus(conditions=conditions),
+            runtime_handlers=[handler],
+            # The agent resolves users in the rootfs with either policy (Merge, Strict).
+            features=pb.RuntimeFeatures(supplemental_groups_policy=True),
+        )
 
     @rpc
     async def RuntimeConfig(self, request, context):

@@ -234,14 +234,17 @@ class SpecError(ValueError):
 class ContainerSpec:
     """An OCI runtime spec plus what the agent still has to settle.
 
-    ``user`` is set when the user or group is a name that must be looked up
-    in the rootfs (``"app"``, ``"app:1000"``, ``"1000:grp"``); ``spec`` then
-    holds uid/gid placeholders 0/0 for the agent to replace.
+    ``user`` is the user the agent resolves in the rootfs (``"1000"``, ``"app"``,
+    ``"app:1000"``, ``"1000:grp"``); where a name is involved ``spec`` holds
+    uid/gid placeholders 0/0 for the agent to replace. ``groups_policy`` is the
+    SupplementalGroupsPolicy: ``"Merge"`` adds the groups the image's /etc/group
+    gives the user, ``"Strict"`` only the configured supplemental groups.
     """
 
     spec: dict
-    user: str | None
+    user: str
     stop_signal: str
+    groups_policy: str = "Merge"
     # Namespaces the container shares with its pod ("ipc", "pid"): the agent sets their paths.
     pod_namespaces: tuple[str, ...] = ()
     # PID mode TARGET: the container whose PID namespace this one joins.
@@ -346,7 +349,8 @@ def build_container_spec(
     if hostname:
         spec["hostname"] = hostname
     return ContainerSpec(spec=spec, user=resolve, stop_signal=stop_signal, pod_namespaces=pod_namespaces,
-                         pid_target=pid_target)
+                         pid_target=pid_target,
+                         groups_policy=api_pb2.SupplementalGroupsPolicy.Name(sc.supplemental_groups_policy))
 
 
 # --------------------------------------------------------------------------- #
@@ -446,7 +450,7 @@ def _parse_id(text: str, what: str) -> int | None:
 
 def _user(
     sc: api_pb2.LinuxContainerSecurityContext, img: dict
-) -> tuple[dict[str, Any], str | None]:
+) -> tuple[dict[str, Any], str]:
     has_uid = sc.HasField("run_as_user")
     has_gid = sc.HasField("run_as_group")
     if has_uid and sc.run_as_username:
@@ -490,11 +494,11 @@ def _user(
             raise SpecError(f"supplemental group {g} is out of range")
         additional.append(int(g))
 
-    resolve = None
+    # The agent resolves the user in the rootfs, as containerd does: a name's uid, the
+    # uid's primary group when no group is given (0 when /etc/passwd has no entry), and
+    # (policy Merge) the groups /etc/group gives the user. Names get placeholders here.
+    resolve = f"{user}:{group}" if group else user
     if uid is None or gid is None:
-        # A name is involved: the agent resolves the whole string in the
-        # rootfs; uid/gid here are placeholders.
-        resolve = f"{user}:{group}" if group else user
         uid = gid = 0
     proc_user: dict[str, Any] = {"uid": uid, "gid": gid}
     if additional:

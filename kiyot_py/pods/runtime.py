@@ -41,7 +41,7 @@ from kiyot_py.pods.errors import (
 from kiyot_py.pods.images import ImageManager
 from kiyot_py.pods.logs import LogShipper
 from kiyot_py.pods.oci_spec import SpecError, build_container_spec
-from kiyot_py.providers.base import TAG_NODE, TAG_SANDBOX, Provider
+from kiyot_py.providers.base import TAG_NODE, TAG_SANDBOX, CellFeatures, Provider
 from kiyot_py.store import Store
 
 log = structlog.get_logger("kiyot.pods")
@@ -128,6 +128,10 @@ class PodRuntime:
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(s.stop() for s in self._shippers.values()), return_exceptions=True)
         await self._hostports.close_all()
+
+    @property
+    def cell_features(self) -> CellFeatures:
+        return self._provider.features
 
     # -- sandboxes ------------------------------------------------------------------
 
@@ -328,7 +332,8 @@ class PodRuntime:
             await agent.pull(**self.images.cell_pull(image, sb.cell))
             record = await agent.create_container({
                 "id": container.id, "name": md.name, "image_digest": image.platform_digest,
-                "spec": spec.spec, "user": spec.user, "stop_signal": spec.stop_signal,
+                "spec": spec.spec, "user": spec.user, "groups_policy": spec.groups_policy,
+                "stop_signal": spec.stop_signal,
                 "pod_namespaces": list(spec.pod_namespaces), "pid_target": spec.pid_target,
             })
             self._apply(container, record, save=False)
@@ -484,6 +489,9 @@ class PodRuntime:
         c.message = record.get("message") or ""
         c.started_at = int(record.get("started_at") or 0)
         c.finished_at = int(record.get("finished_at") or 0)
+        user = record.get("user") or {}
+        if user:
+            c.uid, c.gid, c.groups = int(user["uid"]), int(user["gid"]), [int(g) for g in user["groups"]]
         if save and before != (c.state, c.pid, c.exit_code, c.reason, c.started_at, c.finished_at):
             self._store.put(c)
 

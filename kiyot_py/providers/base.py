@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from kiyot_py.model import Cell
@@ -15,11 +16,24 @@ class ProviderError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class CellFeatures:
+    """What this provider's cells can do, as the Status RPC advertises it to the kubelet."""
+
+    # `rro` mounts: the cell's OCI runtime knows the option and its kernel has mount_setattr.
+    recursive_read_only_mounts: bool = False
+    user_namespaces: bool = False
+
+
 class Provider(Protocol):
     name: str
 
     async def start(self) -> None:
         """Prepare shared infrastructure (a bridge, a client) and revive cells' agents."""
+
+    @property
+    def features(self) -> CellFeatures:
+        """What the cells can do (known once start() has run)."""
 
     async def create_cell(self, sandbox_id: str, tags: dict[str, str]) -> Cell:
         """Create the cell for a sandbox, or return the one that already exists for it."""

@@ -26,7 +26,7 @@ import structlog
 
 from kiyot_py.config import LocalCellSettings
 from kiyot_py.model import Cell
-from kiyot_py.providers.base import ProviderError
+from kiyot_py.providers.base import CellFeatures, ProviderError
 
 log = structlog.get_logger("kiyot.providers.local")
 
@@ -87,6 +87,11 @@ class LocalProvider:
         self._net = ipaddress.ip_network(settings.subnet)
         self.gateway = str(next(self._net.hosts()))
         self._lock = asyncio.Lock()
+        self._features = CellFeatures()
+
+    @property
+    def features(self) -> CellFeatures:
+        return self._features
 
     @property
     def pull_path(self) -> str:
@@ -104,6 +109,7 @@ class LocalProvider:
             await _run("ip", "addr", "add", f"{self.gateway}/{self._net.prefixlen}", "dev", bridge)
         await _run("ip", "link", "set", bridge, "up")
         await self._fence_host()
+        self._features = await self._probe_features()
         # A VM's agent comes back when the VM does: revive supervisors that are gone
         # (after a reboot of this host, say) for cells whose namespace still exists.
         for cell in self._read_all():
@@ -122,6 +128,19 @@ class LocalProvider:
                 await self._teardown(cell_id)
         await remove_host_network(self._settings.bridge)
         return len(cell_ids)
+
+    async def _probe_features(self) -> CellFeatures:
+        """A local cell runs this host's OCI runtime on this host's kernel: ask the runtime."""
+        try:
+            features = json.loads(await _run(self._settings.runtime, "features"))
+        except (ProviderError, ValueError, OSError) as exc:
+            log.warning("the OCI runtime cannot list its features", runtime=self._settings.runtime, error=str(exc))
+            return CellFeatures()
+        # mount_setattr(2) (Linux 5.12) is what makes `rro` recursive.
+        kernel = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
+        return CellFeatures(
+            recursive_read_only_mounts="rro" in (features.get("mountOptions") or []) and kernel >= (5, 12),
+        )
 
     async def _fence_host(self) -> None:
         """Cells reach this host only at the pull path, as a VM in a VPC would reach the node.

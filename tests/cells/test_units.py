@@ -153,3 +153,18 @@ def test_capability_names_follow_the_kernels_numbers():
     # CAP_SYS_RESOURCE is 24 and CAP_CHECKPOINT_RESTORE 40 in <linux/capability.h>.
     assert spec.CAPABILITIES.index("CAP_SYS_RESOURCE") == 24
     assert spec.CAPABILITIES.index("CAP_CHECKPOINT_RESTORE") == 40
+
+
+def test_resolve_user_merge_and_strict(tmp_path):
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n")
+    (tmp_path / "etc" / "group").write_text("root:x:0:\napp:x:1000:\nextra:x:50000:app\n")
+    merged = spec.resolve_user(tmp_path, "1000", [1234])
+    assert merged == {"uid": 1000, "gid": 1000, "additionalGids": [50000, 1234]}
+    strict = spec.resolve_user(tmp_path, "1000", [1234], merge_image_groups=False)
+    assert strict == {"uid": 1000, "gid": 1000, "additionalGids": [1234]}
+    # A uid the image does not know: group 0, nothing merged.
+    assert spec.resolve_user(tmp_path, "4242", []) == {"uid": 4242, "gid": 0}
+    # The identity the node reports: primary group first, then the rest sorted.
+    identity = spec.process_identity({"process": {"user": merged}})
+    assert identity == {"uid": 1000, "gid": 1000, "groups": [1000, 1234, 50000]}

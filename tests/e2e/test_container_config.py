@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import grpc
 import pytest
 
@@ -130,3 +132,68 @@ def test_name_in_use_is_already_exists(cri, img, pod, test_images):
     with pytest.raises(grpc.RpcError) as err:
         create(cri, pod, container_config("twin", ref, command=["true"]))
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+@pytest.mark.parametrize("policy, groups", [(pb.Merge, [1000, 1234, 2000]), (pb.Strict, [1000, 1234])])
+def test_supplemental_groups_policy(cri, img, pod, test_images, policy, groups):
+    # The image's /etc/group puts app (uid 1000) in extra (2000): Merge adds it, Strict not.
+    ref = test_images["app"].ref
+    pull(img, ref)
+    config = container_config(f"groups-{pb.SupplementalGroupsPolicy.Name(policy).lower()}", ref,
+                              command=["sleep", "3600"])
+    sc = config.linux.security_context
+    sc.run_as_user.value = 1000
+    sc.supplemental_groups.append(1234)
+    sc.supplemental_groups_policy = policy
+    cid = start(cri, pod, config)
+    wait_state(cri, cid, pb.CONTAINER_RUNNING)
+    assert sorted(int(g) for g in exec_out(cri, cid, "id", "-G").split()) == groups
+    user = cri.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status.user.linux
+    assert (user.uid, user.gid, sorted(user.supplemental_groups)) == (1000, 1000, groups)
+
+
+def test_status_advertises_what_the_cells_can_do(cri):
+    status = cri.Status(pb.StatusRequest())
+    assert status.features.supplemental_groups_policy
+    handler, = [h for h in status.runtime_handlers if h.name == ""]
+    assert handler.features.recursive_read_only_mounts  # runc 1.1 and kernel >= 5.12 here
+
+
+def test_recursive_read_only_mount(cri, img, pod, test_images, tmp_path):
+    # A tmpfs under the volume: a plain read-only bind leaves it writable, rro does not.
+    volume = tmp_path / "vol"
+    (volume / "tmpfs").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(volume / "tmpfs")], check=True)
+    try:
+        ref = test_images["busybox"].ref
+        pull(img, ref)
+        cids = {}
+        for rro in (False, True):
+            config = container_config(f"rro-{rro}".lower(), ref, command=["sleep", "3600"],
+                                      mounts=[pb.Mount(container_path="/mnt", host_path=str(volume),
+                                                       readonly=True, recursive_read_only=rro)])
+            cids[rro] = start(cri, pod, config)
+            wait_state(cri, cids[rro], pb.CONTAINER_RUNNING)
+        touch = ["sh", "-c", "touch /mnt/tmpfs/f 2>&1"]
+        assert cri.ExecSync(pb.ExecSyncRequest(container_id=cids[False], cmd=touch, timeout=10)).exit_code == 0
+        r = cri.ExecSync(pb.ExecSyncRequest(container_id=cids[True], cmd=touch, timeout=10))
+        assert r.exit_code != 0 and b"Read-only file system" in r.stdout
+        for cid in cids.values():
+            cri.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=0))
+            cri.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
+    finally:
+        subprocess.run(["umount", "--lazy", str(volume / "tmpfs")], check=False)
+
+
+@pytest.mark.parametrize("readonly, propagation", [(False, pb.PROPAGATION_PRIVATE),
+                                                   (True, pb.PROPAGATION_HOST_TO_CONTAINER)])
+def test_a_recursive_read_only_mount_needs_read_only_and_private(cri, img, pod, test_images, tmp_path,
+                                                                  readonly, propagation):
+    ref = test_images["busybox"].ref
+    pull(img, ref)
+    config = container_config("rro-bad", ref, command=["true"],
+                              mounts=[pb.Mount(container_path="/mnt", host_path=str(tmp_path), readonly=readonly,
+                                               recursive_read_only=True, propagation=propagation)])
+    with pytest.raises(grpc.RpcError) as err:
+        create(cri, pod, config)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
