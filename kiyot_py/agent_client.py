@@ -72,6 +72,12 @@ class AgentClient:
             body["auth"] = auth
         return await self._call("POST", "/v1/images/pull", body, timeout=None)
 
+    async def remove_image(self, digest: str) -> None:
+        await self._call("DELETE", f"/v1/images/{digest}")
+
+    async def usage(self, timeout: float = 5.0) -> dict:
+        return await self._call("GET", "/v1/usage", timeout=timeout)
+
     async def list_containers(self) -> list[dict]:
         return await self._call("GET", "/v1/containers")
 

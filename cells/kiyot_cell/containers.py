@@ -28,7 +28,7 @@ from . import log, spec as specmod
 from .config import AgentConfig
 from .errors import ApiError, conflict, invalid, not_found
 from .events import EventHub
-from .images import DIGEST_RE, ImageStore
+from .images import DIGEST_RE, ImageStore, disk_usage
 from .pod import Pod
 from .records import CREATED, EXITED, LIVE_STATES, RUNNING, UNKNOWN, ContainerRecord, RecordStore, now_ns
 from .runtime import (
@@ -480,6 +480,17 @@ class ContainerManager:
         rec.log_prev_base = rec.log_base
         rec.log_base += paths.log_prev.stat().st_size
         await asyncio.to_thread(self.store.save, rec)
+
+    def uses_image(self, digest: str) -> bool:
+        return any(r.image_digest == digest for r in self.store.all())
+
+    def usage(self) -> dict[str, int]:
+        """Bytes and inodes of the containers' writable layers (their overlays' upper dirs)."""
+        total = {"bytes": 0, "inodes": 0}
+        for rec in self.store.all():
+            part = disk_usage(self.paths(rec.id).upper)
+            total = {k: total[k] + part[k] for k in total}
+        return total
 
     def log_size(self, cid: str) -> int:
         return self.view(self.get(cid))["log_size"]

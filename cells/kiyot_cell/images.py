@@ -244,14 +244,7 @@ class ImageStore:
         """Remove what a failed pull added: its tag and every blob that was not there before."""
 
         def undo() -> None:
-            idx_path = self.layout / "index.json"
-            if idx_path.exists():
-                idx = self._index()
-                idx["manifests"] = [
-                    m for m in idx.get("manifests", [])
-                    if m.get("annotations", {}).get(REF_ANNOTATION) != tag
-                ]
-                atomic_write_json(idx_path, idx)
+            self._untag(tag)
             d = self.layout / "blobs" / "sha256"
             for name in self._blob_names() - blobs_before:
                 try:
@@ -263,6 +256,48 @@ class ImageStore:
                     shutil.rmtree(p, ignore_errors=True)
 
         await asyncio.to_thread(undo)
+
+    # --- remove and usage -----------------------------------------------------------------
+
+    async def remove(self, digest: str, in_use: bool) -> None:
+        """Forget an image: its unpacked tree, its tag, and the blobs no other image holds.
+
+        `in_use`: a container of the cell still has it as its lower layer (409)."""
+        if not DIGEST_RE.match(digest):
+            raise invalid("image digest must be sha256:<64 hex>")
+        if digest not in self.images:
+            return
+        if in_use:
+            raise conflict(f"image {digest} is in use by a container of this cell")
+        async with self._pull_lock:
+            await self.lock.acquire_write()
+            try:
+                await asyncio.to_thread(shutil.rmtree, self._unpacked_dir / self.tag(digest), True)
+                await asyncio.to_thread(self._untag, self.tag(digest))
+                proc = await asyncio.create_subprocess_exec(
+                    self.cfg.umoci_path, "gc", "--layout", str(self.layout),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent)
+                out, err = await proc.communicate()
+                if proc.returncode != 0:
+                    raise ApiError("internal", f"umoci gc failed: {(err or out).decode(errors='replace').strip()}")
+                del self.images[digest]
+                atomic_write_json(self._images_file, self.images)
+            finally:
+                await self.lock.release_write()
+        _log.info("image_removed", digest=digest)
+
+    def _untag(self, tag: str) -> None:
+        idx_path = self.layout / "index.json"
+        if idx_path.exists():
+            idx = self._index()
+            idx["manifests"] = [m for m in idx.get("manifests", [])
+                                if m.get("annotations", {}).get(REF_ANNOTATION) != tag]
+            atomic_write_json(idx_path, idx)
+
+    def usage(self) -> dict[str, int]:
+        """Bytes and inodes the cell's images take on its disk (blobs and unpacked trees)."""
+        return disk_usage(self.cfg.images_dir)
 
     # --- unpack ---------------------------------------------------------------------------
 
@@ -296,3 +331,33 @@ class ImageStore:
             os.rename(tmp, final)
             _log.info("unpacked", digest=digest, seconds=round(asyncio.get_running_loop().time() - t0, 3))
         return final
+
+
+def disk_usage(root: Path) -> dict[str, int]:
+    """{"bytes", "inodes"} under `root` as the disk counts them: allocated blocks, each
+    hard-linked inode once, nothing followed through a symlink or onto another mount."""
+    seen: set[int] = set()
+    used = 0
+    try:
+        dev = root.stat().st_dev
+    except FileNotFoundError:
+        return {"bytes": 0, "inodes": 0}
+    stack = [str(root)]
+    while stack:
+        top = stack.pop()
+        try:
+            entries = list(os.scandir(top))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_dev != dev or st.st_ino in seen:
+                continue
+            seen.add(st.st_ino)
+            used += st.st_blocks * 512
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+    return {"bytes": used, "inodes": len(seen)}

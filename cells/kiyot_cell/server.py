@@ -105,6 +105,18 @@ async def pull(request: web.Request) -> web.Response:
     return web.json_response(await request.app[IMAGES].pull(body))
 
 
+async def remove_image(request: web.Request) -> web.Response:
+    digest = request.match_info["digest"]
+    await request.app[IMAGES].remove(digest, in_use=request.app[MGR].uses_image(digest))
+    return web.json_response({})
+
+
+async def usage(request: web.Request) -> web.Response:
+    images, containers = await asyncio.gather(asyncio.to_thread(request.app[IMAGES].usage),
+                                              asyncio.to_thread(request.app[MGR].usage))
+    return web.json_response({"images": images, "containers": containers})
+
+
 async def list_containers(request: web.Request) -> web.Response:
     return web.json_response(request.app[MGR].list())
 
@@ -238,6 +250,8 @@ def build_app(cfg: AgentConfig) -> web.Application:
     r.add_get("/v1/health", health)
     r.add_put("/v1/pod", put_pod)
     r.add_post("/v1/images/pull", pull)
+    r.add_delete("/v1/images/{digest}", remove_image)
+    r.add_get("/v1/usage", usage)
     r.add_get("/v1/containers", list_containers)
     r.add_post("/v1/containers", create_container)
     r.add_get("/v1/containers/{id}", get_container)

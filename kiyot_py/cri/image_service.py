@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 
 from kiyot_py.cri import convert
 from kiyot_py.cri.errors import answer_unimplemented, rpc
@@ -14,6 +13,7 @@ from kiyot_py.gen.runtime.v1 import api_pb2_grpc
 from kiyot_py.model import Credentials, now_ns
 from kiyot_py.pods.errors import InvalidArgument
 from kiyot_py.pods.images import ImageManager
+from kiyot_py.pods.runtime import PodRuntime
 
 
 def credentials(auth: pb.AuthConfig) -> Credentials | None:
@@ -29,8 +29,9 @@ def credentials(auth: pb.AuthConfig) -> Credentials | None:
 
 
 class ImageService(api_pb2_grpc.ImageServiceServicer):
-    def __init__(self, images: ImageManager, state_dir: str) -> None:
-        self._images = images
+    def __init__(self, runtime: PodRuntime, state_dir: str) -> None:
+        self._rt = runtime
+        self._images: ImageManager = runtime.images
         self._state_dir = state_dir
 
     @rpc
@@ -70,20 +71,23 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
 
     @rpc
     async def RemoveImage(self, request, context):
-        self._images.remove(request.image.image)
+        await self._rt.remove_image(request.image.image)
         return pb.RemoveImageResponse()
 
     @rpc
     async def ImageFsInfo(self, request, context):
-        st = os.statvfs(self._state_dir)
-        usage = pb.FilesystemUsage(
-            timestamp=now_ns(),
-            fs_id=pb.FilesystemIdentifier(mountpoint=self._state_dir),
-        )
-        # The layers live in the cells; the node holds only records of them.
-        usage.used_bytes.value = self._images.used_bytes()
-        usage.inodes_used.value = max(st.f_files - st.f_ffree, 0)
-        return pb.ImageFsInfoResponse(image_filesystems=[usage], container_filesystems=[usage])
+        # The layers live in the cells, under the state dir (local cells) or on their own
+        # disks; the node itself holds only records of them.
+        usage = await self._rt.image_usage()
+        now = now_ns()
+
+        def filesystem(kind: str) -> pb.FilesystemUsage:
+            fs = pb.FilesystemUsage(timestamp=now, fs_id=pb.FilesystemIdentifier(mountpoint=self._state_dir))
+            fs.used_bytes.value = usage[kind]["bytes"]
+            fs.inodes_used.value = usage[kind]["inodes"]
+            return fs
+        return pb.ImageFsInfoResponse(image_filesystems=[filesystem("images")],
+                                      container_filesystems=[filesystem("containers")])
 
 
 answer_unimplemented(ImageService, pb.DESCRIPTOR.services_by_name["ImageService"])

@@ -24,7 +24,7 @@ async def start_server(socket: Path, runtime: PodRuntime, state_dir: Path) -> gr
         ("grpc.max_send_message_length", MAX_MESSAGE),
     ])
     api_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(runtime), server)
-    api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(runtime.images, str(state_dir)), server)
+    api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(runtime, str(state_dir)), server)
     server.add_insecure_port(f"unix://{socket}")
     await server.start()
     os.chmod(socket, 0o660)

@@ -108,9 +108,6 @@ class ImageManager:
         self._store.delete(Image, record.id)
         log.info("image removed", id=record.id)
 
-    def used_bytes(self) -> int:
-        return sum(i.size for i in self._images.values())
-
     def cell_pull(self, record: Image, cell: Cell) -> dict:
         """What a cell's agent needs to pull this image: where from, which digest, auth."""
         name = record.repo_digests[0].split("@", 1)[0]

@@ -428,6 +428,40 @@ class PodRuntime:
                 raise DeadlineExceeded(f"command {cmd!r} timed out after {timeout}s; it was killed") from None
             raise _agent_failure(f"exec in container {c.id}", exc) from None
 
+    # -- images in the cells ----------------------------------------------------------
+
+    async def remove_image(self, image: str) -> None:
+        """Forget the image on the node, and free it in every cell where no container uses it."""
+        record = self.images.find(image)
+        if record is None:
+            return  # RemoveImage is idempotent
+        self.images.remove(image)
+        users = {c.sandbox_id for c in self.containers.values() if c.image_id == record.id}
+        cells = [sb for sb in self._ready_sandboxes() if sb.id not in users]
+        results = await asyncio.gather(
+            *(self._agent(sb).remove_image(record.platform_digest) for sb in cells), return_exceptions=True)
+        for sb, result in zip(cells, results, strict=True):
+            if isinstance(result, AgentError):
+                log.warning("freeing an image in a cell failed", sandbox=sb.id, error=result.message)
+
+    async def image_usage(self) -> dict[str, dict[str, int]]:
+        """What images and containers' writable layers take in the cells, summed:
+        {"images": {"bytes", "inodes"}, "containers": {...}}. A cell that does not answer
+        counts as nothing (it is being torn down or is lost; its watcher will tell)."""
+        sandboxes = self._ready_sandboxes()
+        answers = await asyncio.gather(*(self._agent(sb).usage() for sb in sandboxes), return_exceptions=True)
+        total = {kind: {"bytes": 0, "inodes": 0} for kind in ("images", "containers")}
+        for answer in answers:
+            if isinstance(answer, dict):
+                for kind, counts in total.items():
+                    for key in counts:
+                        counts[key] += int((answer.get(kind) or {}).get(key) or 0)
+        return total
+
+    def _ready_sandboxes(self) -> list[Sandbox]:
+        return [sb for sb in self.sandboxes.values()
+                if sb.state == SANDBOX_READY and sb.cell is not None and sb.cell.state != "terminated"]
+
     # -- watching cells -------------------------------------------------------------
 
     def _start_watcher(self, sb: Sandbox) -> None:

@@ -43,7 +43,7 @@ def test_health(agent):
 def test_every_route_in_api_md_exists(agent):
     cid = "0" * 64
     for method, path in contract.routes():
-        p = path.replace("{id}", cid)
+        p = path.replace("{id}", cid).replace("{digest}", "sha256:" + cid)
         r = agent.call(method, p, {} if method in ("POST", "PUT") else None, timeout=10) \
             if p != "/v1/events" else None
         if r is None:
@@ -149,3 +149,25 @@ def test_the_pods_pid_namespace_outlives_an_agent_restart(agent, busybox):
     again = {"id": three["id"], "name": "three", "image_digest": busybox.manifest_digest,
              "spec": {"process": {"args": ["sleep", "1000"]}}, "pid_target": own["id"]}
     assert agent.ok("POST", "/v1/containers", again)["id"] == three["id"]
+
+
+def test_an_image_is_freed_only_when_no_container_has_it(agent, busybox, cell_images):
+    # busybox-oci shares no blob with busybox: removing it must leave busybox whole.
+    other = cell_images["busybox-oci"]
+    agent.pull(other)
+    rec = agent.run(other, ["true"])
+    agent.wait_state(rec["id"], "exited")
+    used = agent.ok("GET", "/v1/usage")
+    assert used["images"]["bytes"] >= busybox.size + other.size
+    assert agent.call("DELETE", f"/v1/images/{other.manifest_digest}").status == 409  # its lower layer
+    agent.ok("DELETE", f"/v1/containers/{rec['id']}")
+    agent.ok("DELETE", f"/v1/images/{other.manifest_digest}")
+    agent.ok("DELETE", f"/v1/images/{other.manifest_digest}")  # repeat: already gone
+    freed = agent.ok("GET", "/v1/usage")
+    assert used["images"]["bytes"] - freed["images"]["bytes"] >= other.size
+    assert agent.call("DELETE", "/v1/images/sha256:nope").status == 400
+    # The image that stayed still runs; the removed one must be pulled again first.
+    rec = agent.run(busybox, ["true"])
+    assert agent.wait_state(rec["id"], "exited")["exit_code"] == 0
+    body = {"id": "b" * 64, "name": "gone", "image_digest": other.manifest_digest, "spec": {"process": {"args": ["true"]}}}
+    assert agent.call("POST", "/v1/containers", body).status == 409

@@ -7,6 +7,8 @@ import pytest
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 
+from .helpers import run
+
 
 def pull(img, ref, **kw):
     return img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), **kw).image_ref
@@ -111,7 +113,28 @@ def test_client_deadline_is_honoured(img, registry):
         listener.close()
 
 
-def test_image_fs_info(img):
-    info = img.ImageFsInfo(pb.ImageFsInfoRequest())
-    assert info.image_filesystems[0].fs_id.mountpoint
-    assert info.image_filesystems[0].timestamp > 0
+def image_bytes(img) -> tuple[int, int]:
+    fs = img.ImageFsInfo(pb.ImageFsInfoRequest()).image_filesystems[0]
+    assert fs.fs_id.mountpoint and fs.timestamp > 0
+    return fs.used_bytes.value, fs.inodes_used.value
+
+
+def test_image_fs_info_counts_the_cells_images_and_remove_image_frees_them(cri, img, pod, test_images):
+    # The layers live in the cells: pulling on the node alone takes no room there.
+    ref = test_images["busybox-oci"].ref
+    before = image_bytes(img)
+    pull(img, ref)
+    assert image_bytes(img) == before
+    # A container makes its cell pull and unpack it: the cell's disk holds it now.
+    cid = run(cri, pod, "fs-info", ref, ["true"])
+    after = image_bytes(img)
+    assert after[0] - before[0] >= test_images["busybox-oci"].size
+    assert after[1] > before[1]
+    # No container uses it any more: RemoveImage forgets it on the node and frees the cell's copy.
+    cri.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
+    img.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=ref)))
+    assert not img.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=ref))).HasField("image")
+    freed = image_bytes(img)
+    # What is left is the cell's empty layout: a few small files.
+    assert after[0] - freed[0] >= test_images["busybox-oci"].size and freed[0] - before[0] < 64 * 1024
+    assert freed[1] - before[1] < 16

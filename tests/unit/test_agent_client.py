@@ -60,6 +60,8 @@ async def test_client_covers_every_route(fake_agent):
     await client.health()
     await client.put_pod({"sandbox_id": CID})
     await client.pull("r", "sha256:x", False, {"username": "u", "password": "p"})
+    await client.remove_image("sha256:" + CID)
+    await client.usage()
     await client.list_containers()
     await client.create_container({"id": CID})
     await client.get_container(CID)
