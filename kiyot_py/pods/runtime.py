@@ -57,6 +57,7 @@ _RANK = {CONTAINER_CREATED: 0, CONTAINER_RUNNING: 1, CONTAINER_EXITED: 2, CONTAI
 
 GC_INTERVAL = 60.0
 HOST_NAME_MAX = 64  # bytes; sethostname(2) refuses more
+LOG_SETTLE_TIMEOUT = 2.0  # seconds an exit waits for the container's last log bytes
 
 
 class PodRuntime:
@@ -240,6 +241,7 @@ class PodRuntime:
                 task = self._creating.get(sb.key)
                 if task is not None:
                     await asyncio.gather(task, return_exceptions=True)
+            await self._hostports.close(sb.id)  # also when the cell was lost meanwhile
             if sb.cell is None or sb.cell.state == "terminated":
                 return
             agent = self._agent(sb)
@@ -253,7 +255,6 @@ class PodRuntime:
             shippers = [self._shippers[c.id] for c in self._containers_of(sb.id) if c.id in self._shippers]
             await asyncio.gather(*(s.wait(5.0) for s in shippers))
             await self._stop_watcher(sb.id)
-            await self._hostports.close(sb.id)
             await self._provider.delete_cell(sb.cell.id)
             self._cell_lost(sb, reason="SandboxStopped")
             log.info("sandbox stopped", sandbox=sb.id)
@@ -368,7 +369,7 @@ class PodRuntime:
             return  # StopContainer is idempotent
         sb = self.sandbox(c.sandbox_id)
         try:
-            self._apply(c, await self._agent(sb).stop_container(c.id, max(timeout, 0), c.stop_signal))
+            await self._apply_exit(c, await self._agent(sb).stop_container(c.id, max(timeout, 0), c.stop_signal))
         except AgentError as exc:
             raise _agent_failure(f"stopping container {c.id}", exc) from None
         log.info("container stopped", container=c.id, exit_code=c.exit_code)
@@ -490,7 +491,7 @@ class PodRuntime:
                     for record in records:
                         c = self.containers.get(record.get("id", ""))
                         if c is not None:
-                            self._apply(c, record)
+                            await self._apply_exit(c, record)
             except AgentError as exc:
                 log.debug("event stream broke; reconnecting", sandbox=sb.id, error=exc.message)
             await asyncio.sleep(delay)
@@ -510,6 +511,16 @@ class PodRuntime:
                     await agent.delete_container(cid)
                 except AgentError as exc:
                     log.warning("removing stray container failed", container=cid, error=exc.message)
+
+    async def _apply_exit(self, c: Container, record: dict) -> None:
+        """Apply a record; an exit only once its log is on the node (bounded wait).
+
+        A reader that sees the container exited reads its log file next, as the kubelet
+        and critest do: with containerd the last line is there by then, so here too."""
+        shipper = self._shippers.get(c.id)
+        if shipper is not None and record.get("state") in ("exited", "unknown") and c.state != CONTAINER_EXITED:
+            await shipper.wait(LOG_SETTLE_TIMEOUT)
+        self._apply(c, record)
 
     def _apply(self, c: Container, record: dict, save: bool = True) -> None:
         state = _AGENT_STATES.get(record.get("state", ""), CONTAINER_UNKNOWN)

@@ -73,6 +73,14 @@ def test_the_log_file_exists_once_start_returns(cri, pod, pulled, test_images):
         assert f.read() == b""
 
 
+def test_an_exit_is_seen_only_with_its_log_on_the_node(cri, pod, pulled, test_images):
+    # The kubelet (and critest) read the log as soon as they see the exit.
+    for i in range(5):
+        cid = run(cri, pod, f"last-words-{i}", test_images["busybox"].ref, ["echo", f"bye {i}"])
+        status = wait_state(cri, cid, pb.CONTAINER_EXITED)
+        assert ("stdout", "F", f"bye {i}") in log_lines(status.log_path)
+
+
 def test_completed_reason_for_exit_zero(cri, pod, pulled, test_images):
     cid = run(cri, pod, "ok", test_images["busybox"].ref, ["true"])
     status = wait_state(cri, cid, pb.CONTAINER_EXITED)
