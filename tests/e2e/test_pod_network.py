@@ -64,9 +64,15 @@ def test_a_hostname_longer_than_64_bytes_is_refused(cri, tmp_path):
                 if sb.metadata.name == "long-hostname"]
 
 
-def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return r.read()
+def wait_for_page(url: str) -> bytes | None:
+    """The page's body once the web server answers (bounded), else None."""
+    def page():
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.read()
+        except OSError:
+            return None
+    return wait_for(page, 30)
 
 
 def test_host_port_forwards_to_the_container_port(cri, img, test_images, tmp_path):
@@ -79,12 +85,7 @@ def test_host_port_forwards_to_the_container_port(cri, img, test_images, tmp_pat
         pull(img, ref)
         run(cri, (sandbox_id, config), "web", ref, ["httpd", "-f", "-p", "8080", "-h", "/www"])
 
-        def page():
-            try:
-                return _get(f"http://127.0.0.1:{host_port}/index.html")
-            except OSError:
-                return None
-        assert b"hello from kiyot" in wait_for(page, 30)
+        assert b"hello from kiyot" in wait_for_page(f"http://127.0.0.1:{host_port}/index.html")
 
         # The port is this pod's: another pod asking for it gets a clear error, no cell.
         other = sandbox_config("host-port-taken", tmp_path)
@@ -127,12 +128,7 @@ def test_host_ports_come_back_after_a_restart(service, cri, img, test_images, tm
         service.kill9()
         service.start()
 
-        def page():
-            try:
-                return _get(f"http://127.0.0.1:{host_port}/index.html")
-            except OSError:
-                return None
-        assert b"hello from kiyot" in wait_for(page, 30)
+        assert b"hello from kiyot" in wait_for_page(f"http://127.0.0.1:{host_port}/index.html")
     finally:
         remove_pod(service.runtime, sandbox_id)
 
@@ -148,12 +144,7 @@ def test_a_container_port_alone_is_served_at_the_pod_ip(cri, img, test_images, t
         run(cri, (sandbox_id, config), "web", ref, ["httpd", "-f", "-p", "8080", "-h", "/www"])
         ip = cri.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)).status.network.ip
 
-        def page():
-            try:
-                return _get(f"http://{ip}:8080/index.html")
-            except OSError:
-                return None
-        assert b"hello from kiyot" in wait_for(page, 30)
+        assert b"hello from kiyot" in wait_for_page(f"http://{ip}:8080/index.html")
     finally:
         remove_pod(cri, sandbox_id)
 
