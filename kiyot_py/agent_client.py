@@ -63,6 +63,9 @@ class AgentClient:
     async def health(self, timeout: float = 2.0) -> dict:
         return await self._call("GET", "/v1/health", timeout=timeout)
 
+    async def facts(self) -> dict:
+        return await self._call("GET", "/v1/facts")
+
     async def put_pod(self, pod: dict) -> dict:
         return await self._call("PUT", "/v1/pod", pod)
 

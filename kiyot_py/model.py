@@ -31,6 +31,26 @@ def now_ns() -> int:
 
 
 @dataclass
+class CellFacts:
+    """What a cell says about itself (GET /v1/facts): the node builds every spec and
+    picks every image platform from these, never from its own machine."""
+
+    os: str = "linux"
+    architecture: str = "amd64"  # GOARCH: amd64, arm64, arm, ppc64le, s390x, 386, riscv64
+    variant: str = ""  # GOARM-style variant: "v8" for arm64, "v7" for arm, "" otherwise
+    kernel: str = ""  # uname -r of the cell
+    # The capabilities a container in this cell can hold at most (CAP_* names).
+    capabilities: list[str] = field(default_factory=list)
+    cgroup_version: int = 1
+    seccomp: bool = True  # the kernel filters syscalls
+    # The cell's RuntimeDefault profile (containers-common/moby JSON), or None: the
+    # node's built-in deny list is used.
+    seccomp_profile: dict[str, Any] | None = field(default=None, repr=False)
+    recursive_read_only_mounts: bool = False
+    user_namespaces: bool = False
+
+
+@dataclass
 class Cell:
     """A provider's view of one cell: where its agent is and how to talk to it."""
 
@@ -47,6 +67,8 @@ class Cell:
     # The cell's own host name: a pod that names none (hostNetwork) gets it, as a pod on
     # a node gets the node's. At most 64 bytes, like every host name.
     hostname: str = ""
+    # Learned from the agent once it answers; None until then.
+    facts: CellFacts | None = None
 
 
 @dataclass
@@ -161,6 +183,8 @@ def from_json(cls: type[T], data: dict[str, Any]) -> T:
         value = _from_value(data[f.name])
         if f.name == "cell" and value is not None:
             value = from_json(Cell, value)
+        elif f.name == "facts" and value is not None:
+            value = from_json(CellFacts, value)
         elif f.name == "auth":
             value = {k: from_json(Credentials, v) for k, v in value.items()}
         kwargs[f.name] = value
