@@ -11,15 +11,57 @@ from typing import Any
 
 import aiohttp
 
+from kiyot_py import errors
 
-class AgentError(RuntimeError):
-    """The agent answered with an error, or could not be reached (status 0)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+class AgentError(errors.KiyotError):
+    """The agent answered with an error, or could not be reached (status 0).
+
+    Raised as one of the typed subclasses below, so that callers never read HTTP codes."""
+
+    def __init__(self, message: str, *, status: int = 0, code: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+
+    def within(self, what: str) -> AgentError:
+        """The same error, its message prefixed with what the node was doing."""
+        return type(self)(f"{what}: {self.message}", status=self.status, code=self.code)
+
+
+class AgentUnreachable(AgentError, errors.Unavailable):
+    """No answer: the cell is booting, gone, or the network between is broken."""
+
+
+class AgentFailed(AgentError, errors.Unavailable):
+    """The agent answered with a failure of its own (500, a failed pull)."""
+
+
+class AgentInvalid(AgentError, errors.InvalidArgument):
+    pass
+
+
+class AgentNotFound(AgentError, errors.NotFound):
+    pass
+
+
+class AgentConflict(AgentError, errors.FailedPrecondition):
+    """The container is in the wrong state for the request."""
+
+
+class AgentTimeout(AgentError, errors.DeadlineExceeded):
+    pass
+
+
+class AgentLogGone(AgentError, errors.NotFound):
+    """The log range asked for is no longer in the cell."""
+
+
+_BY_STATUS: dict[int, type[AgentError]] = {
+    400: AgentInvalid, 413: AgentInvalid, 404: AgentNotFound, 409: AgentConflict,
+    416: AgentLogGone, 504: AgentTimeout,
+}
 
 
 @dataclass
@@ -56,9 +98,9 @@ class AgentClient:
                     raise _error(resp.status, data)
                 return json.loads(data) if data else {}
         except aiohttp.ClientError as exc:
-            raise AgentError(0, "unreachable", f"cell agent {self._base}: {exc}") from exc
+            raise AgentUnreachable(f"cell agent {self._base}: {exc}") from exc
         except asyncio.TimeoutError as exc:
-            raise AgentError(0, "unreachable", f"cell agent {self._base}: timed out") from exc
+            raise AgentUnreachable(f"cell agent {self._base}: timed out") from exc
 
     async def health(self, timeout: float = 2.0) -> dict:
         return await self._call("GET", "/v1/health", timeout=timeout)
@@ -81,14 +123,8 @@ class AgentClient:
     async def usage(self, timeout: float = 5.0) -> dict:
         return await self._call("GET", "/v1/usage", timeout=timeout)
 
-    async def list_containers(self) -> list[dict]:
-        return await self._call("GET", "/v1/containers")
-
     async def create_container(self, body: dict) -> dict:
         return await self._call("POST", "/v1/containers", body, timeout=None)
-
-    async def get_container(self, container_id: str) -> dict:
-        return await self._call("GET", f"/v1/containers/{container_id}")
 
     async def start_container(self, container_id: str) -> dict:
         return await self._call("POST", f"/v1/containers/{container_id}/start")
@@ -135,7 +171,7 @@ class AgentClient:
                     yield at, chunk
                     at += len(chunk)
         except aiohttp.ClientError as exc:
-            raise AgentError(0, "unreachable", f"cell agent {self._base}: {exc}") from exc
+            raise AgentUnreachable(f"cell agent {self._base}: {exc}") from exc
 
     async def events(self, heartbeat_timeout: float = 15.0) -> AsyncIterator[dict]:
         """The agent's event stream; raises AgentError when it breaks or goes silent."""
@@ -151,13 +187,14 @@ class AgentClient:
                     if line.strip():
                         yield json.loads(line)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise AgentError(0, "unreachable", f"cell agent {self._base}: events: {exc}") from exc
-        raise AgentError(0, "unreachable", f"cell agent {self._base}: event stream ended")
+            raise AgentUnreachable(f"cell agent {self._base}: events: {exc}") from exc
+        raise AgentUnreachable(f"cell agent {self._base}: event stream ended")
 
 
 def _error(status: int, data: bytes) -> AgentError:
     try:
         body = json.loads(data)
-        return AgentError(status, body.get("error", ""), body.get("message", "") or str(body))
+        code, message = body.get("error", ""), body.get("message", "") or str(body)
     except (ValueError, AttributeError):
-        return AgentError(status, "", data.decode(errors="replace")[:500])
+        code, message = "", data.decode(errors="replace")[:500]
+    return _BY_STATUS.get(status, AgentFailed)(message, status=status, code=code)

@@ -8,6 +8,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -52,7 +53,7 @@ class Settings:
 
 
 # Environment names: KIYOT_SOCKET, KIYOT_STATE_DIR, KIYOT_LOCAL_SUBNET, ...
-def _apply(obj: object, values: dict, where: str) -> None:
+def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
     for key, value in values.items():
         names = {f.name: f for f in dataclasses.fields(obj)}
         if key not in names:
@@ -63,10 +64,10 @@ def _apply(obj: object, values: dict, where: str) -> None:
                 raise ConfigError(f"{where}: {key} must be a table")
             _apply(current, value, f"{where}.{key}")
             continue
-        setattr(obj, key, _coerce(names[key].type, value, f"{where}.{key}"))
+        setattr(obj, key, _coerce(str(names[key].type), value, f"{where}.{key}"))
 
 
-def _coerce(type_name: str, value: object, where: str) -> object:
+def _coerce(type_name: str, value: Any, where: str) -> object:
     try:
         if "Path" in type_name:
             return None if value in (None, "") else Path(str(value))

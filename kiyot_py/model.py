@@ -89,6 +89,9 @@ class Sandbox:
     # "creating" until the cell answered; such a sandbox is not listed yet.
     phase: str = "creating"
     cell: Cell | None = None
+    # The idempotency token of its cell's launch (pods.cells.launch_token), kept so that
+    # a restart mid-launch adopts the same cell.
+    launch_token: str = ""
 
     @property
     def key(self) -> tuple[str, str, str, int]:
@@ -136,21 +139,40 @@ class Credentials:
     password: str = field(repr=False)
 
 
+@dataclass(frozen=True)
+class PlatformImage:
+    """One platform's manifest of an image: what a cell of that platform pulls and runs."""
+
+    platform_digest: str  # the image manifest's digest
+    config: dict[str, Any] = field(default_factory=dict, repr=False)  # its config blob
+
+
 @dataclass
 class Image:
-    id: str  # sha256:… of the config blob
+    id: str  # sha256:… of the config blob (of the platform PullImage resolved for)
     repo_tags: list[str] = field(default_factory=list)
     repo_digests: list[str] = field(default_factory=list)  # name@manifest-or-index digest
     size: int = 0
-    platform_digest: str = ""  # digest of the platform manifest the cells pull
+    platform_digest: str = ""  # digest of that platform's manifest
     config: dict[str, Any] = field(default_factory=dict, repr=False)
     pinned: bool = False
     # Credentials per repository name, kept for the cells that pull it.
     auth: dict[str, Credentials] = field(default_factory=dict, repr=False)
+    # Other platforms of the same index, resolved for the cells that run them, by
+    # platform ("linux/arm64/v8").
+    platforms: dict[str, PlatformImage] = field(default_factory=dict, repr=False)
 
     @property
     def user(self) -> str:
         return (self.config.get("config") or {}).get("User") or ""
+
+    def platform_digests(self) -> list[str]:
+        """Every platform manifest of this image the cells may hold, the default one first."""
+        digests = [self.platform_digest] if self.platform_digest else []
+        for p in self.platforms.values():
+            if p.platform_digest not in digests:
+                digests.append(p.platform_digest)
+        return digests
 
 
 T = TypeVar("T")
@@ -187,5 +209,7 @@ def from_json(cls: type[T], data: dict[str, Any]) -> T:
             value = from_json(CellFacts, value)
         elif f.name == "auth":
             value = {k: from_json(Credentials, v) for k, v in value.items()}
+        elif f.name == "platforms":
+            value = {k: from_json(PlatformImage, v) for k, v in value.items()}
         kwargs[f.name] = value
     return cls(**kwargs)

@@ -11,11 +11,13 @@ from typing import IO
 import aiohttp
 import structlog
 
+from kiyot_py.agent_client import AgentClient
 from kiyot_py.config import ConfigError, Settings
 from kiyot_py.cri.server import start_server
 from kiyot_py.pods.images import ImageManager
+from kiyot_py.platforms import Platform
 from kiyot_py.pods.runtime import PodRuntime
-from kiyot_py.providers.local import LocalProvider
+from kiyot_py.providers import make_provider
 from kiyot_py.registry.client import RegistryClient
 from kiyot_py.registry.config import RegistriesConfig
 from kiyot_py.registry.pullpath import PullPath
@@ -53,18 +55,23 @@ async def serve(settings: Settings) -> None:
     _reap_with_pidfds()
     lock = _lock_state_dir(settings)
     store = Store(settings.state_dir / STORE_FILE)
-    provider = LocalProvider(settings.state_dir, settings.local)
+    provider = make_provider(settings)
     await provider.start()
     registries = RegistriesConfig.load(settings.registries_conf)
     registry = RegistryClient()
-    pull_path = PullPath(registries)
-    await pull_path.start(provider.gateway, settings.local.pull_path_port)
+    pull_path: PullPath | None = None
+    if provider.pull_path is not None:
+        pull_path = PullPath(registries)
+        await pull_path.start(provider.pull_path.host, provider.pull_path.port)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-    runtime = PodRuntime(settings, store, provider, ImageManager(store, registry, registries), http)
-    await runtime.recover()
+    images = ImageManager(store, registry, registries,
+                          default_platform=Platform("linux", provider.default_architecture))
+    runtime = PodRuntime(settings, store, provider, images,
+                         agents=lambda cell: AgentClient(http, cell.agent_url, cell.token))
+    await runtime.start()
     server = await start_server(settings.socket, runtime, settings.state_dir)
     log.info("serving", socket=str(settings.socket), state_dir=str(settings.state_dir),
-             provider=provider.name, pull_path=provider.pull_path)
+             provider=provider.name, pull_path=str(provider.pull_path))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -75,7 +82,8 @@ async def serve(settings: Settings) -> None:
     log.info("shutting down; cells keep running")
     await server.stop(grace=5)
     await runtime.close()
-    await pull_path.stop()
+    if pull_path is not None:
+        await pull_path.stop()
     await registry.close()
     await http.close()
     await provider.close()
@@ -84,11 +92,11 @@ async def serve(settings: Settings) -> None:
 
 
 async def reset(settings: Settings) -> int:
-    """Take this node's local cells down for good (their containers die), remove the bridge
-    and its fence, and forget every sandbox, container and image; the number of cells."""
+    """Take this node's cells down for good (their containers die), undo what the provider
+    set up on the host, and forget every sandbox, container and image; the number of cells."""
     lock = _lock_state_dir(settings)
     try:
-        cells = await LocalProvider(settings.state_dir, settings.local).reset()
+        cells = await make_provider(settings).reset()
         for suffix in ("", "-wal", "-shm"):
             (settings.state_dir / f"{STORE_FILE}{suffix}").unlink(missing_ok=True)
         log.info("reset", state_dir=str(settings.state_dir), cells_deleted=cells)

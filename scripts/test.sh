@@ -63,6 +63,7 @@ CONF
 fi
 
 "$REPO/.venv/bin/ruff" check kiyot_py cells tests bench tools
+"$REPO/.venv/bin/mypy" kiyot_py cells/kiyot_cell
 
 "$REPO/.venv/bin/python" -m pytest -q "$@"
 if [ $# -eq 0 ] && [ "${KIYOT_CONFORMANCE:-1}" != 0 ]; then

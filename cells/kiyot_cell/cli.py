@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from . import __version__, log
-from .config import AgentConfig
+from .config import DEFAULT_SECCOMP_PROFILE, AgentConfig
 from .runtime import die_with_parent
 
 DESCRIPTION = """\
@@ -49,6 +49,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-max-size", type=int, default=10 * 1024 * 1024, metavar="BYTES",
                    help="cut a container's log in the cell past this size, keeping the current and the "
                         "previous segment (default 10 MiB; the node keeps the whole log)")
+    p.add_argument("--seccomp-profile", type=Path, default=DEFAULT_SECCOMP_PROFILE, metavar="FILE",
+                   help="the cell's RuntimeDefault seccomp profile (JSON), reported in GET /v1/facts; "
+                        f"absent: none (default {DEFAULT_SECCOMP_PROFILE}, from containers-common)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
@@ -85,7 +88,7 @@ def _config(ns: argparse.Namespace) -> AgentConfig:
         catatonit_path=shutil.which("catatonit") or "/usr/bin/catatonit",
         skopeo_path=shutil.which("skopeo") or "skopeo", umoci_path=shutil.which("umoci") or "umoci",
         runtime_root=ns.runtime_root.resolve() if ns.runtime_root else None,
-        log_max_size=ns.log_max_size,
+        log_max_size=ns.log_max_size, seccomp_profile=ns.seccomp_profile,
     )
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.get("cli").warning("token_file_mode", path=str(ns.token_file), mode=oct(st.st_mode & 0o777),

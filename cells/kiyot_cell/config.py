@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+DEFAULT_SECCOMP_PROFILE = Path("/usr/share/containers/seccomp.json")
+
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -28,6 +30,8 @@ class AgentConfig:
     # The runtime's --root; None = its default (/run/runc), where `runc list` on the cell
     # shows the pod's containers. Ids are 64-hex and unique, so agents may share it.
     runtime_root: Path | None = None
+    # The cell's RuntimeDefault seccomp profile, reported in GET /v1/facts (containers-common's).
+    seccomp_profile: Path | None = DEFAULT_SECCOMP_PROFILE
 
     # Layout of the state directory, in one place.
     @property

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import hashlib
 import json
 import os
@@ -54,15 +55,6 @@ EXIT_WAIT_AFTER_KILL = 30.0  # bound on waiting for conmon's exit file after SIG
 # on a full pipe nor swells the agent.
 EXEC_OUTPUT_MAX = 8 * 1024 * 1024 - 4096
 CUT_ASIDE = "ctr.log.cut"  # a log segment being cut, until conmon has reopened ctr.log
-
-
-def _image_stop_signal(image_cfg: dict[str, Any]) -> str:
-    sig = image_cfg.get("annotations", {}).get("org.opencontainers.image.stopSignal") or "SIGTERM"
-    try:
-        parse_signal(sig)
-    except ApiError:
-        return "SIGTERM"
-    return sig
 
 
 def check_id(cid: str) -> str:
@@ -220,7 +212,7 @@ class ContainerManager:
         spec = body.get("spec")
         user = body.get("user")
         groups_policy = body.get("groups_policy") or "Merge"
-        stop_signal = body.get("stop_signal") or ""
+        stop_signal = body.get("stop_signal") or "SIGTERM"  # the node's; never the image's
         pod_namespaces = body.get("pod_namespaces") or []
         pid_target = body.get("pid_target")
         if not isinstance(cid, str):
@@ -232,14 +224,14 @@ class ContainerManager:
             raise invalid("'image_digest' must be sha256:<64 hex>")
         if not isinstance(spec, dict):
             raise invalid("'spec' (an OCI runtime spec object) is required")
+        specmod.check_process(spec.get("process") or {})
         if user is not None and (not isinstance(user, str) or not user):
             raise invalid("'user' must be a non-empty string")
         if groups_policy not in specmod.GROUPS_POLICIES:
             raise invalid(f"'groups_policy' must be one of {list(specmod.GROUPS_POLICIES)}")
         if not isinstance(stop_signal, str):
             raise invalid("'stop_signal' must be a string")
-        if stop_signal:
-            parse_signal(stop_signal)
+        parse_signal(stop_signal)
         if not isinstance(pod_namespaces, list) or not all(k in ("ipc", "pid") for k in pod_namespaces):
             raise invalid("'pod_namespaces' must be a list drawn from [\"ipc\", \"pid\"]")
         if pid_target is not None and "pid" in pod_namespaces:
@@ -258,6 +250,7 @@ class ContainerManager:
                 raise conflict(f"image {digest} has not been pulled in this cell")
             # After the repeat check: a repeated create answers even if its target has gone.
             shared = self._shared_namespaces(pod_namespaces, pid_target)
+            devices = specmod.resolve_devices(body.get("devices"))  # the cell's nodes, not the node's
             paths = self.paths(cid)
             if paths.dir.exists():
                 await self._remove_files(paths)
@@ -270,9 +263,7 @@ class ContainerManager:
                 mount_overlay(image / "rootfs", paths.upper, paths.work, paths.rootfs)
                 cfg_path = paths.bundle / "config.json"
                 image_cfg = json.loads((image / "config.json").read_text())
-                if not stop_signal:  # the image's StopSignal, as umoci records it
-                    stop_signal = _image_stop_signal(image_cfg)
-                facts = specmod.CellFacts(
+                ctx = specmod.CellContext(
                     rootfs=paths.rootfs,
                     netns=self.cfg.netns,
                     cgroups_path=f"/{self.cfg.cgroup_parent.strip('/')}/{cid}",
@@ -280,7 +271,7 @@ class ContainerManager:
                     pod_hostname=self.pod.spec.hostname if self.pod.spec else None,
                     pod_namespaces={kind: str(path) for kind, path in shared.items()},
                 )
-                config = specmod.build(image_cfg, spec, facts, user, groups_policy)
+                config = specmod.build(image_cfg, spec, ctx, user, groups_policy, devices)
                 cfg_path.write_text(json.dumps(config, indent=1))
                 pid, conmon_pid = await self.runtime.launch(cid, name, paths)
             except BaseException:
@@ -295,10 +286,12 @@ class ContainerManager:
             _log.info("created", id=cid, seconds=round(asyncio.get_running_loop().time() - t0, 3))
             return rec, True
 
-    def _shared_namespaces(self, pod_namespaces: list[str], pid_target: str | None) -> dict[str, Path]:
+    # `builtins.list`: in this class body `list` is the method above.
+    def _shared_namespaces(self, pod_namespaces: builtins.list[str], pid_target: str | None) -> dict[str, Path]:
         """Paths of the namespaces a new container joins: the pod's, or its PID target's."""
-        shared = {kind: self.pod.namespace(kind) for kind in pod_namespaces}
-        if None in shared.values():
+        found = {kind: self.pod.namespace(kind) for kind in pod_namespaces}
+        shared = {kind: path for kind, path in found.items() if path is not None}
+        if len(shared) != len(found):
             raise conflict("the pod's namespaces do not exist yet: PUT /v1/pod first")
         if pid_target is not None:
             target = self.get(pid_target)
@@ -398,6 +391,7 @@ class ContainerManager:
                 "--process", str(pfile), "--pid-file", str(pidfile), cid,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent)
+            assert proc.stdout is not None and proc.stderr is not None  # both are PIPEs
             try:
                 out, err, _ = await asyncio.wait_for(asyncio.gather(
                     _read_capped(proc.stdout), _read_capped(proc.stderr), proc.wait()), timeout or None)

@@ -24,5 +24,5 @@ def setup(level: str = "info") -> None:
     )
 
 
-def get(name: str) -> structlog.stdlib.BoundLogger:
+def get(name: str) -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger(name)

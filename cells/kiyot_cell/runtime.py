@@ -14,6 +14,7 @@ import ctypes
 import functools
 import json
 import os
+import re
 import signal as _signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,21 +80,43 @@ class ContainerPaths:
         return self.dir / "s"
 
 
+# Real-time signals as Linux/glibc number them (moby's and containerd's table):
+# SIGRTMIN is 34 (glibc keeps 32 and 33), SIGRTMAX 64, whatever libc the agent runs on.
+SIGRTMIN, SIGRTMAX = 34, 64
+_RT_RE = re.compile(r"^SIGRTM(IN|AX)(?:([+-])(\d{1,2}))?$")
+
+
 def parse_signal(sig: str | int | None, default: str = "SIGTERM") -> int:
+    """The number of a signal given by name ("SIGTERM", "TERM", "SIGRTMIN+3", "SIGRTMAX-1")
+    or number ("15"). The one place the agent turns signal names into numbers."""
     if sig is None or sig == "":
         sig = default
-    if isinstance(sig, int) or (isinstance(sig, str) and sig.isdigit()):
+    if isinstance(sig, bool):
+        raise ApiError("invalid", f"bad signal {sig!r}")
+    if isinstance(sig, int) or (isinstance(sig, str) and sig.strip().isdigit()):
         n = int(sig)
-        if 0 < n < 65:
+        if 0 < n <= SIGRTMAX:
             return n
         raise ApiError("invalid", f"bad signal {sig!r}")
-    name = sig.upper()
+    if not isinstance(sig, str):
+        raise ApiError("invalid", f"bad signal {sig!r}")
+    name = sig.strip().upper()
     if not name.startswith("SIG"):
         name = "SIG" + name
-    try:
-        return int(getattr(_signal.Signals, name))
-    except AttributeError:
-        raise ApiError("invalid", f"unknown signal {sig!r}") from None
+    rt = _RT_RE.match(name)
+    if rt:
+        base = SIGRTMIN if rt.group(1) == "IN" else SIGRTMAX
+        off = int(rt.group(3) or 0)
+        n = base + off if rt.group(2) == "+" else base - off
+        if rt.group(2) and ((rt.group(1) == "IN") != (rt.group(2) == "+")):
+            n = -1  # SIGRTMIN-n and SIGRTMAX+n name no real-time signal
+        if SIGRTMIN <= n <= SIGRTMAX:
+            return n
+        raise ApiError("invalid", f"unknown signal {sig!r}")
+    member = getattr(_signal.Signals, name, None)
+    if not isinstance(member, _signal.Signals) or name.startswith("SIGRT"):
+        raise ApiError("invalid", f"unknown signal {sig!r}")
+    return int(member)
 
 
 class Runtime:
@@ -230,8 +253,13 @@ async def wait_for_exit(pid: int, timeout: float) -> None:
         await asyncio.sleep(min(timeout, 0.1))
         return
     loop = asyncio.get_running_loop()
-    exited = loop.create_future()
-    loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def on_readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, on_readable)
     try:
         await asyncio.wait_for(exited, timeout)
     except asyncio.TimeoutError:

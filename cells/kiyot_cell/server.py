@@ -14,6 +14,7 @@ from .config import AgentConfig
 from .containers import ContainerManager
 from .errors import ApiError, invalid
 from .events import EventHub
+from .facts import CellFactsCache
 from .images import ImageStore
 from .pod import Pod
 from .records import LIVE_STATES
@@ -29,6 +30,7 @@ MGR: web.AppKey[ContainerManager] = web.AppKey("mgr", ContainerManager)
 IMAGES: web.AppKey[ImageStore] = web.AppKey("images", ImageStore)
 POD: web.AppKey[Pod] = web.AppKey("pod", Pod)
 HUB: web.AppKey[EventHub] = web.AppKey("hub", EventHub)
+FACTS: web.AppKey[CellFactsCache] = web.AppKey("facts", CellFactsCache)
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -93,6 +95,10 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 async def health(request: web.Request) -> web.Response:
     cfg = request.app[CFG]
     return web.json_response({"version": __version__, "api": API_VERSION, "ready": True, "runtime": cfg.runtime})
+
+
+async def facts(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[FACTS].get())
 
 
 async def put_pod(request: web.Request) -> web.Response:
@@ -231,6 +237,7 @@ def build_app(cfg: AgentConfig) -> web.Application:
     app[IMAGES] = images
     app[POD] = pod
     app[MGR] = mgr
+    app[FACTS] = CellFactsCache(cfg.runtime_path, cfg.seccomp_profile)
 
     async def on_startup(app: web.Application) -> None:
         for d in (cfg.state_dir, cfg.containers_dir, cfg.tmp_dir, cfg.runtime_root):
@@ -248,6 +255,7 @@ def build_app(cfg: AgentConfig) -> web.Application:
     app.on_cleanup.append(on_cleanup)
     r = app.router
     r.add_get("/v1/health", health)
+    r.add_get("/v1/facts", facts)
     r.add_put("/v1/pod", put_pod)
     r.add_post("/v1/images/pull", pull)
     r.add_delete("/v1/images/{digest}", remove_image)

@@ -1,16 +1,24 @@
 """The bundle's config.json: the node's spec plus what only the cell knows.
 
-umoci writes a runnable config.json from the image (args, env, cwd, user, default
-namespaces and mounts). The node's `spec` wins for every key it sets; whatever it leaves
-out comes from umoci's, so a minimal spec such as `{"process": {"args": [...]}}` works.
-Then the cell's facts: root.path, the network namespace, the pod's IPC namespace when asked
-for, cgroupsPath, the pod's /etc files (unless the node's spec mounts its own there), and
-`terminal: false` (runc refuses a terminal when detached under conmon).
+umoci writes a runnable config.json for the image. The agent keeps from it what is not an
+image default (runc's default namespaces, mounts, masked and read-only paths, device
+rules, capabilities) and drops what is: the image's args, env, cwd and user, which the node
+alone owns and sends as the final `process` (it merged them with the CRI config), and
+umoci's hostname and rlimits, which the agent owns. The node's `spec` wins for every key
+it sets. Then the cell's part: root.path, the network namespace, the pod's namespaces when
+asked for, cgroupsPath, the pod's hostname and /etc files (unless the node's spec mounts its
+own there), the device nodes asked for (resolved in the cell), the RLIMIT_NOFILE default,
+rlimits and capabilities clamped to what the cell can grant, and `terminal: false` (runc
+refuses a terminal when detached under conmon).
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import posixpath
+import resource
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +26,15 @@ from typing import Any
 from .errors import invalid
 
 ETC_FILES = ("hostname", "hosts", "resolv.conf")
+NOFILE_DEFAULT = 1048576
+# Keys of umoci's `process` that are image defaults (the node's) or the agent's own.
+_DROPPED_PROCESS_KEYS = ("args", "env", "cwd", "user", "rlimits")
 
 
 @dataclass(frozen=True)
-class CellFacts:
+class CellContext:
+    """What only the cell knows about one container's bundle."""
+
     rootfs: Path
     netns: str | None
     cgroups_path: str
@@ -30,62 +43,72 @@ class CellFacts:
     pod_namespaces: dict[str, str] = field(default_factory=dict)  # kind -> path, e.g. the pod's IPC
 
 
-def _merge_env(image_env: list[str], spec_env: list[str]) -> list[str]:
-    out: dict[str, str] = {}
-    for e in image_env + spec_env:
-        k = e.split("=", 1)[0]
-        out[k] = e
-    return list(out.values())
-
-
 GROUPS_POLICIES = ("Merge", "Strict")
 
 
-def build(image_cfg: dict[str, Any], spec: dict[str, Any], facts: CellFacts, user: str | None,
-          groups_policy: str = "Merge") -> dict[str, Any]:
+def check_process(proc: Any) -> None:
+    """The node's `spec.process` is the final one: a command, and env and cwd when given."""
+    if not isinstance(proc, dict):
+        raise invalid("'spec.process' must be an object")
+    args = proc.get("args")
+    if not args:
+        raise invalid("no command: 'spec.process.args' is empty (the node sends the final command)")
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise invalid("'spec.process.args' must be a list of strings")
+    env = proc.get("env")
+    if env is not None and (not isinstance(env, list) or not all(isinstance(e, str) for e in env)):
+        raise invalid("'spec.process.env' must be a list of strings")
+    cwd = proc.get("cwd")
+    if cwd and (not isinstance(cwd, str) or not cwd.startswith("/")):
+        raise invalid(f"'spec.process.cwd' must be an absolute path, got {cwd!r}")
+
+
+def build(image_cfg: dict[str, Any], spec: dict[str, Any], ctx: CellContext, user: str | None,
+          groups_policy: str = "Merge", devices: list["Device"] | None = None) -> dict[str, Any]:
     cfg = copy.deepcopy(image_cfg)
+    base_proc = cfg.setdefault("process", {})
+    for k in _DROPPED_PROCESS_KEYS:
+        base_proc.pop(k, None)
+    cfg.pop("hostname", None)
     for key, val in spec.items():
+        if key == "hostname":
+            continue  # the agent's: the pod's, below
         if key in ("process", "linux") and isinstance(val, dict):
-            base = cfg.setdefault(key, {})
-            for k, v in val.items():
-                if key == "process" and k == "env":
-                    base["env"] = _merge_env(base.get("env", []), list(v or []))
-                elif key == "process" and k in ("args", "cwd") and not v:
-                    continue  # empty: keep the image's
-                else:
-                    base[k] = copy.deepcopy(v)
+            cfg.setdefault(key, {}).update(copy.deepcopy(val))
         else:
             cfg[key] = copy.deepcopy(val)
 
     proc = cfg.setdefault("process", {})
-    if not proc.get("args"):
-        raise invalid("no command: neither spec.process.args nor the image's config gives one")
+    check_process(proc)
+    proc["env"] = proc.get("env") or []
+    proc["cwd"] = proc.get("cwd") or "/"
     proc["terminal"] = False
     proc.pop("consoleSize", None)
-    proc.setdefault("cwd", "/")
 
-    cfg["root"] = {"path": str(facts.rootfs), "readonly": bool(spec.get("root", {}).get("readonly", False))}
+    cfg["root"] = {"path": str(ctx.rootfs), "readonly": bool(spec.get("root", {}).get("readonly", False))}
 
     linux = cfg.setdefault("linux", {})
     namespaces = [dict(ns) for ns in linux.get("namespaces", [])]
-    if facts.netns:
+    if ctx.netns:
         net = [ns for ns in namespaces if ns.get("type") == "network"]
         if net:
-            net[0]["path"] = facts.netns
+            net[0]["path"] = ctx.netns
         else:
-            namespaces.append({"type": "network", "path": facts.netns})
+            namespaces.append({"type": "network", "path": ctx.netns})
     else:
         # No cell netns: share the agent's network (local tests).
         namespaces = [ns for ns in namespaces if ns.get("type") != "network"]
-    for kind, path in facts.pod_namespaces.items():
+    for kind, path in ctx.pod_namespaces.items():
         namespaces = [ns for ns in namespaces if ns.get("type") != kind] + [{"type": kind, "path": path}]
     linux["namespaces"] = namespaces
-    linux["cgroupsPath"] = facts.cgroups_path
+    linux["cgroupsPath"] = ctx.cgroups_path
 
-    if facts.pod_hostname and "hostname" not in spec and any(ns.get("type") == "uts" for ns in namespaces):
-        cfg["hostname"] = facts.pod_hostname
+    # The one place a container's host name is set: the pod's (PUT /v1/pod), in a UTS
+    # namespace of its own. Without one it shares the cell's, and runc refuses a hostname.
+    if ctx.pod_hostname and any(ns.get("type") == "uts" for ns in namespaces):
+        cfg["hostname"] = ctx.pod_hostname
 
-    if facts.pod_etc is not None:
+    if ctx.pod_etc is not None:
         # A file the node mounts itself wins: the kubelet's /etc/hosts carries hostAliases.
         given = {m.get("destination") for m in spec.get("mounts") or []}
         ours = [n for n in ETC_FILES if f"/etc/{n}" not in given]
@@ -93,17 +116,23 @@ def build(image_cfg: dict[str, Any], spec: dict[str, Any], facts: CellFacts, use
         for n in ours:
             mounts.append({
                 "destination": f"/etc/{n}", "type": "bind",
-                "source": str(facts.pod_etc / n), "options": ["rbind", "rprivate"],
+                "source": str(ctx.pod_etc / n), "options": ["rbind", "rprivate"],
             })
         cfg["mounts"] = mounts
 
-    if proc.get("rlimits"):
-        proc["rlimits"] = clamp_rlimits(proc["rlimits"])
+    if devices:
+        add_devices(linux, devices)
+
+    rlimits = list(proc.get("rlimits") or [])
+    if not any(rl.get("type") == "RLIMIT_NOFILE" for rl in rlimits if isinstance(rl, dict)):
+        rlimits.append(default_nofile())
+    proc["rlimits"] = clamp_rlimits(rlimits)
     if proc.get("capabilities"):
         proc["capabilities"] = clamp_capabilities(proc["capabilities"])
     if user:
-        proc["user"] = resolve_user(facts.rootfs, user, proc.get("user", {}).get("additionalGids", []),
+        proc["user"] = resolve_user(ctx.rootfs, user, proc.get("user", {}).get("additionalGids", []),
                                     merge_image_groups=groups_policy == "Merge")
+    proc.setdefault("user", {"uid": 0, "gid": 0})
     return cfg
 
 
@@ -145,6 +174,13 @@ def _has_cap_sys_resource() -> bool:
     return bool(_own_capabilities("CapEff") & (1 << 24))
 
 
+def held_capabilities() -> list[str]:
+    """The capabilities a container in this cell can hold at most: the agent's own bounding
+    set (CapBnd), as CAP_* names in kernel order. Empty when it cannot be read."""
+    held = _own_capabilities()
+    return [name for i, name in enumerate(CAPABILITIES) if held >> i & 1]
+
+
 def clamp_capabilities(caps: dict[str, Any]) -> dict[str, Any]:
     """Keep only the capabilities this cell can grant (its own bounding set).
 
@@ -153,23 +189,28 @@ def clamp_capabilities(caps: dict[str, Any]) -> dict[str, Any]:
     make `runc create` fail with EPERM. containerd gives a privileged container the
     capabilities it holds itself, for the same reason.
     """
-    held = _own_capabilities()
-    if not held:
+    allowed = set(held_capabilities())
+    if not allowed:
         return caps
-    allowed = {name for i, name in enumerate(CAPABILITIES) if held >> i & 1}
     return {kind: [c for c in names if c in allowed] if isinstance(names, list) else names
             for kind, names in caps.items()}
+
+
+def default_nofile() -> dict[str, Any]:
+    """The container's RLIMIT_NOFILE when the node gives none: 1048576, or the agent's own
+    hard limit if lower (containerd's default, bounded by what the cell can grant)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = NOFILE_DEFAULT if hard == resource.RLIM_INFINITY else min(NOFILE_DEFAULT, hard)
+    return {"type": "RLIMIT_NOFILE", "hard": n, "soft": n}
 
 
 def clamp_rlimits(rlimits: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Cap each rlimit at what this cell can grant.
 
     runc (under conmon, with the agent's limits) gets EPERM raising a hard limit above its
-    own without CAP_SYS_RESOURCE, and nothing may exceed fs.nr_open for NOFILE: a node's
-    generic 1048576 must not make `runc create` fail on a cell that cannot give it.
+    own without CAP_SYS_RESOURCE, and nothing may exceed fs.nr_open for NOFILE: a limit
+    the spec asks for must not make `runc create` fail on a cell that cannot give it.
     """
-    import resource
-
     cap = _has_cap_sys_resource()
     try:
         nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
@@ -193,6 +234,110 @@ def clamp_rlimits(rlimits: list[dict[str, Any]]) -> list[dict[str, Any]]:
             rl["hard"], rl["soft"] = hard, min(soft, hard)
         out.append(rl)
     return out
+
+
+# --- devices --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Device:
+    """One device node of the cell, as the container gets it."""
+
+    path: str          # in the container
+    kind: str          # "c" or "b"
+    major: int
+    minor: int
+    file_mode: int
+    uid: int
+    gid: int
+    access: str        # drawn from "rwm"
+
+    def node(self) -> dict[str, Any]:
+        return {"path": self.path, "type": self.kind, "major": self.major, "minor": self.minor,
+                "fileMode": self.file_mode, "uid": self.uid, "gid": self.gid}
+
+    def rule(self) -> dict[str, Any]:
+        return {"allow": True, "type": self.kind, "major": self.major, "minor": self.minor, "access": self.access}
+
+
+def resolve_devices(requests: Any) -> list[Device]:
+    """The create body's `devices`, stat'ed in the cell: a char/block device is one node,
+    a directory every such node under it (sorted; container paths keep their place
+    relative to `container_path`). Anything else is a 400 naming the path."""
+    if requests is None:
+        return []
+    if not isinstance(requests, list):
+        raise invalid("'devices' must be a list of {host_path, container_path, permissions}")
+    out: list[Device] = []
+    for d in requests:
+        if not isinstance(d, dict):
+            raise invalid("each of 'devices' must be an object with 'host_path'")
+        host = d.get("host_path")
+        target = d.get("container_path") or host
+        perms = d.get("permissions") or "rwm"
+        if not isinstance(host, str) or not host.startswith("/"):
+            raise invalid(f"device host_path {host!r} must be an absolute path")
+        if not isinstance(target, str) or not target.startswith("/"):
+            raise invalid(f"device container_path {target!r} (of {host}) must be an absolute path")
+        if not isinstance(perms, str) or not set(perms) <= set("rwm"):
+            raise invalid(f"device permissions {perms!r} (of {host}) must be drawn from 'rwm'")
+        access = "".join(c for c in "rwm" if c in perms)
+        for path, st in _device_nodes(host):
+            rel = os.path.relpath(path, host)
+            out.append(Device(
+                path=posixpath.normpath(target if rel == "." else posixpath.join(target, rel)),
+                kind="c" if stat.S_ISCHR(st.st_mode) else "b",
+                major=os.major(st.st_rdev), minor=os.minor(st.st_rdev),
+                file_mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid, access=access))
+    return out
+
+
+def _is_device(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+
+
+def _device_nodes(host: str) -> list[tuple[str, os.stat_result]]:
+    try:
+        st = os.stat(host)
+    except OSError as e:
+        raise invalid(f"device {host}: {e.strerror or e} in the cell") from None
+    if _is_device(st):
+        return [(host, st)]
+    if not stat.S_ISDIR(st.st_mode):
+        raise invalid(f"device {host} is neither a device node nor a directory of them in the cell")
+    found = []
+    for dirpath, dirs, files in os.walk(host):
+        dirs.sort()
+        for f in sorted(files):
+            path = os.path.join(dirpath, f)
+            try:
+                fst = os.stat(path)
+            except OSError:
+                continue  # a dangling link
+            if _is_device(fst):
+                found.append((path, fst))
+    if not found:
+        raise invalid(f"device {host}: no device nodes under this directory in the cell")
+    return found
+
+
+def _allows_all(rule: Any) -> bool:
+    """A rule that lets the container use every device (a privileged container's)."""
+    return (isinstance(rule, dict) and rule.get("allow") is True and set(rule.get("access") or "") >= set("rwm")
+            and rule.get("type") in (None, "", "a") and rule.get("major") in (None, -1)
+            and rule.get("minor") in (None, -1))
+
+
+def add_devices(linux: dict[str, Any], devices: list[Device]) -> None:
+    """Each node into `linux.devices` (replacing one at the same path) and, unless the
+    rules already allow every device, its allow rule into `linux.resources.devices`."""
+    paths = {d.path for d in devices}
+    linux["devices"] = [n for n in linux.get("devices") or [] if n.get("path") not in paths] + \
+        [d.node() for d in devices]
+    resources = linux.setdefault("resources", {})
+    rules = list(resources.get("devices") or [])
+    if not any(_allows_all(r) for r in rules):
+        rules += [d.rule() for d in devices]
+    resources["devices"] = rules
 
 
 # --- user resolution ------------------------------------------------------------------------

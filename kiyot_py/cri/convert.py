@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from typing import TypeVar
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from kiyot_py.model import Container, Image, Sandbox
@@ -21,10 +23,11 @@ SANDBOX_STATE_NAMES = {v: k for k, v in SANDBOX_STATES.items()}
 CONTAINER_STATE_NAMES = {v: k for k, v in CONTAINER_STATES.items()}
 
 
+T = TypeVar("T")
 STREAM_PAGE = 500  # records per streamed message, well under gRPC's 4 MiB default
 
 
-def pages(items: list, size: int = STREAM_PAGE):
+def pages(items: list[T], size: int = STREAM_PAGE) -> Iterator[list[T]]:
     """Slices of a list for a streamed answer; an empty list still gives one (empty) page."""
     for start in range(0, max(len(items), 1), size):
         yield items[start:start + size]

@@ -5,21 +5,26 @@ from __future__ import annotations
 import functools
 import inspect
 
+from collections.abc import Callable
+from typing import Any
+
 import grpc
 
-from kiyot_py.pods import errors
+from kiyot_py import errors
 
-CODES: dict[type[errors.PodError], grpc.StatusCode] = {
+CODES: dict[type[errors.KiyotError], grpc.StatusCode] = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
-def _code(exc: errors.PodError) -> grpc.StatusCode:
+def _code(exc: errors.KiyotError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in CODES:
             return CODES[cls]
@@ -34,7 +39,7 @@ def rpc(method):
             try:
                 async for item in method(self, request, context):
                     yield item
-            except errors.PodError as exc:
+            except errors.KiyotError as exc:
                 await context.abort(_code(exc), str(exc))
         return stream
 
@@ -42,19 +47,19 @@ def rpc(method):
     async def unary(self, request, context):
         try:
             return await method(self, request, context)
-        except errors.PodError as exc:
+        except errors.KiyotError as exc:
             await context.abort(_code(exc), str(exc))
     return unary
 
 
-def answer_unimplemented(servicer_class: type, service) -> type:
+def answer_unimplemented(servicer_class: type, service: Any) -> type:
     """Every RPC of `service` the class does not define answers UNIMPLEMENTED by name."""
     for method in service.methods:
         if method.name in servicer_class.__dict__:
             continue
 
-        def make(name: str):
-            async def unimplemented(self, request, context):
+        def make(name: str) -> Callable[..., Any]:
+            async def unimplemented(self: Any, request: Any, context: Any) -> None:
                 await context.abort(
                     grpc.StatusCode.UNIMPLEMENTED, f"{service.name}.{name} is not implemented by kiyot-py yet"
                 )

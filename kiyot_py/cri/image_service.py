@@ -11,7 +11,7 @@ from kiyot_py.cri.errors import answer_unimplemented, rpc
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from kiyot_py.gen.runtime.v1 import api_pb2_grpc
 from kiyot_py.model import Credentials, now_ns
-from kiyot_py.pods.errors import InvalidArgument
+from kiyot_py.errors import InvalidArgument
 from kiyot_py.pods.images import ImageManager
 from kiyot_py.pods.runtime import PodRuntime
 
@@ -71,14 +71,14 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
 
     @rpc
     async def RemoveImage(self, request, context):
-        await self._rt.remove_image(request.image.image)
+        await self._rt.cell_images.remove(request.image.image)
         return pb.RemoveImageResponse()
 
     @rpc
     async def ImageFsInfo(self, request, context):
         # The layers live in the cells, under the state dir (local cells) or on their own
         # disks; the node itself holds only records of them.
-        usage = await self._rt.image_usage()
+        usage = await self._rt.cell_images.usage()
         now = now_ns()
 
         def filesystem(kind: str) -> pb.FilesystemUsage:

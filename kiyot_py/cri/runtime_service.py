@@ -56,34 +56,34 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
 
     @rpc
     async def RunPodSandbox(self, request, context):
-        sandbox_id = await self._rt.run_sandbox(request.config, request.runtime_handler)
+        sandbox_id = await self._rt.sandboxes.run(request.config, request.runtime_handler)
         return pb.RunPodSandboxResponse(pod_sandbox_id=sandbox_id)
 
     @rpc
     async def StopPodSandbox(self, request, context):
-        await self._rt.stop_sandbox(request.pod_sandbox_id)
+        await self._rt.sandboxes.stop(request.pod_sandbox_id)
         return pb.StopPodSandboxResponse()
 
     @rpc
     async def RemovePodSandbox(self, request, context):
-        await self._rt.remove_sandbox(request.pod_sandbox_id)
+        await self._rt.sandboxes.remove(request.pod_sandbox_id)
         return pb.RemovePodSandboxResponse()
 
     @rpc
     async def PodSandboxStatus(self, request, context):
-        sb = self._rt.sandbox(request.pod_sandbox_id)
+        sb = self._rt.sandboxes.status(request.pod_sandbox_id)
         return pb.PodSandboxStatusResponse(
             status=convert.pod_sandbox_status(sb),
             info=convert.sandbox_info(sb) if request.verbose else {},
             containers_statuses=[
-                convert.container_status(c) for c in self._rt.list_containers(sandbox_prefix=sb.id)
+                convert.container_status(c) for c in self._rt.containers.list(sandbox_prefix=sb.id)
             ],
             timestamp=now_ns(),
         )
 
     def _sandboxes(self, f: pb.PodSandboxFilter) -> list[pb.PodSandbox]:
         state = convert.SANDBOX_STATE_NAMES[f.state.state] if f.HasField("state") else None
-        found = self._rt.list_sandboxes(f.id, state, dict(f.label_selector))
+        found = self._rt.sandboxes.list(f.id, state, dict(f.label_selector))
         return [convert.pod_sandbox(sb) for sb in found]
 
     @rpc
@@ -99,29 +99,29 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
 
     @rpc
     async def CreateContainer(self, request, context):
-        container_id = await self._rt.create_container(
+        container_id = await self._rt.containers.create(
             request.pod_sandbox_id, request.config, request.sandbox_config
         )
         return pb.CreateContainerResponse(container_id=container_id)
 
     @rpc
     async def StartContainer(self, request, context):
-        await self._rt.start_container(request.container_id)
+        await self._rt.containers.start(request.container_id)
         return pb.StartContainerResponse()
 
     @rpc
     async def StopContainer(self, request, context):
-        await self._rt.stop_container(request.container_id, request.timeout)
+        await self._rt.containers.stop(request.container_id, request.timeout)
         return pb.StopContainerResponse()
 
     @rpc
     async def RemoveContainer(self, request, context):
-        await self._rt.remove_container(request.container_id)
+        await self._rt.containers.remove(request.container_id)
         return pb.RemoveContainerResponse()
 
     def _containers(self, f: pb.ContainerFilter) -> list[pb.Container]:
         state = convert.CONTAINER_STATE_NAMES[f.state.state] if f.HasField("state") else None
-        found = self._rt.list_containers(f.id, f.pod_sandbox_id, state, dict(f.label_selector))
+        found = self._rt.containers.list(f.id, f.pod_sandbox_id, state, dict(f.label_selector))
         return [convert.container(c) for c in found]
 
     @rpc
@@ -135,7 +135,7 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
 
     @rpc
     async def ContainerStatus(self, request, context):
-        c = self._rt.container(request.container_id)
+        c = self._rt.containers.status(request.container_id)
         info = {}
         if request.verbose:
             record = to_json(c)
@@ -145,12 +145,12 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
 
     @rpc
     async def ReopenContainerLog(self, request, context):
-        await self._rt.reopen_log(request.container_id)
+        await self._rt.containers.reopen_log(request.container_id)
         return pb.ReopenContainerLogResponse()
 
     @rpc
     async def ExecSync(self, request, context):
-        result = await self._rt.exec_sync(request.container_id, list(request.cmd), request.timeout)
+        result = await self._rt.containers.exec_sync(request.container_id, list(request.cmd), request.timeout)
         return pb.ExecSyncResponse(
             stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code
         )

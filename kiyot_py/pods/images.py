@@ -1,7 +1,10 @@
 """Images as the node knows them: one record per image config, reached by tags and digests.
 
-PullImage resolves the reference at the registry (manifest, config, size) and records
-it; the layers themselves are pulled inside each cell that runs the image.
+PullImage resolves the reference at the registry (manifest, config, size) for the
+provider's default platform, before any cell exists, and records it; the record's id is
+that platform's config digest. A cell of another platform (an arm64 VM behind an amd64
+node) gets its own manifest and config of the same index, resolved once and kept in the
+record (`for_cell`). The layers themselves are pulled inside each cell that runs the image.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ import re
 
 import structlog
 
-from kiyot_py.model import Cell, Credentials, Image
-from kiyot_py.pods.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
-from kiyot_py.registry.client import ImageNotFound, RegistryClient, RegistryError
+from kiyot_py.model import Cell, CellFacts, Credentials, Image, PlatformImage
+from kiyot_py.platforms import Platform
+from kiyot_py.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from kiyot_py.registry.client import ImageNotFound, PlatformNotFound, RegistryClient, RegistryError
 from kiyot_py.registry.config import RegistriesConfig
 from kiyot_py.registry.pullpath import cell_reference
 from kiyot_py.registry.reference import InvalidReference, Reference, parse_reference
@@ -28,12 +32,27 @@ class RegistryFailure(Unavailable):
     """The registry refused or failed; the message is the registry's own."""
 
 
+# What CellFacts() says when a cell has told nothing: the fallback default platform.
+DEFAULT_PLATFORM = Platform("linux", "amd64")
+
+
 class ImageManager:
-    def __init__(self, store: Store, client: RegistryClient, config: RegistriesConfig) -> None:
+    def __init__(
+        self,
+        store: Store,
+        client: RegistryClient,
+        config: RegistriesConfig,
+        *,
+        default_platform: Platform = DEFAULT_PLATFORM,
+    ) -> None:
+        """`default_platform` is what PullImage resolves for (the provider's cells' usual
+        platform); cells of other platforms get theirs through `for_cell`."""
         self._store = store
         self._client = client
         self._config = config
+        self.default_platform = default_platform
         self._images: dict[str, Image] = {img.id: img for img in store.load(Image)}
+        self._resolving: dict[tuple[str, str], asyncio.Lock] = {}
 
     async def pull(
         self, image: str, auth: Credentials | None, timeout: float | None = None
@@ -41,7 +60,8 @@ class ImageManager:
         ref = _parse(image)
         try:
             resolved = await asyncio.wait_for(
-                self._client.resolve(ref, auth=auth, config=self._config), timeout
+                self._client.resolve(ref, platform=self.default_platform, auth=auth, config=self._config),
+                timeout,
             )
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"pulling {ref}: deadline exceeded") from None
@@ -108,19 +128,76 @@ class ImageManager:
         self._store.delete(Image, record.id)
         log.info("image removed", id=record.id)
 
-    def cell_pull(self, record: Image, cell: Cell) -> dict:
-        """What a cell's agent needs to pull this image: where from, which digest, auth."""
+    async def for_cell(self, record: Image, facts: CellFacts, timeout: float | None = None) -> PlatformImage:
+        """The manifest and config of `record` a cell with these facts runs.
+
+        The record's own when its config's platform matches the cell's; else the same
+        index (``repo_digests[0]``) resolved at the registry for the cell's platform, kept
+        in ``record.platforms``. FailedPrecondition when the image has no manifest for it.
+        """
+        wanted = Platform.from_facts(facts)
+        own = Platform.from_image_config(record.config)
+        if own is None or own.matches(wanted):
+            return PlatformImage(record.platform_digest, record.config)
+        key = str(wanted)
+        cached = record.platforms.get(key)
+        if cached is not None:
+            return cached
+        lock = self._resolving.setdefault((record.id, key), asyncio.Lock())
+        try:
+            async with lock:
+                cached = record.platforms.get(key)
+                if cached is None:
+                    cached = await self._resolve_platform(record, wanted, timeout)
+                    record.platforms[key] = cached
+                    if self._images.get(record.id) is record:
+                        self._store.put(record)
+                    log.info("image platform resolved", id=record.id, platform=key,
+                             digest=cached.platform_digest)
+                return cached
+        finally:
+            if not lock.locked():
+                self._resolving.pop((record.id, key), None)
+
+    async def _resolve_platform(self, record: Image, wanted: Platform, timeout: float | None) -> PlatformImage:
+        name = record.repo_tags[0] if record.repo_tags else (record.repo_digests or [record.id])[0]
+        missing = f"image {name} has no {wanted} manifest"
+        if not record.repo_digests:
+            raise FailedPrecondition(f"{missing}: the record names no repository to ask")
+        ref = parse_reference(record.repo_digests[0])
+        if ref.digest == record.platform_digest:  # a single manifest, not an index
+            raise FailedPrecondition(f"{missing}: it is built for {Platform.from_image_config(record.config)} only")
+        try:
+            resolved = await asyncio.wait_for(
+                self._client.resolve(ref, platform=wanted, auth=record.auth.get(ref.name), config=self._config),
+                timeout,
+            )
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"resolving {ref} for {wanted}: deadline exceeded") from None
+        except PlatformNotFound as exc:
+            raise FailedPrecondition(f"{missing}: {exc}") from None
+        except ImageNotFound as exc:
+            raise NotFound(f"resolving {ref} for {wanted}: {exc}") from None
+        except RegistryError as exc:
+            raise RegistryFailure(f"resolving {ref} for {wanted}: {exc}") from None
+        if resolved.platform is not None and not resolved.platform.matches(wanted):
+            raise FailedPrecondition(f"{missing}: {ref} is built for {resolved.platform}")
+        return PlatformImage(resolved.platform_manifest_digest, resolved.config)
+
+    def cell_pull(self, record: Image, cell: Cell, *, platform_digest: str) -> dict:
+        """What a cell's agent needs to pull this image's manifest `platform_digest` (the
+        cell's platform's, from `for_cell`): where from, which digest, auth."""
         name = record.repo_digests[0].split("@", 1)[0]
         ref = parse_reference(name)
         creds = record.auth.get(ref.name)
         auth = {"username": creds.username, "password": creds.password} if creds else None
         if cell.pull_path:
-            source = cell_reference(cell.pull_path, ref, record.platform_digest)
-            return {"ref": source, "digest": record.platform_digest, "tls_verify": False, "auth": auth}
+            source = cell_reference(cell.pull_path, ref, platform_digest)
+            return {"ref": source, "digest": platform_digest, "tls_verify": False, "auth": auth}
         endpoint = self._config.endpoints(ref)[-1]
         return {
-            "ref": f"{ref.name}@{record.platform_digest}",
-            "digest": record.platform_digest,
+            "ref": f"{ref.name}@{platform_digest}",
+            "digest": platform_digest,
             "tls_verify": not endpoint.insecure,
             "auth": auth,
         }

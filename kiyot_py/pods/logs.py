@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from kiyot_py.agent_client import AgentClient, AgentError
+from kiyot_py.agent_client import AgentClient, AgentError, AgentLogGone, AgentNotFound
 from kiyot_py.model import Container
 
 log = structlog.get_logger("kiyot.pods.logs")
@@ -86,6 +86,7 @@ class LogShipper:
         async with self._lock:
             if self._file is None:
                 self._open(resume=False)
+            assert self._file is not None
             os.write(self._file, data)
             self._c.log_offset += len(data)
             self._c.log_size = os.fstat(self._file).st_size
@@ -115,11 +116,11 @@ class LogShipper:
                         await self._write(pending)
                     c.log_done = True  # the agent ends a followed log only at its end
                     return
+                except (AgentNotFound, AgentLogGone) as exc:
+                    log.warning("log no longer available", container=c.id, error=exc.message)
+                    c.log_done = True
+                    return
                 except AgentError as exc:
-                    if exc.status in (404, 416):
-                        log.warning("log no longer available", container=c.id, error=exc.message)
-                        c.log_done = True
-                        return
                     log.debug("log stream broke; resuming", container=c.id, error=exc.message)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

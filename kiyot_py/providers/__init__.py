@@ -1,5 +1,17 @@
 """Cell providers: one module per place cells come from."""
 
+from __future__ import annotations
+
+from kiyot_py.config import ConfigError, Settings
 from kiyot_py.providers.base import Provider, ProviderError
 
-__all__ = ["Provider", "ProviderError"]
+
+def make_provider(settings: Settings) -> Provider:
+    """The provider the settings name."""
+    if settings.provider == "local":
+        from kiyot_py.providers.local import LocalProvider
+        return LocalProvider(settings.state_dir, settings.local)
+    raise ConfigError(f"provider {settings.provider!r} is not available (only 'local')")
+
+
+__all__ = ["Provider", "ProviderError", "make_provider"]

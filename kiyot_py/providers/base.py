@@ -1,19 +1,71 @@
-"""The interface every cell provider implements (local netns cells now, EC2 next)."""
+"""The interface every cell provider implements (local netns cells now, EC2 next).
+
+Shaped for a VM far away that takes tens of seconds to boot: `launch` asks for a cell
+and returns as soon as the provider has accepted it (the cell may still be `pending`);
+`wait_running` waits until the provider says it runs and has an address; the agent
+inside is then the pods room's business. A launch carries an idempotency token, so
+that a kubelet's retry or a node restart mid-launch finds the same cell instead of
+making a second one. Cells are described many at a time (one cloud call at recovery,
+not one per sandbox) and found by tags alone.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from kiyot_py import errors
 from kiyot_py.model import Cell
 
 # Tags every cell carries, so that the cloud alone can say who owns what.
 TAG_NODE = "kiyot-node"
 TAG_SANDBOX = "kiyot-sandbox"
+TAG_POD = "kiyot-pod"
+# What a cell is for: a pod's (ROLE_POD) or a standby cell waiting for one; the
+# orphan collector only ever reaps pod cells.
+TAG_ROLE = "kiyot-role"
+ROLE_POD = "pod"
+POD_LABEL_TAG_PREFIX = "pod-label:"
 
 
-class ProviderError(RuntimeError):
+class ProviderError(errors.KiyotError):
+    """A provider failed; raised as one of the kinds below, with the provider's own message."""
+
+
+class CapacityError(ProviderError, errors.ResourceExhausted):
+    """No capacity for this shape now (a zone out of an instance type)."""
+
+
+class QuotaError(ProviderError, errors.ResourceExhausted):
+    """An account limit (vCPUs, instances) stops the launch."""
+
+
+class ProviderPermissionDenied(ProviderError, errors.PermissionDenied):
     pass
+
+
+class ProviderConfigError(ProviderError, errors.FailedPrecondition):
+    """The provider's configuration is wrong: an unknown image, a bad subnet."""
+
+
+class CellNotFound(ProviderError, errors.NotFound):
+    pass
+
+
+class ProviderUnavailable(ProviderError, errors.Unavailable):
+    """Transient: throttled, a timeout, the API is down. A retry may succeed."""
+
+
+@dataclass(frozen=True)
+class CellShape:
+    """What a pod asks of its cell: the provider picks the cheapest fit."""
+
+    cpu_millis: int = 0  # 0: the provider's smallest
+    memory_bytes: int = 0
+    architecture: str = ""  # GOARCH; "": the provider's default
+    market: str = "on-demand"  # on-demand | spot
+    runtime_handler: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -23,6 +75,14 @@ class CellFeatures:
     # `rro` mounts: the cell's OCI runtime knows the option and its kernel has mount_setattr.
     recursive_read_only_mounts: bool = False
     user_namespaces: bool = False
+
+
+@dataclass(frozen=True)
+class PullEndpoint:
+    """Where a provider's cells fetch images through the node (local cells only)."""
+
+    host: str  # the address on the node the cells reach
+    port: int
 
 
 class Provider(Protocol):
@@ -35,17 +95,37 @@ class Provider(Protocol):
     def features(self) -> CellFeatures:
         """What the cells can do (known once start() has run)."""
 
-    async def create_cell(self, sandbox_id: str, tags: dict[str, str]) -> Cell:
-        """Create the cell for a sandbox, or return the one that already exists for it."""
+    @property
+    def default_architecture(self) -> str:
+        """GOARCH of a cell launched with no architecture asked for (what PullImage resolves)."""
 
-    async def delete_cell(self, cell_id: str) -> None:
-        """Release a cell and everything it holds. Unknown cells are already deleted."""
+    @property
+    def pull_path(self) -> PullEndpoint | None:
+        """The node endpoint the cells pull images through, or None: cells go to registries."""
 
-    async def describe_cell(self, cell_id: str) -> Cell | None:
-        """The cell as the provider sees it now, or None when it no longer exists."""
+    @property
+    def reserved_ports(self) -> frozenset[int]:
+        """Ports in a cell that a pod may not take (the agent's own)."""
+
+    async def launch(self, shape: CellShape, token: str) -> Cell:
+        """Ask for a cell; returns once the provider has it (state pending or running).
+
+        The same token always gives the same cell, also after a restart of the node."""
+
+    async def wait_running(self, cell_id: str, timeout: float) -> Cell:
+        """Wait until the cell runs and has its address; CellNotFound when it is gone."""
+
+    async def terminate(self, cell_id: str) -> None:
+        """Release a cell and everything it holds. Unknown cells are already terminated."""
+
+    async def describe(self, cell_ids: list[str]) -> dict[str, Cell]:
+        """The cells as the provider sees them now; a cell that no longer exists is absent."""
 
     async def list_cells(self, tags: dict[str, str]) -> list[Cell]:
         """Every cell carrying all of these tags."""
+
+    async def reset(self) -> int:
+        """Terminate every cell of this provider here and undo start(); how many cells."""
 
     async def close(self) -> None:
         """Let go of clients; cells keep running."""

@@ -26,7 +26,17 @@ import structlog
 
 from kiyot_py.config import LocalCellSettings
 from kiyot_py.model import Cell
-from kiyot_py.providers.base import CellFeatures, ProviderError
+from kiyot_py.platforms import normalize_arch
+from kiyot_py.providers.base import (
+    TAG_SANDBOX,
+    CapacityError,
+    CellFeatures,
+    CellNotFound,
+    CellShape,
+    ProviderConfigError,
+    ProviderUnavailable,
+    PullEndpoint,
+)
 
 log = structlog.get_logger("kiyot.providers.local")
 
@@ -42,6 +52,10 @@ class _CellFile:
     veth: str
     tags: dict[str, str]
     supervisor_pid: int = 0
+    token: str = ""  # the launch's idempotency token
+    # "pending" from the moment the address is claimed until the agent's supervisor runs:
+    # a cell still pending when no launch is under way was cut short (kill -9).
+    state: str = "running"
 
 
 async def _run(*argv: str, check: bool = True) -> str:
@@ -50,7 +64,7 @@ async def _run(*argv: str, check: bool = True) -> str:
     )
     out, err = await proc.communicate()
     if check and proc.returncode != 0:
-        raise ProviderError(f"{' '.join(argv)}: {err.decode().strip() or proc.returncode}")
+        raise ProviderUnavailable(f"{' '.join(argv)}: {err.decode().strip() or proc.returncode}")
     return out.decode()
 
 
@@ -85,7 +99,7 @@ class LocalProvider:
         self._dir = state_dir / "cells"
         self._settings = settings
         self._net = ipaddress.ip_network(settings.subnet)
-        self.gateway = str(next(self._net.hosts()))
+        self._gateway = str(next(self._net.hosts()))
         self._lock = asyncio.Lock()
         self._features = CellFeatures()
 
@@ -94,8 +108,16 @@ class LocalProvider:
         return self._features
 
     @property
-    def pull_path(self) -> str:
-        return f"{self.gateway}:{self._settings.pull_path_port}"
+    def default_architecture(self) -> str:
+        return normalize_arch(os.uname().machine)[0]  # a local cell runs on this host
+
+    @property
+    def pull_path(self) -> PullEndpoint:
+        return PullEndpoint(self._gateway, self._settings.pull_path_port)
+
+    @property
+    def reserved_ports(self) -> frozenset[int]:
+        return frozenset({self._settings.agent_port})
 
     # -- shared infrastructure ------------------------------------------------
 
@@ -105,8 +127,8 @@ class LocalProvider:
         if not Path(f"/sys/class/net/{bridge}").exists():
             await _run("ip", "link", "add", bridge, "type", "bridge")
         addrs = await _run("ip", "-o", "addr", "show", "dev", bridge)
-        if f" {self.gateway}/" not in addrs:
-            await _run("ip", "addr", "add", f"{self.gateway}/{self._net.prefixlen}", "dev", bridge)
+        if f" {self._gateway}/" not in addrs:
+            await _run("ip", "addr", "add", f"{self._gateway}/{self._net.prefixlen}", "dev", bridge)
         await _run("ip", "link", "set", bridge, "up")
         await self._fence_host()
         self._features = await self._probe_features()
@@ -133,7 +155,7 @@ class LocalProvider:
         """A local cell runs this host's OCI runtime on this host's kernel: ask the runtime."""
         try:
             features = json.loads(await _run(self._settings.runtime, "features"))
-        except (ProviderError, ValueError, OSError) as exc:
+        except (ProviderUnavailable, ValueError, OSError) as exc:
             log.warning("the OCI runtime cannot list its features", runtime=self._settings.runtime, error=str(exc))
             return CellFeatures()
         # mount_setattr(2) (Linux 5.12) is what makes `rro` recursive.
@@ -154,7 +176,7 @@ class LocalProvider:
         await _run("iptables", "-F", chain)
         for rule in (
             ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
-            ["-p", "tcp", "-d", self.gateway, "--dport", str(self._settings.pull_path_port), "-j", "ACCEPT"],
+            ["-p", "tcp", "-d", self._gateway, "--dport", str(self._settings.pull_path_port), "-j", "ACCEPT"],
             ["-j", "DROP"],
         ):
             await _run("iptables", "-A", chain, *rule)
@@ -164,20 +186,33 @@ class LocalProvider:
 
     # -- cells ------------------------------------------------------------------
 
-    async def create_cell(self, sandbox_id: str, tags: dict[str, str]) -> Cell:
-        cell_id = "c" + sandbox_id[:12]
+    async def launch(self, shape: CellShape, token: str) -> Cell:
+        if shape.runtime_handler not in ("", self._settings.runtime):
+            raise ProviderConfigError(
+                f"runtime handler {shape.runtime_handler!r} is not configured (local cells run "
+                f"{self._settings.runtime!r})")
+        if shape.architecture and shape.architecture != self.default_architecture:
+            raise ProviderConfigError(
+                f"local cells are {self.default_architecture}; {shape.architecture} was asked for")
+        cell_id = "c" + token[:12]
         async with self._lock:
             existing = self._read(cell_id)
             if existing is not None:
-                if existing.sandbox_id != sandbox_id:
-                    raise ProviderError(f"cell {cell_id} belongs to sandbox {existing.sandbox_id}")
-                return self._cell(existing)
+                if existing.token != token:
+                    raise ProviderConfigError(f"cell {cell_id} was launched for another token")
+                if existing.state == "running":
+                    return self._cell(existing)
+                # Pending while no launch runs (the lock is ours): a launch cut short by a
+                # crash. Nothing in it is worth keeping: build it again.
+                log.info("rebuilding a cell whose launch was cut short", cell=cell_id)
+                await self._teardown(cell_id)
             cell_dir = self._dir / cell_id
             cell_dir.mkdir(mode=0o700)
             try:
                 cell = _CellFile(
-                    id=cell_id, sandbox_id=sandbox_id, address=self._allocate_address(),
-                    netns=f"kiyot-{sandbox_id[:12]}", veth=f"kv{sandbox_id[:12]}", tags=dict(tags),
+                    id=cell_id, sandbox_id=shape.tags.get(TAG_SANDBOX, ""), address=self._allocate_address(),
+                    netns=f"kiyot-{token[:12]}", veth=f"kv{token[:12]}", tags=dict(shape.tags),
+                    token=token, state="pending",
                 )
                 self._write(cell)  # claims the address before anything is built
                 await self._build_network(cell)
@@ -186,19 +221,28 @@ class LocalProvider:
                 with os.fdopen(fd, "w") as fh:
                     fh.write(secrets.token_urlsafe(32))
                 await self._start_agent(cell)
+                cell.state = "running"
+                self._write(cell)
             except BaseException:
                 await self._teardown(cell_id)
                 raise
-            log.info("cell created", cell=cell_id, address=cell.address)
+            log.info("cell launched", cell=cell_id, address=cell.address)
             return self._cell(cell)
 
-    async def delete_cell(self, cell_id: str) -> None:
+    async def wait_running(self, cell_id: str, timeout: float) -> Cell:
+        # A launch here returns only once the cell runs; what is not running now never will.
+        cell = self._read(cell_id)
+        if cell is None or cell.state != "running":
+            raise CellNotFound(f"cell {cell_id} does not exist (or its launch was cut short)")
+        return self._cell(cell)
+
+    async def terminate(self, cell_id: str) -> None:
         async with self._lock:
             await self._teardown(cell_id)
 
-    async def describe_cell(self, cell_id: str) -> Cell | None:
-        cell = self._read(cell_id)
-        return None if cell is None else self._cell(cell)
+    async def describe(self, cell_ids: list[str]) -> dict[str, Cell]:
+        cells = (self._read(cell_id) for cell_id in cell_ids)
+        return {c.id: self._cell(c) for c in cells if c is not None}
 
     async def list_cells(self, tags: dict[str, str]) -> list[Cell]:
         return [
@@ -212,23 +256,24 @@ class LocalProvider:
         token = (self._dir / cell.id / "token")
         # A local cell without its namespace (the host rebooted) is gone for good.
         alive = Path(NETNS_DIR / cell.netns).exists() and token.exists()
+        state = cell.state if alive or cell.state == "pending" else "terminated"
         return Cell(
             id=cell.id, sandbox_id=cell.sandbox_id, address=cell.address,
             agent_url=f"http://{cell.address}:{self._settings.agent_port}",
             token=token.read_text() if token.exists() else "",
-            state="running" if alive else "terminated",
-            tags=dict(cell.tags), pull_path=self.pull_path, hostname=cell.id,
+            state=state, tags=dict(cell.tags),
+            pull_path=f"{self._gateway}:{self._settings.pull_path_port}", hostname=cell.id,
         )
 
     def _allocate_address(self) -> str:
-        used = {c.address for c in self._read_all()} | {self.gateway}
+        used = {c.address for c in self._read_all()} | {self._gateway}
         # The file lock keeps two kiyot-py processes on one host from taking one address.
         with open(self._dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             for host in self._net.hosts():
                 if str(host) not in used:
                     return str(host)
-        raise ProviderError(f"no free address left in {self._net}")
+        raise CapacityError(f"no free address left in {self._net} for another cell")
 
     async def _build_network(self, cell: _CellFile) -> None:
         ns = cell.netns
@@ -238,11 +283,11 @@ class LocalProvider:
         await _run("ip", "-n", ns, "addr", "add", f"{cell.address}/{self._net.prefixlen}", "dev", "eth0")
         await _run("ip", "-n", ns, "link", "set", "eth0", "up")
         await _run("ip", "-n", ns, "link", "set", "lo", "up")
-        await _run("ip", "-n", ns, "route", "add", "default", "via", self.gateway)
+        await _run("ip", "-n", ns, "route", "add", "default", "via", self._gateway)
         await self._forget_neighbour(cell.address)
         # The agent's port answers the node only, not the pod's own containers.
         await _run("nsenter", f"--net={NETNS_DIR / ns}", "iptables", "-A", "INPUT", "-p", "tcp",
-                   "--dport", str(self._settings.agent_port), "!", "-s", self.gateway, "-j", "DROP")
+                   "--dport", str(self._settings.agent_port), "!", "-s", self._gateway, "-j", "DROP")
 
     async def _forget_neighbour(self, address: str) -> None:
         """Drop the host's ARP entry for a cell address.

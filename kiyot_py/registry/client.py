@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import platform as _platform
 import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,18 +22,20 @@ from urllib.parse import urlencode, urlsplit
 import aiohttp
 import structlog
 
+from kiyot_py.platforms import Platform
+from kiyot_py.registry import transport
 from kiyot_py.registry.config import Endpoint, RegistriesConfig
-from kiyot_py.registry.errors import ImageNotFound, RegistryBlocked, RegistryError
+from kiyot_py.registry.errors import ImageNotFound, PlatformNotFound, RegistryBlocked, RegistryError
 from kiyot_py.registry.reference import InvalidReference, Reference, validate_digest
 
 __all__ = [
     "Credentials",
     "ImageNotFound",
+    "PlatformNotFound",
     "RegistryBlocked",
     "RegistryClient",
     "RegistryError",
     "ResolvedImage",
-    "host_platform",
     "MEDIA_TYPE_OCI_INDEX",
     "MEDIA_TYPE_OCI_MANIFEST",
     "MEDIA_TYPE_DOCKER_LIST",
@@ -62,35 +63,11 @@ MAX_CONFIG_BYTES = 16 << 20
 MAX_ERROR_BYTES = 64 << 10
 MAX_TOKEN_BYTES = 1 << 20
 
-# Python's platform.machine() → GOARCH (and the default variant).
-_GOARCH = {
-    "x86_64": ("amd64", ""),
-    "amd64": ("amd64", ""),
-    "aarch64": ("arm64", "v8"),
-    "arm64": ("arm64", "v8"),
-    "armv7l": ("arm", "v7"),
-    "armv6l": ("arm", "v6"),
-    "i386": ("386", ""),
-    "i686": ("386", ""),
-    "ppc64le": ("ppc64le", ""),
-    "s390x": ("s390x", ""),
-    "riscv64": ("riscv64", ""),
-    "mips64": ("mips64", ""),
-    "loongarch64": ("loong64", ""),
-}
-
-
 class Credentials(Protocol):
     """Anything with a username and a password (kiyot_py.model.Credentials)."""
 
     username: str
     password: str
-
-
-def host_platform() -> tuple[str, str]:
-    """("linux", GOARCH of this machine)."""
-    machine = _platform.machine().lower()
-    return ("linux", _GOARCH.get(machine, (machine, ""))[0])
 
 
 @dataclass
@@ -105,6 +82,8 @@ class ResolvedImage:
     media_type: str  # of what the tag/digest points at
     platform_media_type: str = ""
     endpoint: str = ""  # where it was resolved (mirror or location)
+    # What the config says it is built for (None: it names no architecture).
+    platform: Platform | None = None
 
 
 def _digest_of(data: bytes, algorithm: str = "sha256") -> str:
@@ -191,13 +170,6 @@ class _Repo:
         self.authorization: str | None = None  # never logged, never in a message
         self.where = f"{endpoint.host}/{repository}"
 
-    def _schemes(self) -> list[str]:
-        host = self.endpoint.api_host
-        if not self.endpoint.insecure:
-            return ["https"]
-        known = self.client._scheme_for.get(host)
-        return [known] if known else ["http", "https"]
-
     async def get(self, kind: str, reference: str, *, accept: str | None, limit: int, what: str
                   ) -> tuple[int, Any, bytes, str]:
         """GET /v2/<repo>/<kind>/<reference>, authenticating on a 401 challenge once."""
@@ -226,34 +198,16 @@ class _Repo:
             await self._authorize(challenges, body)
         raise AssertionError("unreachable")
 
-    async def _send(self, path: str, headers: dict[str, str]):
-        session = self.client._get_session()
-        schemes = self._schemes()
-        host = self.endpoint.api_host
-        last: Exception | None = None
-        for i, scheme in enumerate(schemes):
-            url = f"{scheme}://{host}{path}"
-            ssl = False if (scheme == "https" and self.endpoint.insecure) else True
-            try:
-                resp = await session.get(url, headers=headers, ssl=ssl, allow_redirects=True)
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-                last = exc
-                continue
-            except aiohttp.ClientError as exc:
-                raise RegistryError(f"{self.where}: {scheme} request failed: {exc.__class__.__name__}: {exc}") from None
-            if scheme == "http" and resp.status == 400 and i + 1 < len(schemes):
-                # Go's TLS servers answer plain HTTP with 400 "Client sent an HTTP request to an HTTPS server".
-                peek = await resp.content.read(512)
-                if b"HTTPS" in peek:
-                    resp.release()
-                    continue
-                resp.release()
-                resp = await session.get(url, headers=headers, ssl=ssl, allow_redirects=True)
-            if self.endpoint.insecure:
-                self.client._scheme_for[host] = scheme
-            return resp
-        detail = f"{last.__class__.__name__}: {last}" if last else "no scheme to try"
-        raise RegistryError(f"{self.where}: cannot reach {host}: {detail}") from None
+    async def _send(self, path: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        try:
+            return await transport.request(self.client._get_session(), "GET", self.endpoint, path,
+                                           headers, self.client._schemes)
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise RegistryError(
+                f"{self.where}: cannot reach {self.endpoint.api_host}: {exc.__class__.__name__}: {exc}"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise RegistryError(f"{self.where}: request failed: {exc.__class__.__name__}: {exc}") from None
 
     async def _authorize(self, challenges: list[tuple[str, dict[str, str]]], body: bytes) -> None:
         by_scheme = {scheme: params for scheme, params in challenges}
@@ -391,8 +345,10 @@ def _descriptor(d: Any, where: str) -> tuple[str, int]:
     if not isinstance(d, dict):
         raise RegistryError(f"{where}: malformed descriptor")
     digest, size = d.get("digest"), d.get("size")
+    if not isinstance(digest, str):
+        raise RegistryError(f"{where}: malformed descriptor: no digest")
     try:
-        validate_digest(digest if isinstance(digest, str) else "")
+        validate_digest(digest)
     except InvalidReference as exc:
         raise RegistryError(f"{where}: malformed descriptor: {exc}") from None
     if not isinstance(size, int) or size < 0:
@@ -400,24 +356,35 @@ def _descriptor(d: Any, where: str) -> tuple[str, int]:
     return digest, size
 
 
-def select_platform(index: dict[str, Any], os_name: str, arch: str, variant: str = "") -> dict[str, Any] | None:
-    """The best manifest descriptor of an index for os/arch[/variant], as containerd picks."""
+def select_platform(index: dict[str, Any], platform: Platform) -> dict[str, Any] | None:
+    """The best manifest descriptor of an index for `platform`, as containerd picks: the
+    same os and architecture, an exact variant first, then one that names none."""
     candidates = []
     for d in index.get("manifests") or []:
         if not isinstance(d, dict):
             continue
         p = d.get("platform") or {}
-        if p.get("os") != os_name or p.get("architecture") != arch:
+        if not isinstance(p.get("os"), str) or not isinstance(p.get("architecture"), str):
             continue
-        v = p.get("variant") or ""
-        if variant and v and v != variant:
-            # arm64 v8 is the default variant: an empty one matches it.
+        raw_variant = p.get("variant")
+        offered = Platform(p["os"], p["architecture"], raw_variant if isinstance(raw_variant, str) else "")
+        if (offered.os, offered.architecture) != (platform.os, platform.architecture):
             continue
-        candidates.append((0 if v == variant else 1, d))
+        if raw_variant and platform.variant and offered.variant != platform.variant:
+            continue
+        candidates.append((0 if offered.variant == platform.variant else 1, d))
     if not candidates:
         return None
     candidates.sort(key=lambda c: c[0])
     return candidates[0][1]
+
+
+def _offered(index: dict[str, Any]) -> str:
+    return ", ".join(sorted(
+        "/".join(x for x in (p.get("os"), p.get("architecture"), p.get("variant")) if isinstance(x, str) and x)
+        for d in index.get("manifests") or [] if isinstance(d, dict)
+        for p in [d.get("platform") or {}]
+    )) or "none"
 
 
 class RegistryClient:
@@ -431,7 +398,7 @@ class RegistryClient:
         self.user_agent = user_agent
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
         self._session: aiohttp.ClientSession | None = None
-        self._scheme_for: dict[str, str] = {}  # insecure host → scheme that worked
+        self._schemes = transport.SchemeCache()
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -459,23 +426,21 @@ class RegistryClient:
         self,
         ref: Reference,
         *,
+        platform: Platform,
         auth: Credentials | None = None,
         config: RegistriesConfig | None = None,
-        platform: tuple[str, str] | None = None,
     ) -> ResolvedImage:
-        """Resolve `ref` at its registry (mirrors first); see ResolvedImage."""
+        """Resolve `ref` at its registry (mirrors first) for `platform` (the cell's, never
+        this machine's); see ResolvedImage. An index without a manifest for `platform`
+        raises ImageNotFound; a single manifest is taken as it is (see ResolvedImage.platform)."""
         config = config if config is not None else RegistriesConfig()
         endpoints = config.endpoints(ref)  # RegistryBlocked is a RegistryError
-        os_name, arch = platform or host_platform()
-        variant = ""
-        if platform is None:
-            variant = _GOARCH.get(_platform.machine().lower(), ("", ""))[1]
         failures: list[str] = []
         for i, endpoint in enumerate(endpoints):
             last = i == len(endpoints) - 1
             try:
                 try:
-                    resolved = await self._resolve_at(endpoint, ref, auth, os_name, arch, variant)
+                    resolved = await self._resolve_at(endpoint, ref, auth, platform)
                 except aiohttp.ClientError as exc:  # a body cut short, a read timeout, …
                     raise RegistryError(
                         f"{endpoint}/{endpoint.repository(ref)}: {exc.__class__.__name__}: {exc}"
@@ -496,8 +461,7 @@ class RegistryClient:
         raise RegistryError(f"{ref}: no endpoint to try")  # endpoints() never returns []
 
     async def _resolve_at(
-        self, endpoint: Endpoint, ref: Reference, auth: Credentials | None,
-        os_name: str, arch: str, variant: str,
+        self, endpoint: Endpoint, ref: Reference, auth: Credentials | None, platform: Platform,
     ) -> ResolvedImage:
         repo = _Repo(self, endpoint, endpoint.repository(ref), auth)
         where = repo.where
@@ -511,16 +475,10 @@ class RegistryClient:
 
         platform_digest, platform_type, manifest = top_digest, media_type, doc
         if media_type in _INDEX_TYPES:
-            chosen = select_platform(doc, os_name, arch, variant)
+            chosen = select_platform(doc, platform)
             if chosen is None:
-                available = sorted(
-                    "/".join(x for x in (p.get("os"), p.get("architecture"), p.get("variant")) if x)
-                    for d in doc.get("manifests") or [] if isinstance(d, dict)
-                    for p in [d.get("platform") or {}]
-                )
-                raise ImageNotFound(
-                    f"{where}: no manifest for platform {os_name}/{arch} in {reference} "
-                    f"(has: {', '.join(available) or 'none'})"
+                raise PlatformNotFound(
+                    f"{where}: no manifest for platform {platform} in {reference} (has: {_offered(doc)})"
                 )
             want, _ = _descriptor(chosen, where)
             status, headers, body, _ = await repo.get(
@@ -558,17 +516,18 @@ class RegistryClient:
             media_type=media_type,
             platform_media_type=platform_type,
             endpoint=str(endpoint),
+            platform=Platform.from_image_config(config),
         )
 
 
 async def resolve(
     ref: Reference,
     *,
+    platform: Platform,
     auth: Credentials | None = None,
     config: RegistriesConfig | None = None,
-    platform: tuple[str, str] | None = None,
 ) -> ResolvedImage:
     """One-shot resolve with a client of its own (closed before returning)."""
     async with RegistryClient() as client:
-        return await client.resolve(ref, auth=auth, config=config, platform=platform)
+        return await client.resolve(ref, platform=platform, auth=auth, config=config)
 

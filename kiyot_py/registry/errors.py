@@ -18,3 +18,7 @@ class RegistryBlocked(RegistryError):
 
 class RegistriesConfigError(ValueError):
     """A registries.conf file that cannot be used; the message names the file and the entry."""
+
+
+class PlatformNotFound(ImageNotFound):
+    """The image exists, but its index has no manifest for the platform asked for."""

@@ -41,6 +41,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from kiyot_py.registry import transport
 from kiyot_py.registry.client import fetch_token, parse_www_authenticate
 from kiyot_py.registry.config import Endpoint, RegistriesConfig
 from kiyot_py.registry.errors import RegistryBlocked, RegistryError
@@ -128,7 +129,7 @@ class PullPath:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._slots: asyncio.Semaphore | None = None
-        self._scheme_for: dict[str, str] = {}
+        self._schemes = transport.SchemeCache()
         self.host: str | None = None
         self.port: int | None = None
 
@@ -163,7 +164,8 @@ class PullPath:
             self._session = None
             raise
         self._runner = runner
-        sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
+        server = site._server  # aiohttp keeps the asyncio.Server here; the port is known only now
+        sockets = server.sockets if isinstance(server, asyncio.Server) else []
         self.host = host
         self.port = sockets[0].getsockname()[1] if sockets else port
         log.info("pull path listening", address=self.address)
@@ -284,37 +286,7 @@ class PullPath:
     async def _open(self, method: str, endpoint: Endpoint, path: str, headers: dict[str, str]
                     ) -> aiohttp.ClientResponse:
         assert self._session is not None
-        host = endpoint.api_host
-        if endpoint.insecure:
-            known = self._scheme_for.get(host)
-            schemes = [known] if known else ["http", "https"]
-        else:
-            schemes = ["https"]
-        last_exc: aiohttp.ClientError | None = None
-        for scheme in schemes:
-            ssl = False if (scheme == "https" and endpoint.insecure) else True
-            try:
-                resp = await self._session.request(
-                    method, f"{scheme}://{host}{path}", headers=headers, ssl=ssl, allow_redirects=True
-                )
-            except aiohttp.ClientConnectionError as exc:
-                last_exc = exc
-                continue
-            if scheme == "http" and resp.status == 400 and len(schemes) > 1:
-                if method == "HEAD":
-                    return resp  # no body to tell an HTTPS-only server by: keep the answer
-                peek = await resp.content.read(512)
-                resp.release()
-                if b"HTTPS" in peek:
-                    continue
-                resp = await self._session.request(
-                    method, f"{scheme}://{host}{path}", headers=headers, ssl=ssl, allow_redirects=True
-                )
-            if endpoint.insecure:
-                self._scheme_for[host] = scheme
-            return resp
-        assert last_exc is not None
-        raise last_exc
+        return await transport.request(self._session, method, endpoint, path, headers, self._schemes)
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse, head: bool
                      ) -> web.StreamResponse:

@@ -132,13 +132,13 @@ def parse_reference(s: str) -> Reference:
     if len(s) > 4096:
         raise InvalidReference("invalid reference: longer than 4096 characters")
 
-    remainder, at, digest = s.partition("@")
+    remainder, at, after = s.partition("@")
+    digest: str | None = None
     if at:
-        if not digest:
+        if not after:
             raise InvalidReference(f"invalid reference {s!r}: '@' without a digest")
-        validate_digest(digest)
-    else:
-        digest = None
+        validate_digest(after)
+        digest = after
 
     # The tag follows the last ':' that comes after the last '/' (a ':' before it is a port).
     tag: str | None = None

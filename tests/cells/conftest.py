@@ -29,6 +29,21 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runc") or
                                 reason="needs root, runc and conmon")
 
 
+# The node sends the final process (args, env, cwd): the agent adds no image defaults, so
+# every spec the tests send carries its own PATH.
+PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def process(args: list[str], env: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    """A spec's `process` as the node sends it: the command, PATH first, then `env`."""
+    return {"args": args, "env": [PATH_ENV, *(env or [])], **extra}
+
+
+def spec_of(args: list[str], **linux_or_more: Any) -> dict[str, Any]:
+    """A minimal spec: `process(args)`, plus any other top-level keys given."""
+    return {"process": process(args), **linux_or_more}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -152,7 +167,7 @@ class Agent:
 
     def create(self, img, args: list[str] | None, name: str = "c", **extra: Any) -> dict[str, Any]:
         cid = extra.pop("id", None) or secrets.token_hex(32)
-        spec: dict[str, Any] = {"process": {"args": args}} if args else {}
+        spec: dict[str, Any] = spec_of(args) if args else {}
         body = {"id": cid, "name": name, "image_digest": img.manifest_digest, "spec": spec, **extra}
         return self.ok("POST", "/v1/containers", body)
 

@@ -6,7 +6,7 @@ import os
 import secrets
 
 from tests import contract
-from tests.cells.conftest import needs_root
+from tests.cells.conftest import needs_root, spec_of
 
 pytestmark = needs_root
 
@@ -98,6 +98,14 @@ def test_pod_etc_files_are_written_and_mounted(agent, busybox):
     agent.wait_state(rec["id"], "exited")
     log = agent.call("GET", f"/v1/containers/{rec['id']}/logs").body.decode()
     assert "stdout F web-0" in log and "nameserver 10.96.0.10" in log
+    # The host name is the pod's, set by the agent alone: a `hostname` in the node's spec is ignored.
+    cid = secrets.token_hex(32)
+    agent.ok("POST", "/v1/containers", {"id": cid, "name": "h", "image_digest": busybox.manifest_digest,
+                                        "spec": {**spec_of(["hostname"]), "hostname": "what-the-node-says"}})
+    agent.ok("POST", f"/v1/containers/{cid}/start")
+    agent.wait_state(cid, "exited")
+    log = agent.call("GET", f"/v1/containers/{cid}/logs").body.decode()
+    assert "stdout F web-0" in log and "what-the-node-says" not in log, log
     assert agent.call("PUT", "/v1/pod", {"hostname": "x"}).status == 400
 
 
@@ -108,11 +116,11 @@ def _ipc_ns(pid: int) -> str:
 def test_containers_share_the_pods_ipc_namespace_when_asked(agent, busybox):
     # Before PUT /v1/pod there is no pod namespace to join.
     r = agent.call("POST", "/v1/containers", {"id": "1" * 64, "name": "early", "image_digest": busybox.manifest_digest,
-                                              "spec": {"process": {"args": ["true"]}}, "pod_namespaces": ["ipc"]})
+                                              "spec": spec_of(["true"]), "pod_namespaces": ["ipc"]})
     assert r.status == 409
     agent.ok("PUT", "/v1/pod", {"sandbox_id": "a" * 64, "hostname": "ipc-pod"})
     assert agent.call("POST", "/v1/containers", {"id": "2" * 64, "name": "bad", "image_digest": busybox.manifest_digest,
-                                                 "spec": {"process": {"args": ["true"]}},
+                                                 "spec": spec_of(["true"]),
                                                  "pod_namespaces": ["uts"]}).status == 400
     one = agent.run(busybox, ["sleep", "1000"], name="one", pod_namespaces=["ipc"])
     two = agent.run(busybox, ["sleep", "1000"], name="two", pod_namespaces=["ipc"])
@@ -139,7 +147,7 @@ def test_the_pods_pid_namespace_outlives_an_agent_restart(agent, busybox):
     three = agent.run(busybox, ["sleep", "1000"], name="three", pid_target=own["id"])
     assert _pid_ns(three["pid"]) == _pid_ns(own["pid"])
     body = {"id": "4" * 64, "name": "bad", "image_digest": busybox.manifest_digest,
-            "spec": {"process": {"args": ["true"]}}}
+            "spec": spec_of(["true"])}
     assert agent.call("POST", "/v1/containers", {**body, "pid_target": own["id"],
                                                  "pod_namespaces": ["pid"]}).status == 400
     assert agent.call("POST", "/v1/containers", {**body, "pid_target": "5" * 64}).status == 404
@@ -147,7 +155,7 @@ def test_the_pods_pid_namespace_outlives_an_agent_restart(agent, busybox):
     assert agent.call("POST", "/v1/containers", {**body, "pid_target": own["id"]}).status == 409
     # A repeated create is answered from its record, though its target has stopped since.
     again = {"id": three["id"], "name": "three", "image_digest": busybox.manifest_digest,
-             "spec": {"process": {"args": ["sleep", "1000"]}}, "pid_target": own["id"]}
+             "spec": spec_of(["sleep", "1000"]), "pid_target": own["id"]}
     assert agent.ok("POST", "/v1/containers", again)["id"] == three["id"]
 
 
@@ -169,5 +177,5 @@ def test_an_image_is_freed_only_when_no_container_has_it(agent, busybox, cell_im
     # The image that stayed still runs; the removed one must be pulled again first.
     rec = agent.run(busybox, ["true"])
     assert agent.wait_state(rec["id"], "exited")["exit_code"] == 0
-    body = {"id": "b" * 64, "name": "gone", "image_digest": other.manifest_digest, "spec": {"process": {"args": ["true"]}}}
+    body = {"id": "b" * 64, "name": "gone", "image_digest": other.manifest_digest, "spec": spec_of(["true"])}
     assert agent.call("POST", "/v1/containers", body).status == 409

@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.cells.conftest import needs_root, wait_until
+from tests.cells.conftest import PATH_ENV, needs_root, process, spec_of, wait_until
 
 pytestmark = needs_root
 
@@ -42,7 +42,7 @@ def test_pull_by_digest_is_verified_and_idempotent(agent, cell_images):
 
 def test_create_unpulled_image_is_409(agent):
     r = agent.call("POST", "/v1/containers", {"id": secrets.token_hex(32), "name": "x",
-                                              "image_digest": "sha256:" + "2" * 64, "spec": {}})
+                                              "image_digest": "sha256:" + "2" * 64, "spec": spec_of(["true"])})
     assert r.status == 409
 
 
@@ -80,10 +80,10 @@ def test_create_is_idempotent(agent, busybox):
     cid = secrets.token_hex(32)
     a = agent.create(busybox, ["sleep", "5"], id=cid)
     r = agent.call("POST", "/v1/containers", {"id": cid, "name": "c", "image_digest": busybox.manifest_digest,
-                                              "spec": {"process": {"args": ["sleep", "5"]}}})
+                                              "spec": spec_of(["sleep", "5"])})
     assert r.status == 200 and r.json()["created_at"] == a["created_at"]
     r = agent.call("POST", "/v1/containers", {"id": cid, "name": "other", "image_digest": busybox.manifest_digest,
-                                              "spec": {"process": {"args": ["sleep", "5"]}}})
+                                              "spec": spec_of(["sleep", "5"])})
     assert r.status == 409
     assert agent.call("DELETE", f"/v1/containers/{cid}").status == 200
     assert agent.call("GET", f"/v1/containers/{cid}").status == 404
@@ -167,7 +167,7 @@ def test_user_resolution(agent, busybox):
     assert base64.b64decode(r["stdout"]) == b"65534\n"
     r = agent.call("POST", "/v1/containers", {"id": secrets.token_hex(32), "name": "u",
                                               "image_digest": busybox.manifest_digest,
-                                              "spec": {"process": {"args": ["true"]}}, "user": "no-such-user"})
+                                              "spec": spec_of(["true"]), "user": "no-such-user"})
     assert r.status == 400 and "no-such-user" in r.json()["message"]
     assert len(agent.ok("GET", "/v1/containers")) == 1
 
@@ -201,7 +201,7 @@ def test_other_image_kinds_pull_and_run(agent, cell_images):
 def test_failed_create_reports_the_runtime_error_and_leaves_nothing(agent, busybox):
     cid = secrets.token_hex(32)
     r = agent.call("POST", "/v1/containers", {"id": cid, "name": "bad", "image_digest": busybox.manifest_digest,
-                                              "spec": {"process": {"args": ["/no/such/binary"]}}})
+                                              "spec": spec_of(["/no/such/binary"])})
     assert r.status == 500, r.body
     assert "no/such/binary" in r.json()["message"] or "no such file" in r.json()["message"].lower(), r.body
     assert agent.call("GET", f"/v1/containers/{cid}").status == 404
@@ -237,47 +237,83 @@ def test_stop_and_delete_of_created_and_running(agent, busybox):
     assert agent.call("POST", f"/v1/containers/{running['id']}/start").status == 404
 
 
-def test_image_config_fills_what_the_spec_leaves_out(agent, cell_images):
-    img = cell_images["app"]
-    agent.pull(img)
-    rec = agent.run(img, None, name="defaults")  # spec {}: Entrypoint+Cmd, env, cwd, user of the image
-    assert agent.wait_state(rec["id"], "exited")["exit_code"] == 0
-    assert b"stdout F default-cmd" in agent.call("GET", f"/v1/containers/{rec['id']}/logs").body
+def _run_and_log(agent, img, spec: dict, **extra) -> bytes:
     cid = secrets.token_hex(32)
-    agent.ok("POST", "/v1/containers", {
-        "id": cid, "name": "override", "image_digest": img.manifest_digest,
-        "spec": {"process": {"args": ["sh", "-c", "echo $(id -u):$(id -G):$(pwd):$GREETING:$EXTRA"],
-                             "env": ["EXTRA=x"]}}})
+    agent.ok("POST", "/v1/containers", {"id": cid, "name": extra.pop("name", "c"),
+                                        "image_digest": img.manifest_digest, "spec": spec, **extra})
     agent.ok("POST", f"/v1/containers/{cid}/start")
     agent.wait_state(cid, "exited")
-    assert b"stdout F 1000:1000 2000:/home/app:hello:x" in agent.call("GET", f"/v1/containers/{cid}/logs").body
-    # user by name, with its supplementary group from /etc/group
-    cid2 = secrets.token_hex(32)
-    agent.ok("POST", "/v1/containers", {
-        "id": cid2, "name": "byname", "image_digest": img.manifest_digest, "user": "app",
-        "spec": {"process": {"args": ["sh", "-c", "echo ids=$(id -u):$(id -g):$(id -G)"]}}})
-    agent.ok("POST", f"/v1/containers/{cid2}/start")
-    agent.wait_state(cid2, "exited")
-    assert b"stdout F ids=1000:1000:1000 2000" in agent.call("GET", f"/v1/containers/{cid2}/logs").body
+    return agent.call("GET", f"/v1/containers/{cid}/logs").body
 
 
-def test_stop_signal_defaults_to_the_images(agent, cell_images):
+def test_the_agent_adds_no_image_defaults(agent, cell_images):
+    """The node sends the final process: the image's Entrypoint/Cmd, Env, WorkingDir and
+    User (all set in the app image) are never merged in the cell."""
     img = cell_images["app"]
     agent.pull(img)
-    rec = agent.run(img, ["sh", "-c", "trap 'echo got-usr1; exit 0' USR1; while true; do sleep 0.1; done"])
-    time.sleep(0.3)  # let the trap be set
-    done = agent.ok("POST", f"/v1/containers/{rec['id']}/stop", {"timeout": 30})
-    assert done["exit_code"] == 0
-    assert b"got-usr1" in agent.call("GET", f"/v1/containers/{rec['id']}/logs").body
+    for spec in ({}, {"process": {"env": [PATH_ENV]}}, {"process": {"args": []}}):
+        r = agent.call("POST", "/v1/containers", {"id": secrets.token_hex(32), "name": "noargs",
+                                                  "image_digest": img.manifest_digest, "spec": spec})
+        assert r.status == 400 and "no command" in r.json()["message"], (spec, r.body)
+    assert agent.ok("GET", "/v1/containers") == []
+    # Only the spec's env (no GREETING), cwd "/" and uid 0 when the spec gives none.
+    log = _run_and_log(agent, img, {"process": process(["sh", "-c", "echo $(id -u):$(pwd):${GREETING-unset}:$EXTRA"],
+                                                       ["EXTRA=x"])})
+    assert b"stdout F 0:/:unset:x" in log, log
+    # No env at all: none of the image's Env, nor umoci's TERM (sh makes up a PATH of its own).
+    log = _run_and_log(agent, img, {"process": {"args": ["/bin/sh", "-c",
+                                                         "echo ${GREETING-unset}:${TERM-unset}:$PATH"]}})
+    assert b"stdout F unset:unset:" in log and b"/usr/local/sbin" not in log, log
+    # cwd and user as the node gives them; a user by name gets its supplementary group.
+    log = _run_and_log(agent, img, {"process": process(["sh", "-c", "echo ids=$(id -u):$(id -g):$(id -G):$(pwd)"],
+                                                       cwd="/home/app")}, user="app")
+    assert b"stdout F ids=1000:1000:1000 2000:/home/app" in log, log
+    r = agent.call("POST", "/v1/containers", {"id": secrets.token_hex(32), "name": "rel",
+                                              "image_digest": img.manifest_digest,
+                                              "spec": {"process": process(["true"], cwd="home")}})
+    assert r.status == 400 and "cwd" in r.json()["message"]
 
 
-def test_node_rlimits_beyond_the_cell_are_clamped(agent, busybox):
-    cid = secrets.token_hex(32)
-    spec = {"process": {"args": ["sh", "-c", "ulimit -n"],
-                        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}]}}
-    agent.ok("POST", "/v1/containers", {"id": cid, "name": "rl", "image_digest": busybox.manifest_digest, "spec": spec})
-    agent.ok("POST", f"/v1/containers/{cid}/start")
-    assert agent.wait_state(cid, "exited")["exit_code"] == 0
+def _trapping(sig: str) -> list[str]:
+    return ["sh", "-c", f"trap 'echo got-{sig}; exit 0' {sig}; while true; do sleep 0.1; done"]
+
+
+def test_the_stop_signal_is_the_nodes_never_the_images(agent, cell_images):
+    img = cell_images["app"]  # its StopSignal is SIGUSR1
+    agent.pull(img)
+    # No stop_signal: SIGTERM, not the image's.
+    script = "trap 'echo got-usr1; exit 0' USR1; trap 'echo got-term; exit 0' TERM; while true; do sleep 0.1; done"
+    rec = agent.run(img, ["sh", "-c", script])
+    time.sleep(0.3)  # let the traps be set
+    assert agent.ok("POST", f"/v1/containers/{rec['id']}/stop", {"timeout": 30})["exit_code"] == 0
+    assert b"got-term" in agent.call("GET", f"/v1/containers/{rec['id']}/logs").body
+    # The node's canonical names, a real-time one too: SIGRTMIN+3 is 37 (systemd's halt).
+    for name, trap in (("SIGUSR1", "USR1"), ("SIGRTMIN+3", "37")):
+        rec = agent.run(img, _trapping(trap), stop_signal=name, name=f"s{trap}")
+        time.sleep(0.3)
+        assert agent.ok("POST", f"/v1/containers/{rec['id']}/stop", {"timeout": 30})["exit_code"] == 0, name
+        assert f"got-{trap}".encode() in agent.call("GET", f"/v1/containers/{rec['id']}/logs").body, name
+    r = agent.call("POST", "/v1/containers", {"id": secrets.token_hex(32), "name": "bad",
+                                              "image_digest": img.manifest_digest, "spec": spec_of(["true"]),
+                                              "stop_signal": "SIGRTMIN+99"})
+    assert r.status == 400
+
+
+def test_rlimits_nofile_default_and_clamp(agent, busybox):
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the agent's own (it inherits ours)
+    want = 1048576 if hard == resource.RLIM_INFINITY else min(1048576, hard)
+    log = _run_and_log(agent, busybox, spec_of(["sh", "-c", "echo soft=$(ulimit -Sn) hard=$(ulimit -Hn)"]))
+    assert f"stdout F soft={want} hard={want}".encode() in log, log
+    # What the spec asks beyond the cell is clamped (runc create would fail otherwise).
+    spec = {"process": process(["sh", "-c", "ulimit -n"],
+                               rlimits=[{"type": "RLIMIT_NOFILE", "hard": 1 << 40, "soft": 1 << 40}])}
+    log = _run_and_log(agent, busybox, spec, name="rl")
+    assert b"stdout F " in log
+    spec = {"process": process(["sh", "-c", "echo n=$(ulimit -n)"],
+                               rlimits=[{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 2048}])}
+    assert b"stdout F n=2048" in _run_and_log(agent, busybox, spec, name="rl2")
 
 
 def _mounted(path: Path) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cells.conftest import Agent, needs_root, wait_until
+from tests.cells.conftest import Agent, needs_root, spec_of, wait_until
 
 pytestmark = needs_root
 
@@ -93,7 +93,7 @@ def test_evil_image_is_refused_and_leaves_nothing(agent, cell_images, name):
     assert not [p for p in os.listdir(agent.state_dir / "tmp")], "leftovers in tmp"
     # not pulled: a container of it is refused
     r = agent.call("POST", "/v1/containers", {"id": "e" * 64, "name": "evil", "image_digest": img.manifest_digest,
-                                              "spec": {}})
+                                              "spec": spec_of(["true"])})
     assert r.status == 409
     # and a second try is refused the same way (nothing was remembered as checked)
     assert agent.call("POST", "/v1/images/pull", {"ref": img.ref, "digest": img.manifest_digest,

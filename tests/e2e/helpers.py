@@ -111,3 +111,11 @@ def runc_status(container_id: str) -> str:
     """What runc on this host says of a container: running, stopped, ... or gone."""
     out = subprocess.run(["runc", "state", container_id], capture_output=True, text=True)
     return json.loads(out.stdout)["status"] if out.returncode == 0 else "gone"
+
+
+def cell_dir(state_dir: Path, sandbox_id: str) -> Path:
+    """A sandbox's local cell directory (cells are named after their launch token)."""
+    for path in (state_dir / "cells").glob("*/cell.json"):
+        if json.loads(path.read_text())["sandbox_id"] == sandbox_id:
+            return path.parent
+    raise AssertionError(f"no cell holds sandbox {sandbox_id}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import subprocess
 import urllib.error
 import urllib.request
@@ -12,7 +13,7 @@ import pytest
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 
-from .helpers import container_config, log_lines, new_pod, run, sandbox_config, wait_for, wait_state
+from .helpers import cell_dir, container_config, log_lines, new_pod, run, sandbox_config, wait_for, wait_state
 
 
 @pytest.fixture
@@ -279,7 +280,8 @@ def test_stop_and_remove_sandbox_tear_down_the_cell(cri, service, tmp_path, pull
     sandbox_id, config = new_pod(cri, "teardown", tmp_path)
     cid = run(cri, (sandbox_id, config), "sleeper", test_images["busybox"].ref, ["sleep", "3600"])
     wait_state(cri, cid, pb.CONTAINER_RUNNING)
-    netns = f"kiyot-{sandbox_id[:12]}"
+    its_dir = cell_dir(service.state_dir, sandbox_id)
+    netns = json.loads((its_dir / "cell.json").read_text())["netns"]
     assert netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox_id))
     status = cri.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)).status
@@ -294,7 +296,7 @@ def test_stop_and_remove_sandbox_tear_down_the_cell(cri, service, tmp_path, pull
     with pytest.raises(grpc.RpcError) as err:
         cri.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    assert not (service.state_dir / "cells" / f"c{sandbox_id[:12]}").exists()
+    assert not its_dir.exists()
 
 
 def test_reopen_container_log_after_rotation(cri, pod, pulled, test_images):
@@ -426,7 +428,7 @@ def test_bad_hostname_is_invalid_argument_and_leaves_no_cell(cri, service, tmp_p
     listed = cri.ListPodSandbox(pb.ListPodSandboxRequest()).items
     assert all(s.metadata.uid != config.metadata.uid for s in listed)
     leftovers = [p for p in (service.state_dir / "cells").iterdir() if p.is_dir()]
-    owned = {f"c{s.id[:12]}" for s in listed}
+    owned = {cell_dir(service.state_dir, s.id).name for s in listed}
     assert {p.name for p in leftovers} <= owned
 
 
@@ -453,8 +455,8 @@ def test_oversized_request_is_refused(cri, pod):
 def test_no_secret_in_argv_or_logs(cri, pod, pulled, test_images, service):
     cid = run(cri, pod, "quiet", test_images["busybox"].ref, ["sleep", "3600"])
     wait_state(cri, cid, pb.CONTAINER_RUNNING)
-    cell_dir = service.state_dir / "cells" / f"c{pod[0][:12]}"
-    token = (cell_dir / "token").read_bytes().strip()
+    its_dir = cell_dir(service.state_dir, pod[0])
+    token = (its_dir / "token").read_bytes().strip()
     assert len(token) >= 32
     from pathlib import Path
 
@@ -464,4 +466,4 @@ def test_no_secret_in_argv_or_logs(cri, pod, pulled, test_images, service):
         except (FileNotFoundError, ProcessLookupError):
             pass
     assert token not in service.log_file.read_bytes()
-    assert token not in (cell_dir / "agent.log").read_bytes()
+    assert token not in (its_dir / "agent.log").read_bytes()

@@ -11,7 +11,7 @@ from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from kiyot_py.providers.local import fence_chain
 
 from .conftest import new_service
-from .helpers import new_pod, run, runc_status, wait_state
+from .helpers import cell_dir, new_pod, run, runc_status, wait_state
 
 BRIDGE = "kiyott1"  # apart from the session's service
 SUBNET = "10.125.0.0/24"
@@ -27,7 +27,7 @@ def test_reset_takes_cells_bridge_fence_and_state_away(tmp_path, registry, test_
         pod = new_pod(svc.runtime, "doomed", tmp_path)
         cid = run(svc.runtime, pod, "sleeper", ref, ["sleep", "3600"])
         wait_state(svc.runtime, cid, pb.CONTAINER_RUNNING)
-        cell = json.loads((svc.state_dir / "cells" / f"c{pod[0][:12]}" / "cell.json").read_text())
+        cell = json.loads((cell_dir(svc.state_dir, pod[0]) / "cell.json").read_text())
 
         asked = subprocess.run(reset, capture_output=True, text=True)
         assert asked.returncode == 2 and "--yes" in asked.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import http.client
 import json
 import os
@@ -10,13 +11,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from kiyot_py.config import LocalCellSettings
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 
 from .conftest import LOG_MAX_SIZE
-from .helpers import log_lines, remove_pod, run, runc_status, wait_for, wait_state
+from .helpers import cell_dir, log_lines, pod_name, remove_pod, run, runc_status, sandbox_config, wait_for, wait_state
 
 
 @pytest.fixture
@@ -68,7 +70,7 @@ def test_kill9_of_the_agent_loses_nothing(service, pod, busybox):
     for cid in (long_runner, exits_later):
         wait_state(cri, cid, pb.CONTAINER_RUNNING)
 
-    cell = json.loads((service.state_dir / "cells" / f"c{sandbox_id[:12]}" / "cell.json").read_text())
+    cell = json.loads((cell_dir(service.state_dir, sandbox_id) / "cell.json").read_text())
     supervisor = cell["supervisor_pid"]
     children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
     assert len(children) == 1
@@ -116,7 +118,8 @@ def test_a_cell_lost_while_the_service_was_down_is_reported(service, pod, busybo
     cid = run(cri, pod, "doomed", ref, ["sleep", "3600"])
     wait_state(cri, cid, pb.CONTAINER_RUNNING)
     service.kill9()
-    cell = json.loads((service.state_dir / "cells" / f"c{sandbox_id[:12]}" / "cell.json").read_text())
+    its_dir = cell_dir(service.state_dir, sandbox_id)
+    cell = json.loads((its_dir / "cell.json").read_text())
     os.killpg(cell["supervisor_pid"], signal.SIGKILL)
     subprocess.run(["runc", "delete", "--force", cid], check=True)
     subprocess.run(["ip", "netns", "del", cell["netns"]], check=True)
@@ -127,17 +130,17 @@ def test_a_cell_lost_while_the_service_was_down_is_reported(service, pod, busybo
     status = cri.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status
     assert status.state == pb.CONTAINER_UNKNOWN and status.reason == "CellLost"
     cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
-    assert not (service.state_dir / "cells" / f"c{sandbox_id[:12]}").exists()
+    assert not its_dir.exists()
 
 
 def _agent_call(service, sandbox_id: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
     """Talk to a cell's agent directly, with its own secret, as only the node should."""
-    cell_dir = service.state_dir / "cells" / f"c{sandbox_id[:12]}"
-    address = json.loads((cell_dir / "cell.json").read_text())["address"]
+    its_dir = cell_dir(service.state_dir, sandbox_id)
+    address = json.loads((its_dir / "cell.json").read_text())["address"]
     conn = http.client.HTTPConnection(address, LocalCellSettings().agent_port, timeout=60)
     try:
         conn.request(method, path, body=json.dumps(body) if body is not None else None, headers={
-            "Authorization": f"Bearer {(cell_dir / 'token').read_text().strip()}",
+            "Authorization": f"Bearer {(its_dir / 'token').read_text().strip()}",
             "Content-Type": "application/json"})
         resp = conn.getresponse()
         return resp.status, json.loads(resp.read() or b"{}")
@@ -154,7 +157,7 @@ def test_a_container_the_node_never_recorded_is_removed(service, pod, busybox):
     stray = "ab" * 32
     status, _ = _agent_call(service, sandbox_id, "POST", "/v1/containers", {
         "id": stray, "name": "stray", "image_digest": record["image_digest"],
-        "spec": {"process": {"args": ["sleep", "3600"]}}})
+        "spec": {"process": {"args": ["sleep", "3600"], "env": ["PATH=/bin:/usr/bin"]}}})
     assert status == 201
     assert _agent_call(service, sandbox_id, "POST", f"/v1/containers/{stray}/start")[0] == 200
     assert runc_status(stray) == "running"
@@ -194,3 +197,40 @@ def test_a_log_cut_in_the_cell_while_the_service_was_down_leaves_one_gap(service
     assert all(step >= 1 for step in steps), "no line twice, none out of order"
     assert sum(step > 1 for step in steps) == 1, "exactly one gap: the bytes cut while no one read"
     assert "log bytes lost in the cell" in service.log_file.read_text()
+
+
+def test_kill9_while_a_cell_comes_up_then_the_retry_adopts_it(service, tmp_path, request):
+    """The node dies after the cell was launched, before its agent answered: the
+    kubelet's retry (same pod uid and attempt) gets that cell, and no second one."""
+    config = sandbox_config(pod_name(request.node.name), tmp_path)
+    cells = service.state_dir / "cells"
+
+    def booting_cell() -> dict | None:
+        for path in cells.glob("*/cell.json"):
+            try:
+                cell = json.loads(path.read_text())
+            except (ValueError, FileNotFoundError):
+                continue  # being written
+            if cell["tags"].get("kiyot-pod", "").endswith(config.metadata.name) and cell["state"] == "running":
+                return cell
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(service.runtime.RunPodSandbox, pb.RunPodSandboxRequest(config=config), timeout=60)
+        launched = wait_for(booting_cell, every=0.002)
+        assert launched, "no cell came up"
+        service.kill9()
+        with pytest.raises(grpc.RpcError):
+            first.result()  # it never returned: the kubelet retries
+
+    service.start()
+    sandbox_id = service.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=60).pod_sandbox_id
+    mine = [json.loads(p.read_text()) for p in cells.glob("*/cell.json")]
+    mine = [c for c in mine if c["tags"].get("kiyot-pod", "").endswith(config.metadata.name)]
+    assert [c["id"] for c in mine] == [launched["id"]]  # one cell, the one launched before
+    assert mine[0]["sandbox_id"] == sandbox_id == launched["sandbox_id"]
+    status = service.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)).status
+    assert status.state == pb.SANDBOX_READY and status.network.ip == launched["address"]
+    again = service.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=60).pod_sandbox_id
+    assert again == sandbox_id
+    remove_pod(service.runtime, sandbox_id)

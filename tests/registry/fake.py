@@ -23,7 +23,8 @@ def sha(data: bytes) -> str:
 class FakeRegistry:
     """Repositories: "bearer/app" (token flow, Basic to the token service), "basic/app"
     (Basic), "open/app" (anonymous; blobs redirect to /storage), "liar/app" (a wrong
-    Docker-Content-Digest), "slow/app" (never answers)."""
+    Docker-Content-Digest), "slow/app" (never answers), "multi/app" (anonymous: an OCI
+    index of a linux/amd64 and a linux/arm64/v8 manifest, see `platforms`)."""
 
     def __init__(self) -> None:
         self.config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["true"]},
@@ -38,6 +39,33 @@ class FakeRegistry:
                         "size": len(self.layer), "digest": sha(self.layer)}],
         }).encode()
         self.blobs = {sha(self.config): self.config, sha(self.layer): self.layer}
+        # "multi/app": platform → (manifest digest, config digest); manifests by digest.
+        self.platforms: dict[str, tuple[str, str]] = {}
+        self.platform_manifests: dict[str, bytes] = {}
+        entries = []
+        for arch, variant in (("amd64", ""), ("arm64", "v8")):
+            config = json.dumps({"architecture": arch, "os": "linux", **({"variant": variant} if variant else {}),
+                                 "config": {"Cmd": [f"/bin/{arch}"], "User": "1000"},
+                                 "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+            layer = f"a {arch} layer".encode() * 50
+            manifest = json.dumps({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "size": len(config), "digest": sha(config)},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                            "size": len(layer), "digest": sha(layer)}],
+            }).encode()
+            self.blobs[sha(config)] = config
+            self.blobs[sha(layer)] = layer
+            self.platform_manifests[sha(manifest)] = manifest
+            self.platforms["/".join(p for p in ("linux", arch, variant) if p)] = (sha(manifest), sha(config))
+            entries.append({"mediaType": "application/vnd.oci.image.manifest.v1+json", "size": len(manifest),
+                            "digest": sha(manifest),
+                            "platform": {"os": "linux", "architecture": arch,
+                                         **({"variant": variant} if variant else {})}})
+        self.index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                                 "manifests": entries}).encode()
         self.requests: list[tuple[str, str, str | None]] = []  # method, path, Authorization
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -95,6 +123,8 @@ class FakeRegistry:
         if denied is not None:
             return denied
         ref = request.match_info["ref"]
+        if request.match_info["kind"] == "multi":
+            return self._multi(ref)
         if ref not in ("latest", sha(self.manifest)):
             return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]},
                                      status=404)
@@ -103,6 +133,16 @@ class FakeRegistry:
             digest = sha(b"something else")
         return web.Response(body=self.manifest, headers={
             "Content-Type": "application/vnd.oci.image.manifest.v1+json", "Docker-Content-Digest": digest})
+
+    def _multi(self, ref: str) -> web.Response:
+        if ref in ("latest", sha(self.index)):
+            body, media_type = self.index, "application/vnd.oci.image.index.v1+json"
+        elif ref in self.platform_manifests:
+            body, media_type = self.platform_manifests[ref], "application/vnd.oci.image.manifest.v1+json"
+        else:
+            return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]},
+                                     status=404)
+        return web.Response(body=body, headers={"Content-Type": media_type, "Docker-Content-Digest": sha(body)})
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
         denied = self._denied(request)

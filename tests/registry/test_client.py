@@ -16,16 +16,21 @@ from kiyot_py.registry.client import (
     MEDIA_TYPE_OCI_MANIFEST,
     ImageNotFound,
     RegistryClient,
+    PlatformNotFound,
     RegistryError,
-    host_platform,
     parse_www_authenticate,
     select_platform,
 )
+from kiyot_py.platforms import Platform
 from kiyot_py.registry.config import RegistriesConfig
 from kiyot_py.registry.errors import RegistryBlocked
 from kiyot_py.registry.reference import parse_reference
 from tests.registry.conftest import free_port
 from tests.registry.fake import PASSWORD, TOKEN, USER, sha
+from tests.support import images
+
+# The test images are built for this machine; the client is told the platform, always.
+HOST = Platform("linux", images.host_arch())
 
 
 @dataclass
@@ -41,11 +46,6 @@ async def client():
     await c.close()
 
 
-def test_host_platform():
-    os_name, arch = host_platform()
-    assert os_name == "linux" and arch in {"amd64", "arm64", "arm", "386", "ppc64le", "s390x", "riscv64"}
-
-
 # -- real registry ----------------------------------------------------------------------
 
 
@@ -56,7 +56,7 @@ def test_host_platform():
 async def test_resolve_manifest_by_tag_and_digest(client, test_images, key, media_type):
     image = test_images[key]
     ref = parse_reference(image.ref)
-    got = await client.resolve(ref, auth=None, config=RegistriesConfig())
+    got = await client.resolve(ref, platform=HOST, auth=None, config=RegistriesConfig())
     assert got.name == ref.name
     assert got.media_type == media_type == image.media_type
     assert got.manifest_digest == image.manifest_digest
@@ -66,7 +66,7 @@ async def test_resolve_manifest_by_tag_and_digest(client, test_images, key, medi
     assert len(got.layers) >= 1 and all(d.startswith("sha256:") for d in got.layers)
     assert got.config["os"] == "linux" and "rootfs" in got.config
 
-    by_digest = await client.resolve(ref.with_digest(image.manifest_digest), auth=None, config=RegistriesConfig())
+    by_digest = await client.resolve(ref.with_digest(image.manifest_digest), platform=HOST, auth=None, config=RegistriesConfig())
     assert (by_digest.manifest_digest, by_digest.config_digest, by_digest.size) == (
         got.manifest_digest, got.config_digest, got.size)
 
@@ -74,29 +74,30 @@ async def test_resolve_manifest_by_tag_and_digest(client, test_images, key, medi
 async def test_resolve_second_tag(client, test_images):
     image = test_images["busybox"]
     ref = parse_reference(image.ref)
-    got = await client.resolve(parse_reference(f"{ref.name}:1.36"), config=RegistriesConfig())
+    got = await client.resolve(parse_reference(f"{ref.name}:1.36"), platform=HOST, config=RegistriesConfig())
     assert got.config_digest == image.config_digest
 
 
-async def test_resolve_index_picks_the_host_platform(client, test_images):
+async def test_resolve_index_picks_the_platform_asked_for(client, test_images):
     image = test_images["busybox-index"]
     ref = parse_reference(image.ref)
-    got = await client.resolve(ref, auth=None, config=RegistriesConfig())
+    got = await client.resolve(ref, platform=HOST, auth=None, config=RegistriesConfig())
     assert got.media_type == MEDIA_TYPE_OCI_INDEX == image.media_type
     assert got.manifest_digest == image.manifest_digest  # RepoDigests name the index
     assert got.platform_manifest_digest != got.manifest_digest
     assert got.platform_media_type == MEDIA_TYPE_OCI_MANIFEST
-    assert got.config["architecture"] == host_platform()[1]
-    if host_platform()[1] == "amd64":
+    assert got.config["architecture"] == HOST.architecture
+    assert got.platform == HOST
+    if HOST.architecture == "amd64":
         assert got.config_digest == image.config_digest
         assert got.size == image.size
 
-    by_digest = await client.resolve(ref.with_digest(image.manifest_digest), config=RegistriesConfig())
+    by_digest = await client.resolve(ref.with_digest(image.manifest_digest), platform=HOST, config=RegistriesConfig())
     assert by_digest.platform_manifest_digest == got.platform_manifest_digest
     assert by_digest.config_digest == got.config_digest
 
-    other = "arm64" if host_platform()[1] != "arm64" else "amd64"
-    alien = await client.resolve(ref, config=RegistriesConfig(), platform=("linux", other))
+    other = images.other_arch()
+    alien = await client.resolve(ref, config=RegistriesConfig(), platform=Platform("linux", other))
     assert alien.config["architecture"] == other
     platforms = getattr(image, "platforms", {}) or {}
     if other in platforms:
@@ -104,24 +105,24 @@ async def test_resolve_index_picks_the_host_platform(client, test_images):
     assert alien.config_digest != got.config_digest
     assert alien.manifest_digest == got.manifest_digest
 
-    with pytest.raises(ImageNotFound, match=r"no manifest for platform linux/s390x .*has: linux/amd64, linux/arm64"):
-        await client.resolve(ref, config=RegistriesConfig(), platform=("linux", "s390x"))
+    with pytest.raises(PlatformNotFound, match=r"no manifest for platform linux/s390x .*has: linux/amd64, linux/arm64"):
+        await client.resolve(ref, config=RegistriesConfig(), platform=Platform("linux", "s390x"))
 
 
 async def test_missing_tag_and_repository(client, test_images):
     ref = parse_reference(test_images["busybox"].ref)
     with pytest.raises(ImageNotFound) as info:
-        await client.resolve(parse_reference(f"{ref.name}:no-such-tag"), config=RegistriesConfig())
+        await client.resolve(parse_reference(f"{ref.name}:no-such-tag"), platform=HOST, config=RegistriesConfig())
     msg = str(info.value)
     assert "MANIFEST_UNKNOWN: manifest unknown" in msg and "127.0.0.1:5000" in msg, msg
 
     with pytest.raises(ImageNotFound) as info:
-        await client.resolve(parse_reference("127.0.0.1:5000/kiyot/no-such-repo:1"), config=RegistriesConfig())
+        await client.resolve(parse_reference("127.0.0.1:5000/kiyot/no-such-repo:1"), platform=HOST, config=RegistriesConfig())
     assert "UNKNOWN" in str(info.value), str(info.value)
 
     missing = ref.with_digest("sha256:" + "0" * 64)
     with pytest.raises(ImageNotFound):
-        await client.resolve(missing, config=RegistriesConfig())
+        await client.resolve(missing, platform=HOST, config=RegistriesConfig())
 
 
 async def test_mirror_config_maps_another_registry(client, test_images, registry):
@@ -130,7 +131,7 @@ async def test_mirror_config_maps_another_registry(client, test_images, registry
     config = RegistriesConfig.parse(
         f'[[registry]]\nprefix = "registry.k8s.io"\nlocation = "{registry}"\ninsecure = true\n'
     )
-    got = await client.resolve(parse_reference(f"registry.k8s.io/{repo}:latest"), config=config)
+    got = await client.resolve(parse_reference(f"registry.k8s.io/{repo}:latest"), platform=HOST, config=config)
     assert got.name == f"registry.k8s.io/{repo}"
     assert got.manifest_digest == image.manifest_digest
     assert got.config_digest == image.config_digest
@@ -156,13 +157,13 @@ async def test_mirrors_first_and_fall_back(client, test_images, registry):
         location = "{registry}/{namespace}"
         """
     )
-    got = await client.resolve(parse_reference(f"mirrored.example/{namespace}/{name}"), config=config)
+    got = await client.resolve(parse_reference(f"mirrored.example/{namespace}/{name}"), platform=HOST, config=config)
     assert got.config_digest == image.config_digest
     assert got.endpoint == f"{registry}/{namespace}"  # the third mirror, not the location
 
     # Everything fails: the location's error, mirrors' errors after it.
     with pytest.raises(ImageNotFound) as info:
-        await client.resolve(parse_reference(f"mirrored.example/{namespace}/nope"), config=config)
+        await client.resolve(parse_reference(f"mirrored.example/{namespace}/nope"), platform=HOST, config=config)
     assert "MANIFEST_UNKNOWN" in str(info.value) or "NAME_UNKNOWN" in str(info.value)
     assert "mirrors tried first" in str(info.value) and dead in str(info.value)
 
@@ -170,13 +171,13 @@ async def test_mirrors_first_and_fall_back(client, test_images, registry):
 async def test_blocked(client):
     config = RegistriesConfig.parse('[[registry]]\nlocation = "127.0.0.1:5000"\nblocked = true\n')
     with pytest.raises(RegistryBlocked, match="blocked"):
-        await client.resolve(parse_reference("127.0.0.1:5000/x"), config=config)
+        await client.resolve(parse_reference("127.0.0.1:5000/x"), platform=HOST, config=config)
 
 
 async def test_unreachable_registry(client):
     port = free_port()
     with pytest.raises(RegistryError, match=f"cannot reach 127.0.0.1:{port}"):
-        await client.resolve(parse_reference(f"127.0.0.1:{port}/x"), config=RegistriesConfig())
+        await client.resolve(parse_reference(f"127.0.0.1:{port}/x"), platform=HOST, config=RegistriesConfig())
 
 
 # -- fake registry: auth, redirects, lies, cancellation ---------------------------------
@@ -184,7 +185,7 @@ async def test_unreachable_registry(client):
 
 async def test_bearer_token_flow(client, fake):
     ref = parse_reference(f"{fake.host}/bearer/app:latest")
-    got = await client.resolve(ref, auth=Creds(USER, PASSWORD), config=RegistriesConfig())
+    got = await client.resolve(ref, platform=HOST, auth=Creds(USER, PASSWORD), config=RegistriesConfig())
     assert got.manifest_digest == sha(fake.manifest)
     assert got.config_digest == sha(fake.config)
     assert got.size == len(fake.config) + len(fake.layer)
@@ -196,7 +197,7 @@ async def test_bearer_token_flow(client, fake):
 async def test_bearer_wrong_password_keeps_secrets_out(client, fake):
     ref = parse_reference(f"{fake.host}/bearer/app:latest")
     with pytest.raises(RegistryError) as info:
-        await client.resolve(ref, auth=Creds(USER, "wrong-horse"), config=RegistriesConfig())
+        await client.resolve(ref, platform=HOST, auth=Creds(USER, "wrong-horse"), config=RegistriesConfig())
     msg = str(info.value)
     assert "token service" in msg and "incorrect username or password" in msg, msg
     assert "wrong-horse" not in msg and "d3JvbmctaG9yc2U" not in msg
@@ -204,29 +205,29 @@ async def test_bearer_wrong_password_keeps_secrets_out(client, fake):
 
 async def test_basic_auth(client, fake):
     ref = parse_reference(f"{fake.host}/basic/app:latest")
-    got = await client.resolve(ref, auth=Creds(USER, PASSWORD), config=RegistriesConfig())
+    got = await client.resolve(ref, platform=HOST, auth=Creds(USER, PASSWORD), config=RegistriesConfig())
     assert got.config_digest == sha(fake.config)
 
     with pytest.raises(RegistryError, match="no credentials") as info:
-        await client.resolve(ref, auth=None, config=RegistriesConfig())
+        await client.resolve(ref, platform=HOST, auth=None, config=RegistriesConfig())
     with pytest.raises(RegistryError, match="401 UNAUTHORIZED") as info:
-        await client.resolve(ref, auth=Creds(USER, "nope-pw"), config=RegistriesConfig())
+        await client.resolve(ref, platform=HOST, auth=Creds(USER, "nope-pw"), config=RegistriesConfig())
     assert "nope-pw" not in str(info.value)
 
 
 async def test_blob_redirect_is_followed(client, fake):
-    got = await client.resolve(parse_reference(f"{fake.host}/open/app"), config=RegistriesConfig())
+    got = await client.resolve(parse_reference(f"{fake.host}/open/app"), platform=HOST, config=RegistriesConfig())
     assert got.config_digest == sha(fake.config)
     assert any(r[1].startswith("/storage/") for r in fake.requests)
 
 
 async def test_digest_mismatch(client, fake):
     with pytest.raises(RegistryError, match="digest mismatch"):
-        await client.resolve(parse_reference(f"{fake.host}/liar/app"), config=RegistriesConfig())
+        await client.resolve(parse_reference(f"{fake.host}/liar/app"), platform=HOST, config=RegistriesConfig())
     # Asking for a digest the content does not have fails the same way.
     wrong = parse_reference(f"{fake.host}/open/app@sha256:{'1' * 64}")
     with pytest.raises(ImageNotFound):
-        await client.resolve(wrong, config=RegistriesConfig())
+        await client.resolve(wrong, platform=HOST, config=RegistriesConfig())
 
 
 async def test_cancellation_leaves_nothing_behind(fake):
@@ -235,9 +236,9 @@ async def test_cancellation_leaves_nothing_behind(fake):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(client.resolve(ref, config=RegistriesConfig()), 0.3)
+            await asyncio.wait_for(client.resolve(ref, platform=HOST, config=RegistriesConfig()), 0.3)
         # The client still works after a cancelled call …
-        got = await client.resolve(parse_reference(f"{fake.host}/open/app"), config=RegistriesConfig())
+        got = await client.resolve(parse_reference(f"{fake.host}/open/app"), platform=HOST, config=RegistriesConfig())
         assert got.config_digest == sha(fake.config)
         await client.close()
         await client.close()  # idempotent
@@ -265,9 +266,23 @@ def test_select_platform_variants():
         {"digest": "c", "platform": {"os": "linux", "architecture": "arm64"}},
         {"digest": "d", "platform": {"os": "windows", "architecture": "amd64"}},
     ]}
-    assert select_platform(index, "linux", "arm", "v7")["digest"] == "b"
-    assert select_platform(index, "linux", "arm64", "v8")["digest"] == "c"
-    assert select_platform(index, "linux", "amd64") is None
+    assert select_platform(index, Platform("linux", "arm", "v7"))["digest"] == "b"
+    assert select_platform(index, Platform("linux", "arm", "v6"))["digest"] == "a"
+    assert select_platform(index, Platform("linux", "arm64", "v8"))["digest"] == "c"
+    assert select_platform(index, Platform("linux", "arm64"))["digest"] == "c"  # v8 is arm64's default
+    assert select_platform(index, Platform("linux", "aarch64"))["digest"] == "c"
+    assert select_platform(index, Platform("linux", "amd64")) is None
+
+
+async def test_multi_arch_index_in_the_fake(client, fake):
+    ref = parse_reference(f"{fake.host}/multi/app:latest")
+    for name, (manifest, config) in fake.platforms.items():
+        got = await client.resolve(ref, platform=Platform.parse(name), config=RegistriesConfig())
+        assert (got.platform_manifest_digest, got.config_digest) == (manifest, config)
+        assert got.manifest_digest == sha(fake.index)
+        assert str(got.platform) == name
+    with pytest.raises(PlatformNotFound, match=r"linux/s390x .*has: linux/amd64, linux/arm64/v8"):
+        await client.resolve(ref, platform=Platform("linux", "s390x"), config=RegistriesConfig())
 
 
 async def test_slow_mirror_times_out_and_falls_back(fake):
@@ -281,7 +296,7 @@ async def test_slow_mirror_times_out_and_falls_back(fake):
         """
     )
     async with RegistryClient(read_timeout=0.3) as client:
-        got = await client.resolve(parse_reference("example.test/open/app"), config=config)
+        got = await client.resolve(parse_reference("example.test/open/app"), platform=HOST, config=config)
         assert got.endpoint == f"{fake.host}/open"
         with pytest.raises(RegistryError, match="ServerTimeoutError|Timeout"):
-            await client.resolve(parse_reference(f"{fake.host}/slow/app"), config=RegistriesConfig())
+            await client.resolve(parse_reference(f"{fake.host}/slow/app"), platform=HOST, config=RegistriesConfig())

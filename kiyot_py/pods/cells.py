@@ -1,0 +1,104 @@
+"""A sandbox's cell: what to ask the provider for, bringing it up, and talking to its agent.
+
+Bringing a cell up is three waits, each of its own: the provider accepts the launch
+(`launch`, idempotent by a token derived from the pod), the provider says it runs
+(`wait_running`, tens of seconds for a VM), its agent answers (polled here). Then the
+node learns the cell's facts, from which every container spec is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+
+import structlog
+
+from kiyot_py.agent_client import AgentClient, AgentError
+from kiyot_py.config import Settings
+from kiyot_py.errors import DeadlineExceeded
+from kiyot_py.model import Cell, CellFacts, Sandbox, from_json
+from kiyot_py.providers.base import (
+    POD_LABEL_TAG_PREFIX,
+    ROLE_POD,
+    TAG_NODE,
+    TAG_POD,
+    TAG_ROLE,
+    TAG_SANDBOX,
+    CellShape,
+    Provider,
+)
+
+log = structlog.get_logger("kiyot.pods.cells")
+
+# Makes the agent client for a cell; tests give a fake agent here.
+AgentFactory = Callable[[Cell], AgentClient]
+
+
+def launch_token(node_name: str, pod_uid: str, attempt: int) -> str:
+    """The idempotency token of a sandbox's launch.
+
+    The sandbox id is new on every RunPodSandbox call, but a kubelet's retry carries the
+    same pod uid and attempt: the same token finds the same cell, also after a restart.
+    32 hex characters: within EC2's 64-character client token."""
+    return hashlib.sha256(f"{node_name}/{pod_uid}/{attempt}".encode()).hexdigest()[:32]
+
+
+class Cells:
+    def __init__(self, settings: Settings, provider: Provider, agents: AgentFactory) -> None:
+        self._settings = settings
+        self.provider = provider
+        self._agents = agents
+
+    def agent(self, sb: Sandbox) -> AgentClient:
+        assert sb.cell is not None
+        return self._agents(sb.cell)
+
+    def shape(self, sb: Sandbox) -> CellShape:
+        tags = {f"{POD_LABEL_TAG_PREFIX}{k}": v for k, v in sb.labels.items()}
+        tags.update({
+            TAG_NODE: self._settings.node_name,
+            TAG_SANDBOX: sb.id,
+            TAG_POD: f"{sb.namespace}/{sb.name}",
+            TAG_ROLE: ROLE_POD,
+        })
+        return CellShape(runtime_handler=sb.runtime_handler, tags=tags)
+
+    async def launch(self, sb: Sandbox, save: Callable[[Sandbox], None]) -> AgentClient:
+        """Bring the sandbox's cell up until its agent answers and its facts are known."""
+        sb.cell = await self.provider.launch(self.shape(sb), sb.launch_token)
+        save(sb)  # the cell is recorded before the long waits: a restart finds it
+        sb.cell = await self.provider.wait_running(sb.cell.id, self._settings.cell_boot_timeout)
+        save(sb)
+        agent = self.agent(sb)
+        await self._wait_for_agent(agent)
+        await self.learn_facts(sb, agent)
+        save(sb)
+        return agent
+
+    async def learn_facts(self, sb: Sandbox, agent: AgentClient) -> CellFacts:
+        assert sb.cell is not None
+        if sb.cell.facts is None:
+            sb.cell.facts = from_json(CellFacts, await agent.facts())
+            log.info("cell facts", sandbox=sb.id, architecture=sb.cell.facts.architecture,
+                     kernel=sb.cell.facts.kernel)
+        return sb.cell.facts
+
+    async def _wait_for_agent(self, agent: AgentClient) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        delay = 0.01
+        while True:
+            try:
+                await agent.health(timeout=2.0)
+                return
+            except AgentError as exc:
+                if loop.time() - started > self._settings.cell_boot_timeout:
+                    raise DeadlineExceeded(
+                        f"the cell's agent did not answer within {self._settings.cell_boot_timeout:.0f}s: "
+                        f"{exc.message}") from None
+            await asyncio.sleep(delay)
+            # Every 10 ms for the first seconds (a local cell answers within a few hundred
+            # ms, and a refused connection costs next to nothing), gentler after that.
+            if loop.time() - started > 2.0:
+                delay = min(delay * 1.5, 0.25)
