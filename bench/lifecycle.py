@@ -27,11 +27,11 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kiyot_py.gen.runtime.v1 import api_pb2 as pb  # noqa: E402
-from kiyot_py.gen.runtime.v1 import api_pb2_grpc  # noqa: E402
-from tests.support.hostnet import remove_host_network  # noqa: E402
-from tests.support.images import push_test_images  # noqa: E402
-from tests.support.registry import REGISTRY, start_registry, stop_registry, v2_up  # noqa: E402
+from kiyot_py.gen.runtime.v1 import api_pb2 as pb
+from kiyot_py.gen.runtime.v1 import api_pb2_grpc
+from tests.support.hostnet import remove_host_network
+from tests.support.images import push_test_images
+from tests.support.registry import REGISTRY, start_registry, stop_registry, v2_up
 
 DEFAULT_IMAGE = "127.0.0.1:5000/test/busybox:latest"
 OPS = ["pull", "runp", "create", "start", "stop", "rm", "recreate", "stopp", "rmp"]
@@ -46,9 +46,9 @@ def own_service():
         f'socket = "{base}/kiyot.sock"\nstate_dir = "{base}/state"\nlog_level = "warning"\n'
         '[local]\nbridge = "kiyotb0"\nsubnet = "10.124.0.0/24"\n'
     )
-    log = open(base / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "kiyot_py.cli", "serve", "--config", str(config)],
-                            stdout=log, stderr=log)
+    with open(base / "serve.log", "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "kiyot_py.cli", "serve", "--config", str(config)],
+                                stdout=log, stderr=log)
     try:
         yield f"unix://{base}/kiyot.sock"
     finally:
@@ -133,7 +133,7 @@ def measure(target: str, image: str, n: int) -> dict[str, list[float]]:
 
 def p90(values: list[float]) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
 
 def print_table(results: dict[str, dict[str, list[float]]], n: int) -> None:

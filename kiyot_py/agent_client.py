@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
@@ -99,7 +98,7 @@ class AgentClient:
                 return json.loads(data) if data else {}
         except aiohttp.ClientError as exc:
             raise AgentUnreachable(f"cell agent {self._base}: {exc}") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise AgentUnreachable(f"cell agent {self._base}: timed out") from exc
 
     async def health(self, timeout: float = 2.0) -> dict:
@@ -186,7 +185,7 @@ class AgentClient:
                 async for line in resp.content:
                     if line.strip():
                         yield json.loads(line)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise AgentUnreachable(f"cell agent {self._base}: events: {exc}") from exc
         raise AgentUnreachable(f"cell agent {self._base}: event stream ended")
 

@@ -97,7 +97,7 @@ class _TcpListener:
             try:
                 up_reader, up_writer = await asyncio.wait_for(
                     asyncio.open_connection(self._target, self._port.container_port), CONNECT_TIMEOUT)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 log.debug("host port: cell refused", port=str(self._port), error=str(exc))
                 return
             try:

@@ -96,7 +96,7 @@ class Platform:
     @classmethod
     def parse(cls, text: str) -> Platform:
         """"linux/arm64", "linux/arm64/v8" or "arm64" (os linux)."""
-        parts = [p for p in text.strip().split("/")]
+        parts = text.strip().split("/")
         if not 1 <= len(parts) <= 3 or not all(parts):
             raise ValueError(f"invalid platform {text!r}: want os/arch[/variant]")
         if len(parts) == 1:

@@ -14,8 +14,8 @@ import structlog
 from kiyot_py.agent_client import AgentClient
 from kiyot_py.config import ConfigError, Settings
 from kiyot_py.cri.server import start_server
-from kiyot_py.pods.images import ImageManager
 from kiyot_py.platforms import Platform
+from kiyot_py.pods.images import ImageManager
 from kiyot_py.pods.runtime import PodRuntime
 from kiyot_py.providers import make_provider
 from kiyot_py.registry.client import RegistryClient
@@ -42,7 +42,7 @@ STORE_FILE = "state.db"
 def _lock_state_dir(settings: Settings) -> IO[str]:
     """One service per state directory: a second one would fight over the same cells."""
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    lock = open(settings.state_dir / "serve.lock", "w")
+    lock = open(settings.state_dir / "serve.lock", "w")  # noqa: SIM115 - held (and locked) for the service's life
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

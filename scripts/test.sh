@@ -65,6 +65,12 @@ fi
 "$REPO/.venv/bin/ruff" check kiyot_py cells tests bench tools
 "$REPO/.venv/bin/mypy" kiyot_py cells/kiyot_cell
 
+if [ $# -eq 0 ]; then
+    # The lifecycle's unit tests need no privilege (fakes for the provider and the agent):
+    # prove it by running them once with every capability dropped.
+    setpriv --bounding-set -all --inh-caps -all -- \
+        "$REPO/.venv/bin/python" -m pytest -q -p no:cacheprovider tests/unit
+fi
 "$REPO/.venv/bin/python" -m pytest -q "$@"
 if [ $# -eq 0 ] && [ "${KIYOT_CONFORMANCE:-1}" != 0 ]; then
     bash "$REPO/scripts/conformance.sh"

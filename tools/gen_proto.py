@@ -32,8 +32,8 @@ GENERATED = ("api_pb2.py", "api_pb2_grpc.py", "api_pb2.pyi")
 def run_protoc(out_root: Path) -> None:
     """Run grpc_tools.protoc, writing the stubs under out_root/kiyot_py/gen/..."""
     try:
-        from grpc_tools import protoc
         import grpc_tools
+        from grpc_tools import protoc
     except ImportError:  # pragma: no cover - environment problem
         sys.exit("gen_proto: grpcio-tools is not installed (pip install grpcio-tools)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -132,10 +133,8 @@ def _supervise(cfg: AgentConfig) -> int:
 
     def signal_child(sig: int) -> None:
         if child:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(child, sig)
-            except ProcessLookupError:
-                pass
 
     def on_term(signum: int, _frame: object) -> None:
         nonlocal stopping

@@ -4,9 +4,10 @@ Every record change goes through `_set`, which persists it and publishes an even
 watcher task per live container waits on a pidfd of its conmon (which writes the exit file
 and then exits), so an exit is seen at once; it re-reads the exit file at least every
 second in case a wake-up is missed. The exit code is conmon's, never invented; a dead
-conmon without an exit file is `unknown` / MonitorLost. The per-container lock serializes create/start/delete and the watcher's
-transition, so a container that exits the instant it starts still ends as `exited`;
-stop never holds it while waiting (the watcher must be able to record the exit).
+conmon without an exit file is `unknown` / MonitorLost. The per-container lock
+serializes create/start/delete and the watcher's transition, so a container that exits
+the instant it starts still ends as `exited`; stop never holds it while waiting (the
+watcher must be able to record the exit).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import builtins
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +27,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import log, spec as specmod
+from . import log
+from . import spec as specmod
 from .config import AgentConfig
 from .errors import ApiError, conflict, invalid, not_found
 from .events import EventHub
@@ -118,7 +121,7 @@ class ContainerManager:
             async with self._changed:
                 await asyncio.wait_for(self._changed.wait_for(done), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return done()
 
     async def _remove_files(self, paths: ContainerPaths) -> None:
@@ -174,18 +177,17 @@ class ContainerManager:
                     return
                 ex = self._read_exit(cid)
                 pid = rec.conmon_pid or read_pidfile(self.paths(cid).conmon_pidfile)
-                if ex is None:
-                    if not conmon_alive(pid, cid):
-                        await asyncio.sleep(POLL)  # conmon writes the file just before it exits
-                        ex = self._read_exit(cid)
-                        if ex is None:
-                            async with self._lock(cid):
-                                rec = self.store.get(cid)
-                                if rec is not None and rec.state in LIVE_STATES:
-                                    await self._set(rec, state=UNKNOWN, reason="MonitorLost",
-                                                    message="the container's monitor (conmon) died without "
-                                                            "writing an exit code; its state is unknown")
-                            return
+                if ex is None and not conmon_alive(pid, cid):
+                    await asyncio.sleep(POLL)  # conmon writes the file just before it exits
+                    ex = self._read_exit(cid)
+                    if ex is None:
+                        async with self._lock(cid):
+                            rec = self.store.get(cid)
+                            if rec is not None and rec.state in LIVE_STATES:
+                                await self._set(rec, state=UNKNOWN, reason="MonitorLost",
+                                                message="the container's monitor (conmon) died without "
+                                                        "writing an exit code; its state is unknown")
+                        return
                 if ex is not None:
                     code, finished = ex
                     oom = (self.paths(cid).persist_dir / "oom").exists()
@@ -354,10 +356,8 @@ class ContainerManager:
             if t is not None:
                 t.cancel()
             # The record goes first: a crash mid-rmtree leaves an orphan dir, cleared at start.
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self.store.path(cid).unlink()
-            except FileNotFoundError:
-                pass
             await self._remove_files(paths)
             if self.store.get(cid) is not None:
                 self.store.forget(cid)
@@ -395,26 +395,22 @@ class ContainerManager:
             try:
                 out, err, _ = await asyncio.wait_for(asyncio.gather(
                     _read_capped(proc.stdout), _read_capped(proc.stderr), proc.wait()), timeout or None)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pid = read_pidfile(pidfile)
                 if pid > 0:
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, _signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
                 try:
                     await asyncio.wait_for(proc.wait(), 10)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     proc.kill()
                     await proc.wait()
                 _log.info("exec_timeout", id=cid, pid=pid)
                 raise ApiError("timeout", f"exec did not finish within {timeout}s; process {pid} was killed") from None
         finally:
             for f in (pfile, pidfile):
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     f.unlink()
-                except FileNotFoundError:
-                    pass
         return {
             "exit_code": proc.returncode,
             "stdout": base64.b64encode(out).decode(),

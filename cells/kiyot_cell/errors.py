@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class ApiError(Exception):
     """An error the HTTP layer turns into `{"error": code, "message": ...}`."""
 
-    STATUS = {
+    STATUS: ClassVar[dict[str, int]] = {
         "invalid": 400,
         "unauthorized": 401,
         "not_found": 404,

@@ -40,7 +40,8 @@ def architecture(machine: str | None = None) -> tuple[str, str]:
 
 def kernel_version(release: str | None = None) -> tuple[int, int]:
     nums = [int(x) for x in re.findall(r"\d+", release or os.uname().release)[:2]]
-    return (nums + [0, 0])[0], (nums + [0, 0])[1]
+    padded = [*nums, 0, 0]
+    return padded[0], padded[1]
 
 
 def cgroup_version(root: Path = Path("/sys/fs/cgroup")) -> int:
@@ -85,7 +86,7 @@ async def runtime_features(runtime_path: str) -> dict[str, Any]:
         return {}
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 30)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         _log.warning("runtime_features_failed", runtime=runtime_path, error="timed out")

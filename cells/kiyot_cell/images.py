@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -179,7 +180,7 @@ class ImageStore:
                 stderr=asyncio.subprocess.PIPE, env=env, preexec_fn=die_with_parent)
             try:
                 out, err = await asyncio.wait_for(proc.communicate(), self.cfg.pull_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.kill()
                 await proc.wait()
                 await self._undo(tag, blobs_before)
@@ -247,10 +248,8 @@ class ImageStore:
             self._untag(tag)
             d = self.layout / "blobs" / "sha256"
             for name in self._blob_names() - blobs_before:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(d / name)
-                except FileNotFoundError:
-                    pass
             for p in self.cfg.tmp_dir.iterdir():  # skopeo's leftovers if it was cut short
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)

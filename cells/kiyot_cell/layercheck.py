@@ -40,10 +40,11 @@ def check_member(m: tarfile.TarInfo) -> str | None:
             return f"hard link {name!r} -> {target!r} leaves the root"
     elif m.issym():
         target = m.linkname
-        if not target.startswith("/"):
-            # Relative to the link's own directory.
-            if _climbs_out(posixpath.join(posixpath.dirname(posixpath.normpath(name)), target)):
-                return f"symlink {name!r} -> {target!r} climbs above the root"
+        # A relative target is relative to the link's own directory.
+        if not target.startswith("/") and _climbs_out(
+            posixpath.join(posixpath.dirname(posixpath.normpath(name)), target)
+        ):
+            return f"symlink {name!r} -> {target!r} climbs above the root"
     return None
 
 

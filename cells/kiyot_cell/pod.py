@@ -39,7 +39,7 @@ class PodSpec:
     labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, body: dict[str, Any]) -> "PodSpec":
+    def parse(cls, body: dict[str, Any]) -> PodSpec:
         sid = body.get("sandbox_id")
         host = body.get("hostname")
         if not isinstance(sid, str) or not sid:
@@ -52,7 +52,9 @@ class PodSpec:
         lists = {}
         for k in ("servers", "searches", "options"):
             v = dns.get(k) or []
-            if not isinstance(v, list) or not all(isinstance(x, str) and x and "\n" not in x and " " not in x for x in v):
+            if not isinstance(v, list) or not all(
+                isinstance(x, str) and x and "\n" not in x and " " not in x for x in v
+            ):
                 raise invalid(f"'dns.{k}' must be a list of words")
             lists[k] = v
         labels = body.get("labels") or {}
@@ -90,7 +92,9 @@ class Pod:
         if not _is_mount_point(self.ipc_ns):
             self.ipc_ns.parent.mkdir(parents=True, exist_ok=True)
             self.ipc_ns.touch()
-            out = subprocess.run(["unshare", f"--ipc={self.ipc_ns}", "true"], capture_output=True, text=True)
+            out = subprocess.run(
+                ["unshare", f"--ipc={self.ipc_ns}", "true"], check=False, capture_output=True, text=True
+            )
             if out.returncode != 0:
                 raise ApiError("internal", f"making the pod's IPC namespace: {out.stderr.strip()}")
         return {"etc_dir": str(self.etc)}

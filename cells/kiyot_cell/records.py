@@ -61,7 +61,7 @@ class ContainerRecord:
         return {k: d[k] for k in self.PUBLIC}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ContainerRecord":
+    def from_dict(cls, d: dict[str, Any]) -> ContainerRecord:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -10,6 +10,7 @@ conmon daemonizes, so it (and the container) outlive the agent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import functools
 import json
@@ -135,7 +136,7 @@ class Runtime:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
             return -1, f"{self.cfg.runtime} {args[0]} timed out"
@@ -180,7 +181,7 @@ class Runtime:
         os.close(wfd)  # only conmon holds the write end now: EOF means it is done with it
         try:
             line = await asyncio.wait_for(asyncio.to_thread(_read_sync, rfd), 60.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             line = ""
         finally:
             os.close(rfd)
@@ -210,10 +211,8 @@ def _read_sync(fd: int) -> str:
 def die_with_parent() -> None:
     """preexec_fn: a helper (skopeo, umoci, runc exec) dies with the agent (PR_SET_PDEATHSIG),
     so a restarted agent never races a previous one's half-done pull. Not for conmon."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         _libc().prctl(1, int(_signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def read_pidfile(p: Path) -> int:
@@ -262,7 +261,7 @@ async def wait_for_exit(pid: int, timeout: float) -> None:
     loop.add_reader(fd, on_readable)
     try:
         await asyncio.wait_for(exited, timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     finally:
         loop.remove_reader(fd)

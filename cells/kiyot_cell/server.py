@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -56,7 +57,7 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
         raise
     except (ConnectionResetError, asyncio.CancelledError):
         raise
-    except Exception as e:  # noqa: BLE001 - every other failure is a 500 with a message
+    except Exception as e:  # every other failure is a 500 with a message
         _log.exception("internal_error", path=request.path)
         return _error(500, "internal", f"{type(e).__name__}: {e}")
 
@@ -216,7 +217,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         while not sub.overflowed:
             try:
                 ev = await asyncio.wait_for(sub.queue.get(), HEARTBEAT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 ev = {"type": "heartbeat"}
             await resp.write(json.dumps(ev).encode() + b"\n")
     except (ConnectionResetError, ConnectionError):

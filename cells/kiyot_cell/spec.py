@@ -64,7 +64,7 @@ def check_process(proc: Any) -> None:
 
 
 def build(image_cfg: dict[str, Any], spec: dict[str, Any], ctx: CellContext, user: str | None,
-          groups_policy: str = "Merge", devices: list["Device"] | None = None) -> dict[str, Any]:
+          groups_policy: str = "Merge", devices: list[Device] | None = None) -> dict[str, Any]:
     cfg = copy.deepcopy(image_cfg)
     base_proc = cfg.setdefault("process", {})
     for k in _DROPPED_PROCESS_KEYS:
@@ -140,7 +140,7 @@ def process_identity(cfg: dict[str, Any]) -> dict[str, Any]:
     """uid, gid and every group (primary first, then the rest sorted) of a bundle's process."""
     user = cfg.get("process", {}).get("user", {})
     gid = int(user.get("gid", 0))
-    groups = [gid] + sorted({int(g) for g in user.get("additionalGids") or []} - {gid})
+    groups = [gid, *sorted({int(g) for g in user.get("additionalGids") or []} - {gid})]
     return {"uid": int(user.get("uid", 0)), "gid": gid, "groups": groups}
 
 
@@ -217,8 +217,8 @@ def clamp_rlimits(rlimits: list[dict[str, Any]]) -> list[dict[str, Any]]:
     except (OSError, ValueError):
         nr_open = None
     out = []
-    for rl in rlimits:
-        rl = dict(rl)
+    for given in rlimits:
+        rl = dict(given)
         kind = str(rl.get("type", ""))
         res = getattr(resource, kind, None)
         if isinstance(res, int):

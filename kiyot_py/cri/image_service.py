@@ -8,10 +8,10 @@ import json
 
 from kiyot_py.cri import convert
 from kiyot_py.cri.errors import answer_unimplemented, rpc
+from kiyot_py.errors import InvalidArgument
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from kiyot_py.gen.runtime.v1 import api_pb2_grpc
 from kiyot_py.model import Credentials, now_ns
-from kiyot_py.errors import InvalidArgument
 from kiyot_py.pods.images import ImageManager
 from kiyot_py.pods.runtime import PodRuntime
 

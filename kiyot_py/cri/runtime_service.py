@@ -12,6 +12,7 @@ from kiyot_py.gen.runtime.v1 import api_pb2_grpc
 from kiyot_py.model import now_ns, to_json
 from kiyot_py.pods.runtime import PodRuntime
 
+
 class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     def __init__(self, runtime: PodRuntime) -> None:
         self._rt = runtime

@@ -17,6 +17,7 @@ import structlog
 from kiyot_py.agent_client import AgentClient, AgentError
 from kiyot_py.config import Settings
 from kiyot_py.errors import DeadlineExceeded
+from kiyot_py.gen.runtime.v1 import api_pb2
 from kiyot_py.model import Cell, CellFacts, Sandbox, from_json
 from kiyot_py.providers.base import (
     POD_LABEL_TAG_PREFIX,
@@ -44,6 +45,22 @@ def launch_token(node_name: str, pod_uid: str, attempt: int) -> str:
     return hashlib.sha256(f"{node_name}/{pod_uid}/{attempt}".encode()).hexdigest()[:32]
 
 
+def pod_resources(config: api_pb2.PodSandboxConfig) -> tuple[int, int]:
+    """(CPU in millicores, memory in bytes) the pod asks for: the kubelet's pod-level
+    resources (the sum of its containers' limits) plus the runtime class's overhead;
+    0 where it names none (the provider then picks its smallest cell)."""
+    if not config.HasField("linux"):
+        return 0, 0
+    cpu = memory = 0
+    for r in (config.linux.resources, config.linux.overhead):
+        if r.cpu_quota > 0 and r.cpu_period > 0:
+            cpu += -(-r.cpu_quota * 1000 // r.cpu_period)  # rounded up
+        elif r.cpu_shares > 2:  # 2 is the kubelet's "no request"
+            cpu += -(-r.cpu_shares * 1000 // 1024)
+        memory += max(r.memory_limit_in_bytes, 0)
+    return cpu, memory
+
+
 class Cells:
     def __init__(self, settings: Settings, provider: Provider, agents: AgentFactory) -> None:
         self._settings = settings
@@ -62,7 +79,9 @@ class Cells:
             TAG_POD: f"{sb.namespace}/{sb.name}",
             TAG_ROLE: ROLE_POD,
         })
-        return CellShape(runtime_handler=sb.runtime_handler, tags=tags)
+        cpu_millis, memory_bytes = pod_resources(api_pb2.PodSandboxConfig.FromString(sb.config))
+        return CellShape(cpu_millis=cpu_millis, memory_bytes=memory_bytes,
+                         runtime_handler=sb.runtime_handler, tags=tags)
 
     async def launch(self, sb: Sandbox, save: Callable[[Sandbox], None]) -> AgentClient:
         """Bring the sandbox's cell up until its agent answers and its facts are known."""

@@ -14,10 +14,10 @@ import re
 
 import structlog
 
+from kiyot_py.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from kiyot_py.model import Cell, CellFacts, Credentials, Image, PlatformImage
 from kiyot_py.platforms import Platform
-from kiyot_py.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from kiyot_py.registry.client import ImageNotFound, PlatformNotFound, RegistryClient, RegistryError
+from kiyot_py.registry.client import ImageNotFound, PlatformNotFound, RegistryClient, RegistryError, ResolvedImage
 from kiyot_py.registry.config import RegistriesConfig
 from kiyot_py.registry.pullpath import cell_reference
 from kiyot_py.registry.reference import InvalidReference, Reference, parse_reference
@@ -58,17 +58,7 @@ class ImageManager:
         self, image: str, auth: Credentials | None, timeout: float | None = None
     ) -> Image:
         ref = _parse(image)
-        try:
-            resolved = await asyncio.wait_for(
-                self._client.resolve(ref, platform=self.default_platform, auth=auth, config=self._config),
-                timeout,
-            )
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"pulling {ref}: deadline exceeded") from None
-        except ImageNotFound as exc:
-            raise NotFound(f"pulling {ref}: {exc}") from None
-        except RegistryError as exc:
-            raise RegistryFailure(f"pulling {ref}: {exc}") from None
+        resolved = await self._resolve(ref, self.default_platform, auth, timeout, f"pulling {ref}")
 
         record = self._images.get(resolved.config_digest) or Image(id=resolved.config_digest)
         if ref.tag is not None and ref.digest is None:
@@ -89,7 +79,7 @@ class ImageManager:
             record.auth[ref.name] = auth
         self._images[record.id] = record
         self._store.put(record)
-        log.info("image pulled", image=str(ref), id=record.id, size=record.size)
+        log.info("image pulled", image=str(ref), id=record.id, size=record.size, endpoint=resolved.endpoint)
         return record
 
     def find(self, image: str) -> Image | None:
@@ -167,22 +157,30 @@ class ImageManager:
         ref = parse_reference(record.repo_digests[0])
         if ref.digest == record.platform_digest:  # a single manifest, not an index
             raise FailedPrecondition(f"{missing}: it is built for {Platform.from_image_config(record.config)} only")
-        try:
-            resolved = await asyncio.wait_for(
-                self._client.resolve(ref, platform=wanted, auth=record.auth.get(ref.name), config=self._config),
-                timeout,
-            )
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"resolving {ref} for {wanted}: deadline exceeded") from None
-        except PlatformNotFound as exc:
-            raise FailedPrecondition(f"{missing}: {exc}") from None
-        except ImageNotFound as exc:
-            raise NotFound(f"resolving {ref} for {wanted}: {exc}") from None
-        except RegistryError as exc:
-            raise RegistryFailure(f"resolving {ref} for {wanted}: {exc}") from None
+        resolved = await self._resolve(ref, wanted, record.auth.get(ref.name), timeout,
+                                       f"resolving {ref} for {wanted}", platform_missing=missing)
         if resolved.platform is not None and not resolved.platform.matches(wanted):
             raise FailedPrecondition(f"{missing}: {ref} is built for {resolved.platform}")
         return PlatformImage(resolved.platform_manifest_digest, resolved.config)
+
+    async def _resolve(self, ref: Reference, platform: Platform, auth: Credentials | None,
+                       timeout: float | None, what: str, platform_missing: str = "") -> ResolvedImage:
+        """Resolve at the registry, its failures as the kinds a CRI client tells apart. An
+        index without the platform is NotFound for a pull, and FailedPrecondition (with
+        `platform_missing`) for a cell whose platform the image lacks."""
+        try:
+            return await asyncio.wait_for(
+                self._client.resolve(ref, platform=platform, auth=auth, config=self._config), timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"{what}: deadline exceeded") from None
+        except PlatformNotFound as exc:
+            if platform_missing:
+                raise FailedPrecondition(f"{platform_missing}: {exc}") from None
+            raise NotFound(f"{what}: {exc}") from None
+        except ImageNotFound as exc:
+            raise NotFound(f"{what}: {exc}") from None
+        except RegistryError as exc:
+            raise RegistryFailure(f"{what}: {exc}") from None
 
     def cell_pull(self, record: Image, cell: Cell, *, platform_digest: str) -> dict:
         """What a cell's agent needs to pull this image's manifest `platform_digest` (the

@@ -8,8 +8,8 @@ releases the cell (billing stops); both stop and remove are idempotent.
 
 from __future__ import annotations
 
-import builtins
 import asyncio
+import builtins
 
 import structlog
 

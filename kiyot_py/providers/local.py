@@ -10,6 +10,7 @@ they outlive both the agent and `kiyot-py serve`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import ipaddress
 import json
@@ -124,7 +125,7 @@ class LocalProvider:
     async def start(self) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
         bridge = self._settings.bridge
-        if not Path(f"/sys/class/net/{bridge}").exists():
+        if not Path(f"/sys/class/net/{bridge}").exists():  # noqa: ASYNC240 - a sysfs stat, never blocks
             await _run("ip", "link", "add", bridge, "type", "bridge")
         addrs = await _run("ip", "-o", "addr", "show", "dev", bridge)
         if f" {self._gateway}/" not in addrs:
@@ -135,7 +136,7 @@ class LocalProvider:
         # A VM's agent comes back when the VM does: revive supervisors that are gone
         # (after a reboot of this host, say) for cells whose namespace still exists.
         for cell in self._read_all():
-            if Path(NETNS_DIR / cell.netns).exists() and not self._supervisor_alive(cell):
+            if Path(NETNS_DIR / cell.netns).exists() and not self._supervisor_alive(cell):  # noqa: ASYNC240 - stat
                 log.info("reviving cell agent", cell=cell.id)
                 await self._start_agent(cell)
 
@@ -310,7 +311,7 @@ class LocalProvider:
             "--runtime", self._settings.runtime,
             "--log-max-size", str(self._settings.log_max_size),
         ]
-        with open(cell_dir / "agent.log", "ab") as out:
+        with open(cell_dir / "agent.log", "ab") as out:  # noqa: ASYNC230 - only opened (for the child), never read
             # A session of its own: the cell outlives `kiyot-py serve`.
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
@@ -344,9 +345,9 @@ class LocalProvider:
             await self._delete_containers(cell_dir)
             for mount in mounts_under(cell_dir):  # e.g. the pod's IPC namespace, bound on a file
                 await _run("umount", "--lazy", mount, check=False)
-            if Path(NETNS_DIR / cell.netns).exists():
+            if Path(NETNS_DIR / cell.netns).exists():  # noqa: ASYNC240 - a stat of /run/netns, never blocks
                 await _run("ip", "netns", "del", cell.netns, check=False)
-            if Path(f"/sys/class/net/{cell.veth}").exists():
+            if Path(f"/sys/class/net/{cell.veth}").exists():  # noqa: ASYNC240 - a sysfs stat, never blocks
                 await _run("ip", "link", "del", cell.veth, check=False)
             await self._forget_neighbour(cell.address)
             _remove_cgroups(f"kiyot/{cell.id}")
@@ -400,11 +401,7 @@ def _remove_cgroups(relative: str) -> None:
             # Children first; a cgroup directory is removed with rmdir, never rm -r.
             for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
                 if sub.is_dir():
-                    try:
+                    with contextlib.suppress(OSError):
                         sub.rmdir()
-                    except OSError:
-                        pass
-            try:
+            with contextlib.suppress(OSError):
                 path.rmdir()
-            except OSError:
-                pass

@@ -29,6 +29,10 @@ from kiyot_py.registry.errors import ImageNotFound, PlatformNotFound, RegistryBl
 from kiyot_py.registry.reference import InvalidReference, Reference, validate_digest
 
 __all__ = [
+    "MEDIA_TYPE_DOCKER_LIST",
+    "MEDIA_TYPE_DOCKER_MANIFEST",
+    "MEDIA_TYPE_OCI_INDEX",
+    "MEDIA_TYPE_OCI_MANIFEST",
     "Credentials",
     "ImageNotFound",
     "PlatformNotFound",
@@ -36,10 +40,6 @@ __all__ = [
     "RegistryClient",
     "RegistryError",
     "ResolvedImage",
-    "MEDIA_TYPE_OCI_INDEX",
-    "MEDIA_TYPE_OCI_MANIFEST",
-    "MEDIA_TYPE_DOCKER_LIST",
-    "MEDIA_TYPE_DOCKER_MANIFEST",
 ]
 
 log = structlog.get_logger("kiyot.registry")
@@ -72,15 +72,11 @@ class Credentials(Protocol):
 
 @dataclass
 class ResolvedImage:
-    name: str  # registry/repository as asked for (ref.name)
     manifest_digest: str  # what the tag/digest points at (the index for an index): RepoDigests
     platform_manifest_digest: str  # the image manifest for the platform, what cells pull
     config_digest: str  # the image id
     config: dict[str, Any] = field(repr=False)
     size: int  # config size + the layers' (compressed) sizes
-    layers: list[str]
-    media_type: str  # of what the tag/digest points at
-    platform_media_type: str = ""
     endpoint: str = ""  # where it was resolved (mirror or location)
     # What the config says it is built for (None: it names no architecture).
     platform: Platform | None = None
@@ -210,7 +206,7 @@ class _Repo:
             raise RegistryError(f"{self.where}: request failed: {exc.__class__.__name__}: {exc}") from None
 
     async def _authorize(self, challenges: list[tuple[str, dict[str, str]]], body: bytes) -> None:
-        by_scheme = {scheme: params for scheme, params in challenges}
+        by_scheme = dict(challenges)
         if "bearer" in by_scheme:
             self.authorization = f"Bearer {await self._token(by_scheme['bearer'])}"
             return
@@ -490,7 +486,7 @@ class RegistryClient:
             if platform_type not in _MANIFEST_TYPES:
                 raise RegistryError(f"{where}: {want} is a nested index; not supported")
 
-        config_digest, config_size = _descriptor(manifest.get("config"), where)
+        config_digest, _ = _descriptor(manifest.get("config"), where)
         layers_raw = manifest.get("layers")
         if not isinstance(layers_raw, list):
             raise RegistryError(f"{where}: manifest has no layers list")
@@ -506,28 +502,13 @@ class RegistryClient:
         config = _json_object(body, where, f"config blob {config_digest}")
 
         return ResolvedImage(
-            name=ref.name,
             manifest_digest=top_digest,
             platform_manifest_digest=platform_digest,
             config_digest=config_digest,
             config=config,
             size=len(body) + sum(size for _, size in layers),
-            layers=[d for d, _ in layers],
-            media_type=media_type,
-            platform_media_type=platform_type,
             endpoint=str(endpoint),
             platform=Platform.from_image_config(config),
         )
 
-
-async def resolve(
-    ref: Reference,
-    *,
-    platform: Platform,
-    auth: Credentials | None = None,
-    config: RegistriesConfig | None = None,
-) -> ResolvedImage:
-    """One-shot resolve with a client of its own (closed before returning)."""
-    async with RegistryClient() as client:
-        return await client.resolve(ref, platform=platform, auth=auth, config=config)
 

@@ -35,7 +35,7 @@ from typing import Any
 from kiyot_py.registry.errors import RegistriesConfigError, RegistryBlocked
 from kiyot_py.registry.reference import Reference
 
-__all__ = ["Endpoint", "RegistriesConfig", "RegistryEntry", "Mirror", "is_loopback"]
+__all__ = ["Endpoint", "Mirror", "RegistriesConfig", "RegistryEntry", "is_loopback"]
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
@@ -62,10 +62,11 @@ _IGNORED_TOP = {
 
 def is_loopback(host: str) -> bool:
     """True for localhost, 127.0.0.0/8 and ::1, with or without a port."""
-    if host.startswith("["):
-        name = host[1 : host.find("]")]
-    else:
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = (
+        host[1 : host.find("]")] if host.startswith("[")
+        else host.rsplit(":", 1)[0] if host.count(":") == 1
+        else host
+    )
     if name.lower() == "localhost":
         return True
     try:

@@ -304,7 +304,7 @@ class PullPath:
             except ConnectionResetError:
                 log.debug("pull path client went away", url=str(upstream.url.with_query(None)))
                 return resp
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 # Too late for a status: cut the connection so the cell sees a short body.
                 log.warning("pull path upstream failed mid-body", url=str(upstream.url.with_query(None)),
                             error=exc.__class__.__name__)

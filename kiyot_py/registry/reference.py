@@ -164,10 +164,7 @@ def parse_reference(s: str) -> Reference:
     registry, repository = _split_domain(remainder)
     if not _DOMAIN_RE.match(registry):
         raise InvalidReference(f"invalid registry host {registry!r} in {s!r}")
-    if registry.startswith("["):
-        host_part = registry[: registry.index("]") + 1]
-    else:
-        host_part = registry.partition(":")[0]
+    host_part = registry[: registry.index("]") + 1] if registry.startswith("[") else registry.partition(":")[0]
     if ":" in registry[len(host_part) :]:
         port = registry[len(host_part) + 1 :]
         if not port.isdigit() or not 0 < int(port) < 65536:

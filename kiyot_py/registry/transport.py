@@ -51,7 +51,7 @@ async def request(
     last: aiohttp.ClientError | None = None
     for i, scheme in enumerate(order):
         url = f"{scheme}://{host}{path}"
-        ssl = False if (scheme == "https" and endpoint.insecure) else True
+        ssl = not (scheme == "https" and endpoint.insecure)
         try:
             resp = await session.request(method, url, headers=headers, ssl=ssl, allow_redirects=True)
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:

@@ -4,6 +4,7 @@ against a real registry on 127.0.0.1:5000, with containers run by runc under con
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -14,9 +15,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -88,17 +90,17 @@ class Agent:
     def log_file(self) -> Path:
         return self.workdir / "agent.log"
 
-    def start(self) -> "Agent":
+    def start(self) -> Agent:
         tok = self.workdir / "token"
         tok.write_text(self.token)
         tok.chmod(0o600)
         env = dict(os.environ, PYTHONPATH=str(CELLS) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        out = open(self.log_file, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kiyot_cell.cli", self.mode, "--listen", f"127.0.0.1:{self.port}",
-             "--token-file", str(tok), "--state-dir", str(self.state_dir),
-             "--cgroup-parent", f"kiyot-cell-tests/{self.workdir.name}", *self.extra_args],
-            stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        with open(self.log_file, "ab") as out:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kiyot_cell.cli", self.mode, "--listen", f"127.0.0.1:{self.port}",
+                 "--token-file", str(tok), "--state-dir", str(self.state_dir),
+                 "--cgroup-parent", f"kiyot-cell-tests/{self.workdir.name}", *self.extra_args],
+                stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         self.wait_healthy()
         return self
 
@@ -206,16 +208,14 @@ class Agent:
             if "--runtime-root" in self.extra_args else []
         cdir = self.state_dir / "containers"
         for d in cdir.iterdir() if cdir.exists() else []:
-            subprocess.run(["runc", *root, "delete", "--force", d.name], capture_output=True)
+            subprocess.run(["runc", *root, "delete", "--force", d.name], check=False, capture_output=True)
         # The pod's IPC namespace is bound on a file in the state dir, as a cell's would be.
         for mount in mounts_under(self.state_dir):
-            subprocess.run(["umount", "--lazy", mount], capture_output=True)
+            subprocess.run(["umount", "--lazy", mount], check=False, capture_output=True)
         # runc removes each container's cgroup, not the parent this agent was given.
         for parent in Path("/sys/fs/cgroup").glob(f"*/kiyot-cell-tests/{self.workdir.name}"):
-            try:
+            with contextlib.suppress(OSError):
                 parent.rmdir()
-            except OSError:
-                pass
 
 
 @pytest.fixture(scope="session")

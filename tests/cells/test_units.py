@@ -11,10 +11,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cells"))
 
-from kiyot_cell import layercheck, spec  # noqa: E402
-from kiyot_cell.errors import ApiError  # noqa: E402
-from kiyot_cell.images import split_ref  # noqa: E402
-from kiyot_cell.runtime import parse_signal  # noqa: E402
+from kiyot_cell import layercheck, spec
+from kiyot_cell.errors import ApiError
+from kiyot_cell.images import split_ref
+from kiyot_cell.runtime import parse_signal
 
 
 def _tar(tmp_path: Path, *entries: tuple[str, bytes, str]) -> Path:
@@ -100,8 +100,8 @@ UMOCI_CFG = {  # what umoci writes: the image's args, env, cwd, user; runc's def
 
 
 def _ctx(tmp_path, **kw):
-    base = dict(rootfs=tmp_path / "rootfs", netns="/run/netns/c1", cgroups_path="/kiyot/c1/x",
-                pod_etc=tmp_path / "etc", pod_hostname="web-0")
+    base = {"rootfs": tmp_path / "rootfs", "netns": "/run/netns/c1", "cgroups_path": "/kiyot/c1/x",
+            "pod_etc": tmp_path / "etc", "pod_hostname": "web-0"}
     return spec.CellContext(**{**base, **kw})
 
 
@@ -189,7 +189,8 @@ def test_resolve_devices():
     (null,) = spec.resolve_devices([{"host_path": "/dev/null", "permissions": "wr"}])
     assert (null.path, null.kind, null.major, null.minor, null.access) == ("/dev/null", "c", 1, 3, "rw")
     assert spec.resolve_devices(None) == []
-    for bad, needle in (([{"host_path": "/etc/passwd"}], "/etc/passwd"), ([{"host_path": "/nonexistent"}], "/nonexistent"),
+    for bad, needle in (([{"host_path": "/etc/passwd"}], "/etc/passwd"),
+                        ([{"host_path": "/nonexistent"}], "/nonexistent"),
                         ([{"host_path": "rel"}], "rel"), ([{"host_path": "/dev/null", "permissions": "x"}], "'x'"),
                         ([{"container_path": "/dev/null"}], "None"), ("/dev/null", "list")):
         with pytest.raises(ApiError) as e:

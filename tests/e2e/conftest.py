@@ -15,7 +15,6 @@ import pytest
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from kiyot_py.gen.runtime.v1 import api_pb2_grpc
-
 from tests.support.hostnet import remove_host_network
 
 from .helpers import new_pod, pod_name, remove_pod
@@ -40,11 +39,11 @@ class Service:
     images: api_pb2_grpc.ImageServiceStub | None = None
 
     def start(self) -> None:
-        out = open(self.log_file, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kiyot_py.cli", "serve", "--config", str(self.config)],
-            stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-        )
+        with open(self.log_file, "ab") as out:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kiyot_py.cli", "serve", "--config", str(self.config)],
+                stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+            )
         # The kubelet's own message limit, so a reply that would not reach it fails here too.
         self.channel = grpc.insecure_channel(f"unix://{self.socket}", options=[
             ("grpc.max_receive_message_length", 16 * 1024 * 1024)])

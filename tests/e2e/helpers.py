@@ -100,7 +100,7 @@ def log_lines(path: str) -> list[tuple[str, str, str]]:
     """(stream, tag, text) for each CRI log line; checks the timestamp's shape."""
     out = []
     for line in Path(path).read_text().splitlines():
-        ts, stream, tag, text = (line.split(" ", 3) + [""])[:4]
+        ts, stream, tag, text = [*line.split(" ", 3), ""][:4]
         assert ts.endswith("Z") or "+" in ts or ts.count("-") > 2, line
         assert "T" in ts, line
         out.append((stream, tag, text))
@@ -109,7 +109,7 @@ def log_lines(path: str) -> list[tuple[str, str, str]]:
 
 def runc_status(container_id: str) -> str:
     """What runc on this host says of a container: running, stopped, ... or gone."""
-    out = subprocess.run(["runc", "state", container_id], capture_output=True, text=True)
+    out = subprocess.run(["runc", "state", container_id], check=False, capture_output=True, text=True)
     return json.loads(out.stdout)["status"] if out.returncode == 0 else "gone"
 
 

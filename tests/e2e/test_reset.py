@@ -29,24 +29,25 @@ def test_reset_takes_cells_bridge_fence_and_state_away(tmp_path, registry, test_
         wait_state(svc.runtime, cid, pb.CONTAINER_RUNNING)
         cell = json.loads((cell_dir(svc.state_dir, pod[0]) / "cell.json").read_text())
 
-        asked = subprocess.run(reset, capture_output=True, text=True)
+        asked = subprocess.run(reset, check=False, capture_output=True, text=True)
         assert asked.returncode == 2 and "--yes" in asked.stderr
-        under_service = subprocess.run([*reset, "--yes"], capture_output=True, text=True)
+        under_service = subprocess.run([*reset, "--yes"], check=False, capture_output=True, text=True)
         assert under_service.returncode == 2 and "running" in under_service.stderr
         assert runc_status(cid) == "running"
 
         assert svc.stop() == 0  # the cells outlive the service...
         assert runc_status(cid) == "running"
-        done = subprocess.run([*reset, "--yes"], capture_output=True, text=True)
+        done = subprocess.run([*reset, "--yes"], check=False, capture_output=True, text=True)
         assert done.returncode == 0 and "deleted 1 cell" in done.stdout, done.stderr
         # ...but not a reset.
         assert runc_status(cid) == "gone"
         assert not Path(f"/run/netns/{cell['netns']}").exists()
         assert not Path(f"/sys/class/net/{BRIDGE}").exists()
-        assert subprocess.run(["iptables", "-n", "-L", fence_chain(BRIDGE)], capture_output=True).returncode != 0
+        chain = subprocess.run(["iptables", "-n", "-L", fence_chain(BRIDGE)], check=False, capture_output=True)
+        assert chain.returncode != 0
         assert not (svc.state_dir / "state.db").exists()
         assert not [d for d in (svc.state_dir / "cells").iterdir() if d.is_dir()]
-        agents = subprocess.run(["pgrep", "-f", str(svc.state_dir)], capture_output=True, text=True).stdout
+        agents = subprocess.run(["pgrep", "-f", str(svc.state_dir)], check=False, capture_output=True, text=True).stdout
         assert agents == ""
 
         svc.start()  # a fresh start over the reset state knows nothing
@@ -55,4 +56,4 @@ def test_reset_takes_cells_bridge_fence_and_state_away(tmp_path, registry, test_
     finally:
         if svc.proc is not None and svc.proc.poll() is None:
             svc.stop()
-        subprocess.run([*reset, "--yes"], capture_output=True)
+        subprocess.run([*reset, "--yes"], check=False, capture_output=True)

@@ -158,7 +158,8 @@ async def test_mirror_config_on_the_pull_path(http, test_images, registry):
     await pp.start("127.0.0.1", 0)
     try:
         base = f"http://{pp.address}/v2"
-        async with http.get(f"{base}/registry.k8s.io/{repo}/manifests/latest", headers={"Accept": ACCEPT_MANIFESTS}) as r:
+        manifest_url = f"{base}/registry.k8s.io/{repo}/manifests/latest"
+        async with http.get(manifest_url, headers={"Accept": ACCEPT_MANIFESTS}) as r:
             assert r.status == 200
             assert sha(await r.read()) == image.manifest_digest
         async with http.get(f"{base}/blocked.example/{repo}/manifests/latest") as r:

@@ -54,10 +54,9 @@ def start_registry(root: Path, addr: str = REGISTRY, timeout: float = 15.0) -> s
     root.mkdir(parents=True, exist_ok=True)
     conf = root / "config.yml"
     conf.write_text(config_text(root, addr))
-    log = open(root / "registry.log", "ab")
-    proc = subprocess.Popen([exe, "serve", str(conf)], stdout=log, stderr=log,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    log.close()
+    with open(root / "registry.log", "ab") as log:
+        proc = subprocess.Popen([exe, "serve", str(conf)], stdout=log, stderr=log,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if v2_up(addr, timeout=1):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from kiyot_py.errors import FailedPrecondition
 from kiyot_py.gen.runtime.v1 import api_pb2 as cri
 from kiyot_py.model import Cell, CellFacts, Image, PlatformImage, from_json, to_json
 from kiyot_py.platforms import Platform, arch, normalize_arch
-from kiyot_py.errors import FailedPrecondition
 from kiyot_py.pods.images import ImageManager
 from kiyot_py.pods.spec import SpecError, build_container_spec
 from kiyot_py.pods.spec.process import normalize_signal
@@ -206,10 +206,10 @@ async def manager(tmp_path: Path):
 
 
 async def test_arm64_cell_gets_the_arm64_manifest(fake, manager):
-    images, store, tmp_path = manager
+    images, _store, tmp_path = manager
     record = await images.pull(f"{fake.host}/multi/app:latest", None)
     amd_manifest, amd_config = fake.platforms["linux/amd64"]
-    arm_manifest, arm_config = fake.platforms["linux/arm64/v8"]
+    arm_manifest, _arm_config = fake.platforms["linux/arm64/v8"]
     assert (record.id, record.platform_digest) == (amd_config, amd_manifest)  # the default platform's
 
     same = await images.for_cell(record, CellFacts(architecture="amd64"))

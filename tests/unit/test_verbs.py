@@ -79,6 +79,9 @@ def pod_config(name: str = "web", uid: str = "uid-1", attempt: int = 0, log_dir:
         metadata=pb.PodSandboxMetadata(name=name, namespace="default", uid=uid, attempt=attempt),
         labels={"app": name}, log_directory=log_dir,
         dns_config=pb.DNSConfig(servers=["10.96.0.10"]),
+        linux=pb.LinuxPodSandboxConfig(
+            resources=pb.LinuxContainerResources(cpu_period=100000, cpu_quota=125000, memory_limit_in_bytes=448 << 20),
+            overhead=pb.LinuxContainerResources(cpu_period=100000, cpu_quota=25000, memory_limit_in_bytes=64 << 20)),
     )
 
 
@@ -106,6 +109,7 @@ async def test_run_pod_sandbox_launches_one_tagged_cell_and_hands_it_the_pod(nod
     assert again == sid
     assert list(node.provider.launches.values()) == [1] and len(node.provider.cells) == 1
     (shape,) = node.provider.shapes
+    assert (shape.cpu_millis, shape.memory_bytes) == (1500, 512 << 20)  # limits plus overhead
     assert shape.tags["kiyot-node"] == "node-a" and shape.tags["kiyot-sandbox"] == sid
     assert shape.tags["pod-label:app"] == "web" and shape.tags["kiyot-role"] == "pod"
     agent = node.agent_of(sid)
@@ -323,3 +327,45 @@ async def test_an_arm64_cell_behind_this_node_gets_arm64(tmp_path):
     finally:
         await node.stop()
         await registry.stop()
+
+
+# -- the runtime, streamed lists, image status ------------------------------------------
+
+
+async def test_version_status_and_runtime_config(node):
+    version = await node.rt.Version(pb.VersionRequest())
+    assert (version.runtime_name, version.runtime_api_version) == ("kiyot-py", "v1")
+    status = await node.rt.Status(pb.StatusRequest())
+    assert {c.type: c.status for c in status.status.conditions} == {"RuntimeReady": True, "NetworkReady": True}
+    (handler,) = status.runtime_handlers
+    assert handler.features.recursive_read_only_mounts  # what the provider says its cells do
+    assert status.features.supplemental_groups_policy
+    config = await node.rt.RuntimeConfig(pb.RuntimeConfigRequest())
+    assert config.linux.cgroup_driver == pb.CGROUPFS
+    await node.rt.UpdateRuntimeConfig(pb.UpdateRuntimeConfigRequest(
+        runtime_config=pb.RuntimeConfig(network_config=pb.NetworkConfig(pod_cidr="10.1.0.0/24"))))
+
+
+async def test_streamed_lists_page_what_the_lists_give(node):
+    sid = await run_pod(node)
+    cid = await create(node, sid)
+    pods = [p.id async for page in node.rt.StreamPodSandboxes(pb.StreamPodSandboxesRequest())
+            for p in page.pod_sandboxes]
+    assert pods == [sid]
+    containers = [c.id async for page in node.rt.StreamContainers(pb.StreamContainersRequest())
+                  for c in page.containers]
+    assert containers == [cid]
+    images = [i.id async for page in node.img.StreamImages(pb.StreamImagesRequest()) for i in page.images]
+    assert images == [IMAGE_ID]
+
+
+async def test_image_status_by_tag_id_and_unknown(node):
+    by_tag = await node.img.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=IMAGE)))
+    assert by_tag.image.id == IMAGE_ID and by_tag.image.size == 1234
+    by_id = await node.img.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=IMAGE_ID[7:19])))
+    assert by_id.image.id == IMAGE_ID
+    unknown = await node.img.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image="nope:1")))
+    assert not unknown.HasField("image")  # CRI: no image, no error
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await node.img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image="bad//ref:1")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

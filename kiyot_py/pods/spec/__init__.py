@@ -44,7 +44,7 @@ from kiyot_py.pods.spec import seccomp as _seccomp
 from kiyot_py.pods.spec import security as _security
 from kiyot_py.pods.spec.errors import SpecError
 
-__all__ = ["ContainerSpec", "SpecError", "build_container_spec", "OCI_VERSION", "DEFAULT_SECCOMP_PROFILE_ROOT"]
+__all__ = ["DEFAULT_SECCOMP_PROFILE_ROOT", "OCI_VERSION", "ContainerSpec", "SpecError", "build_container_spec"]
 
 OCI_VERSION = "1.0.2"
 DEFAULT_SECCOMP_PROFILE_ROOT = "/var/lib/kubelet/seccomp"

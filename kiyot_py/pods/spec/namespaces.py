@@ -70,7 +70,7 @@ def sysctls(sandbox: api_pb2.PodSandboxConfig, sc: api_pb2.LinuxContainerSecurit
         if not _SYSCTL_NAME.match(name):
             raise SpecError(f"invalid sysctl name {raw!r}")
         ipc = name.startswith(("kernel.shm", "kernel.msg")) or name == "kernel.sem"
-        if not (ipc or name.startswith("fs.mqueue.") or name.startswith("net.")):
+        if not (ipc or name.startswith(("fs.mqueue.", "net."))):
             raise SpecError(
                 f"sysctl {raw!r} is not namespaced: only kernel.shm*, kernel.msg*, "
                 "kernel.sem, fs.mqueue.* and net.* may be set"
