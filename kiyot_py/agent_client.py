@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,10 @@ class AgentLogGone(AgentError, errors.NotFound):
     """The log range asked for is no longer in the cell."""
 
 
+# The largest answer read from an agent: exec-sync's is the largest (stdout and stderr,
+# up to 8 MiB each, in base64: under 22 MiB); a cell cannot make the node hold more.
+MAX_ANSWER = 32 * 1024 * 1024
+
 _BY_STATUS: dict[int, type[AgentError]] = {
     400: AgentInvalid, 413: AgentInvalid, 404: AgentNotFound, 409: AgentConflict,
     416: AgentLogGone, 504: AgentTimeout,
@@ -71,12 +76,14 @@ class ExecResult:
 
 
 class AgentClient:
-    """One client per cell. Holds the cell's secret; never prints it."""
+    """One client per cell, over mutual TLS: the node's certificate, the cell's name pinned."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, token: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, tls: ssl.SSLContext,
+                 server_name: str) -> None:
         self._session = session
         self._base = base_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {token}"}
+        self._ssl = tls
+        self._server_name = server_name
 
     def __repr__(self) -> str:
         return f"AgentClient({self._base})"
@@ -89,10 +96,16 @@ class AgentClient:
                 method,
                 self._base + path,
                 json=body,
-                headers=self._headers,
+                ssl=self._ssl, server_hostname=self._server_name,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
-                data = await resp.read()
+                received = bytearray()
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    received += chunk
+                    if len(received) > MAX_ANSWER:
+                        raise AgentFailed(f"cell agent {self._base}: {method} {path}: answer over {MAX_ANSWER} bytes",
+                                          status=resp.status)
+                data = bytes(received)
                 if resp.status >= 400:
                     raise _error(resp.status, data)
                 return json.loads(data) if data else {}
@@ -124,6 +137,9 @@ class AgentClient:
 
     async def create_container(self, body: dict) -> dict:
         return await self._call("POST", "/v1/containers", body, timeout=None)
+
+    async def get_container(self, container_id: str) -> dict:
+        return await self._call("GET", f"/v1/containers/{container_id}")
 
     async def start_container(self, container_id: str) -> dict:
         return await self._call("POST", f"/v1/containers/{container_id}/start")
@@ -160,7 +176,7 @@ class AgentClient:
         params = {"offset": str(offset), "follow": "1" if follow else "0"}
         try:
             async with self._session.get(
-                url, params=params, headers=self._headers,
+                url, params=params, ssl=self._ssl, server_hostname=self._server_name,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             ) as resp:
                 if resp.status >= 400:
@@ -176,7 +192,7 @@ class AgentClient:
         """The agent's event stream; raises AgentError when it breaks or goes silent."""
         try:
             async with self._session.get(
-                f"{self._base}/v1/events", headers=self._headers,
+                f"{self._base}/v1/events", ssl=self._ssl, server_hostname=self._server_name,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
                                               sock_read=heartbeat_timeout),
             ) as resp:

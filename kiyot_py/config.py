@@ -24,6 +24,12 @@ class LocalCellSettings:
     runtime: str = "runc"
     # A container's log inside a cell is cut past this size (the node keeps it whole).
     log_max_size: int = 10 * 1024 * 1024
+    # CIDRs (comma-separated) the node never forwards a cell's packets to, on top of what
+    # it never forwards anyway: link-local (cloud metadata), its own addresses, multicast.
+    deny_egress: str = ""
+    # A local cell shares this node's kernel: a privileged container in it is root on the
+    # node. Refused unless this is set (a node that runs trusted pods only, or a test).
+    allow_privileged: bool = False
 
 
 @dataclass
@@ -48,6 +54,15 @@ class Settings:
             raise ConfigError(f"local.subnet {net} is too small for cells")
         if self.local.log_max_size < 4096:
             raise ConfigError(f"local.log_max_size must be at least 4096 bytes, got {self.local.log_max_size}")
+        for entry in (e.strip() for e in self.local.deny_egress.split(",")):
+            if not entry:
+                continue
+            try:
+                ipaddress.ip_network(entry)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"local.deny_egress: {entry!r} is not a CIDR such as 10.0.0.0/8 or fd00::/8 ({exc})"
+                ) from None
         if self.registries_conf is not None and not self.registries_conf.is_file():
             raise ConfigError(f"registries_conf {self.registries_conf} does not exist")
 
@@ -71,6 +86,15 @@ def _coerce(type_name: str, value: Any, where: str) -> object:
     try:
         if "Path" in type_name:
             return None if value in (None, "") else Path(str(value))
+        if type_name == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
         if type_name == "int":
             return int(value)
         if type_name == "float":

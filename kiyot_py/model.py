@@ -57,8 +57,10 @@ class Cell:
     id: str
     sandbox_id: str
     address: str  # the pod IP
-    agent_url: str
-    token: str = field(repr=False)
+    agent_url: str  # https://address:port
+    # The one name the cell's agent certificate holds (pki.cell_server_name): the node
+    # connects with it as the TLS server name, so it reaches this cell and no other.
+    server_name: str = ""
     state: str = "running"  # pending | running | terminated
     tags: dict[str, str] = field(default_factory=dict)
     # Where the cell pulls images from: "host:port" of the node's pull path, or "" to

@@ -14,6 +14,7 @@ import structlog
 from kiyot_py.agent_client import AgentClient
 from kiyot_py.config import ConfigError, Settings
 from kiyot_py.cri.server import start_server
+from kiyot_py.pki import NodePKI
 from kiyot_py.platforms import Platform
 from kiyot_py.pods.images import ImageManager
 from kiyot_py.pods.runtime import PodRuntime
@@ -37,6 +38,7 @@ def _reap_with_pidfds() -> None:
 
 
 STORE_FILE = "state.db"
+PKI_DIR = "pki"  # the node's CA and client certificate (keys 0600)
 
 
 def _lock_state_dir(settings: Settings) -> IO[str]:
@@ -55,7 +57,8 @@ async def serve(settings: Settings) -> None:
     _reap_with_pidfds()
     lock = _lock_state_dir(settings)
     store = Store(settings.state_dir / STORE_FILE)
-    provider = make_provider(settings)
+    pki = NodePKI(settings.state_dir / PKI_DIR, settings.node_name)
+    provider = make_provider(settings, pki)
     await provider.start()
     registries = RegistriesConfig.load(settings.registries_conf)
     registry = RegistryClient()
@@ -67,7 +70,7 @@ async def serve(settings: Settings) -> None:
     images = ImageManager(store, registry, registries,
                           default_platform=Platform("linux", provider.default_architecture))
     runtime = PodRuntime(settings, store, provider, images,
-                         agents=lambda cell: AgentClient(http, cell.agent_url, cell.token))
+                         agents=lambda cell: AgentClient(http, cell.agent_url, pki.client_context(), cell.server_name))
     await runtime.start()
     server = await start_server(settings.socket, runtime, settings.state_dir)
     log.info("serving", socket=str(settings.socket), state_dir=str(settings.state_dir),
@@ -96,7 +99,7 @@ async def reset(settings: Settings) -> int:
     set up on the host, and forget every sandbox, container and image; the number of cells."""
     lock = _lock_state_dir(settings)
     try:
-        cells = await make_provider(settings).reset()
+        cells = await make_provider(settings, NodePKI(settings.state_dir / PKI_DIR, settings.node_name)).reset()
         for suffix in ("", "-wal", "-shm"):
             (settings.state_dir / f"{STORE_FILE}{suffix}").unlink(missing_ok=True)
         log.info("reset", state_dir=str(settings.state_dir), cells_deleted=cells)

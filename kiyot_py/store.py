@@ -55,6 +55,13 @@ class Store:
         rows = self._db.execute(f"SELECT data FROM {KINDS[cls]}").fetchall()  # noqa: S608 - table from fixed KINDS
         return [from_json(cls, json.loads(data)) for (data,) in rows]
 
+    def put_all(self, records: list[Any]) -> None:
+        """Several records in one transaction: all of them land, or none."""
+        with self._db:
+            self._db.execute("BEGIN")
+            for record in records:
+                self.put(record)
+
     def put(self, record: Any) -> None:
         table = KINDS[type(record)]
         self._db.execute(

@@ -43,6 +43,9 @@ state_dir = "$WORK/state"
 node_name = "conformance"
 registries_conf = "$KIT/registry/registries.conf"
 [local]
+# critest runs privileged containers; on local cells they are root on this node, which
+# the suite's own throwaway pods may be.
+allow_privileged = true
 bridge = "kiyotcrit0"
 subnet = "10.125.0.0/24"
 CONF

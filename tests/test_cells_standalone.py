@@ -31,4 +31,4 @@ def test_agent_package_stands_alone(tmp_path):
                                 f"import sys; sys.path[:0] = [sys.argv[1]] + {site_packages!r}; "
                                 "sys.argv = ['kiyot-cell', 'serve', '--help']; import kiyot_cell.cli as c; c.main()",
                                 str(target)], check=False, capture_output=True, text=True)
-    assert "--token-file" in help_text.stdout
+    assert "--tls-dir" in help_text.stdout

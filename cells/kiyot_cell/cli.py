@@ -13,17 +13,18 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__, log
+from . import __version__, log, tls
 from .config import DEFAULT_SECCOMP_PROFILE, AgentConfig
 from .runtime import die_with_parent
 
 DESCRIPTION = """\
 The kiyot cell agent: a small REST agent (cells/API.md) that runs inside one cell,
 pulls images with skopeo into one OCI layout, unpacks each once with umoci and runs
-containers with an OCI runtime (runc) under conmon. Every request needs the bearer
-token from --token-file.
+containers with an OCI runtime (runc) under conmon. It serves TLS with the cell's own
+certificate and answers only a client whose certificate the node's CA signed for a node
+(--tls-dir holds cell.key, cell.crt and ca.crt; see cells/API.md).
 
-  kiyot-cell serve     --listen 10.89.0.2:7070 --token-file /etc/kiyot/token --state-dir /var/lib/kiyot-cell
+  kiyot-cell serve     --listen 10.89.0.2:7070 --tls-dir /etc/kiyot/tls --state-dir /var/lib/kiyot-cell
   kiyot-cell supervise <same arguments>   # runs `serve` and restarts it when it dies
 
 Containers are held by conmon and outlive the agent: a restarted agent re-attaches to
@@ -32,9 +33,9 @@ them from the records in --state-dir.
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve HTTP on")
-    p.add_argument("--token-file", required=True, type=Path, metavar="FILE",
-                   help="file holding the bearer token (mode 0600; never passed in argv)")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve HTTPS on")
+    p.add_argument("--tls-dir", required=True, type=Path, metavar="DIR",
+                   help="the cell's key and certificate (cell.key mode 0600, cell.crt) and the node's CA (ca.crt)")
     p.add_argument("--state-dir", required=True, type=Path, metavar="DIR",
                    help="where images, bundles, logs and records live")
     p.add_argument("--netns", default=None, metavar="PATH",
@@ -75,15 +76,15 @@ def _config(ns: argparse.Namespace) -> AgentConfig:
     host, sep, port = ns.listen.rpartition(":")
     if not sep or not port.isdigit():
         sys.exit(f"kiyot-cell: --listen must be HOST:PORT, got {ns.listen!r}")
-    st = ns.token_file.stat()
-    token = ns.token_file.read_bytes().strip()
-    if not token:
-        sys.exit(f"kiyot-cell: token file {ns.token_file} is empty")
+    missing = [name for name in tls.FILES if not (ns.tls_dir / name).is_file()]
+    if missing:
+        sys.exit(f"kiyot-cell: --tls-dir {ns.tls_dir} lacks {', '.join(missing)}")
+    key_mode = (ns.tls_dir / "cell.key").stat().st_mode
     if ns.log_max_size < 4096:
         sys.exit(f"kiyot-cell: --log-max-size must be at least 4096 bytes, got {ns.log_max_size}")
     runtime_path = ns.runtime_path or shutil.which(ns.runtime) or f"/usr/sbin/{ns.runtime}"
     cfg = AgentConfig(
-        host=host.strip("[]"), port=int(port), token=token, state_dir=ns.state_dir.resolve(),
+        host=host.strip("[]"), port=int(port), tls_dir=ns.tls_dir.resolve(), state_dir=ns.state_dir.resolve(),
         netns=ns.netns, cgroup_parent=ns.cgroup_parent, runtime=ns.runtime, runtime_path=runtime_path,
         conmon_path=shutil.which("conmon") or "/usr/bin/conmon",
         catatonit_path=shutil.which("catatonit") or "/usr/bin/catatonit",
@@ -91,8 +92,8 @@ def _config(ns: argparse.Namespace) -> AgentConfig:
         runtime_root=ns.runtime_root.resolve() if ns.runtime_root else None,
         log_max_size=ns.log_max_size, seccomp_profile=ns.seccomp_profile,
     )
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.get("cli").warning("token_file_mode", path=str(ns.token_file), mode=oct(st.st_mode & 0o777),
+    if key_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.get("cli").warning("key_file_mode", path=str(ns.tls_dir / "cell.key"), mode=oct(key_mode & 0o777),
                                hint="chmod 0600")
     return cfg
 
@@ -105,7 +106,7 @@ async def _serve(cfg: AgentConfig) -> None:
     app = build_app(cfg)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
+    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True, ssl_context=tls.server_context(cfg.tls_dir))
     await site.start()
     log.get("cli").info("serving", listen=f"{cfg.host}:{cfg.port}", state_dir=str(cfg.state_dir),
                         runtime=cfg.runtime, netns=cfg.netns, pid=os.getpid())

@@ -12,7 +12,7 @@ DEFAULT_SECCOMP_PROFILE = Path("/usr/share/containers/seccomp.json")
 class AgentConfig:
     host: str
     port: int
-    token: bytes
+    tls_dir: Path  # cell.key, cell.crt (the cell's identity) and ca.crt (who may call)
     state_dir: Path
     netns: str | None = None          # /run/netns/NAME; None = share the agent's network
     cgroup_parent: str = "kiyot-cell"  # containers get <parent>/<id>

@@ -60,6 +60,16 @@ EXEC_OUTPUT_MAX = 8 * 1024 * 1024 - 4096
 CUT_ASIDE = "ctr.log.cut"  # a log segment being cut, until conmon has reopened ctr.log
 
 
+def in_cgroup(pid: int, cgroup: str) -> bool:
+    """Whether process `pid` lives in `cgroup` (or below it), in any hierarchy."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return False
+    prefix = cgroup.rstrip("/")
+    return any((path := line.split(":", 2)[-1]) == prefix or path.startswith(prefix + "/") for line in lines)
+
+
 def check_id(cid: str) -> str:
     if not ID_RE.match(cid):
         raise invalid(f"container id must be 64 lowercase hex characters, got {cid[:80]!r}")
@@ -262,18 +272,22 @@ class ContainerManager:
                 image = await self.images.unpacked(digest)
                 for d in (paths.rootfs, paths.upper, paths.work):
                     d.mkdir(parents=True)
-                mount_overlay(image / "rootfs", paths.upper, paths.work, paths.rootfs)
+                # nosuid where it changes nothing a container may do: with no_new_privs set,
+                # set-id bits give nothing anyway.
+                no_new_privs = bool((spec.get("process") or {}).get("noNewPrivileges"))
+                mount_overlay(image / "rootfs", paths.upper, paths.work, paths.rootfs, nosuid=no_new_privs)
                 cfg_path = paths.bundle / "config.json"
                 image_cfg = json.loads((image / "config.json").read_text())
                 ctx = specmod.CellContext(
                     rootfs=paths.rootfs,
                     netns=self.cfg.netns,
-                    cgroups_path=f"/{self.cfg.cgroup_parent.strip('/')}/{cid}",
+                    cgroups_path=self.cgroup_path(cid),
                     pod_etc=self.pod.etc if self.pod.spec is not None else None,
                     pod_hostname=self.pod.spec.hostname if self.pod.spec else None,
                     pod_namespaces={kind: str(path) for kind, path in shared.items()},
                 )
-                config = specmod.build(image_cfg, spec, ctx, user, groups_policy, devices)
+                # Off the event loop: it reads the image's /etc/passwd and /etc/group.
+                config = await asyncio.to_thread(specmod.build, image_cfg, spec, ctx, user, groups_policy, devices)
                 cfg_path.write_text(json.dumps(config, indent=1))
                 pid, conmon_pid = await self.runtime.launch(cid, name, paths)
             except BaseException:
@@ -299,8 +313,15 @@ class ContainerManager:
             target = self.get(pid_target)
             if target.state != RUNNING:
                 raise conflict(f"'pid_target' {pid_target} is {target.state}, not running")
+            # The recorded pid may have been recycled: join its namespace only while it is
+            # still a process of the target's own cgroup.
+            if not in_cgroup(target.pid, self.cgroup_path(pid_target)):
+                raise conflict(f"'pid_target' {pid_target}: its process {target.pid} is gone")
             shared["pid"] = Path(f"/proc/{target.pid}/ns/pid")
         return shared
+
+    def cgroup_path(self, cid: str) -> str:
+        return f"/{self.cfg.cgroup_parent.strip('/')}/{cid}"
 
     async def start(self, cid: str) -> ContainerRecord:
         rec = self.get(cid)

@@ -5,7 +5,9 @@ makes skopeo verify the manifest (or index) against what the node resolved. Ever
 layer is then checked (layercheck) before anything may unpack it; a refused pull removes
 what it added. Pulls are serialized per cell; unpacks share the layout with each other
 but never with a pull writing it. Each image is unpacked once per cell; its containers
-get overlays on that one tree.
+get overlays on that one tree. Every layer is checked against the config's diff_id too
+(what umoci will verify), and every helper (skopeo, umoci) runs under a bound past which
+it is killed, so a stuck one never keeps the image locks.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from .records import atomic_write_json
 from .runtime import die_with_parent
 
 _log = log.get("images")
+# Bounds on the helpers the agent runs (seconds): past one the helper is killed, what it
+# left is removed and the image locks are free again. A pull's bound is the agent's
+# `pull_timeout` (AgentConfig); the others are these.
+UNPACK_TIMEOUT = 120.0   # `umoci unpack` of one image
+GC_TIMEOUT = 120.0       # `umoci gc` of the layout
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 REF_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._\-]*(:[0-9]+)?(/[a-zA-Z0-9._\-]+)+$")
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -83,7 +90,8 @@ class ImageStore:
     lock: RWLock = field(default_factory=RWLock)
     _pull_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
-    checked: set[str] = field(default_factory=set)
+    # Layer digest -> the digest of its uncompressed stream, for every layer that passed the check.
+    checked: dict[str, str] = field(default_factory=dict)
     _unpack_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     @property
@@ -112,7 +120,9 @@ class ImageStore:
         if self._images_file.exists():
             self.images = json.loads(self._images_file.read_text())
         if self._checked_file.exists():
-            self.checked = set(json.loads(self._checked_file.read_text()))
+            known = json.loads(self._checked_file.read_text())
+            # A list is the old form (no diff ids, an older check): every layer is checked again.
+            self.checked = {str(k): str(v) for k, v in known.items()} if isinstance(known, dict) else {}
         for leftover in self._unpacked_dir.glob(".tmp-*"):  # an unpack cut short by a crash
             shutil.rmtree(leftover, ignore_errors=True)
         # Accept any signature: integrity comes from pulling by digest, not from a policy
@@ -175,37 +185,39 @@ class ImageStore:
             argv += ["--src-authfile", authfile] if authfile else ["--src-no-creds"]
             argv += [f"docker://{src}", f"oci:{self.layout}:{tag}"]
             env = dict(os.environ, TMPDIR=str(self.cfg.tmp_dir))
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env=env, preexec_fn=die_with_parent)
-            try:
-                out, err = await asyncio.wait_for(proc.communicate(), self.cfg.pull_timeout)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+            rc, out, err = await _run(argv, self.cfg.pull_timeout, env=env)
+            if rc is None:
                 await self._undo(tag, blobs_before)
-                raise ApiError("pull_failed", f"pull of {src} timed out after {self.cfg.pull_timeout:.0f}s") from None
-            if proc.returncode != 0:
+                _log.warning("pull_timeout", src=src, seconds=self.cfg.pull_timeout)
+                raise ApiError("pull_failed", f"pull of {src} timed out after {self.cfg.pull_timeout:.0f}s "
+                                              "(skopeo was killed)")
+            if rc != 0:
                 await self._undo(tag, blobs_before)
                 msg = (err or out).decode(errors="replace").strip()
                 _log.warning("pull_failed", src=src, message=msg)
-                raise ApiError("pull_failed", msg or f"skopeo exited {proc.returncode}")
+                raise ApiError("pull_failed", msg or f"skopeo exited {rc}")
         finally:
             if authfile:
                 os.unlink(authfile)
 
         try:
             manifest = self._manifest_for(tag)
-            for layer in manifest.get("layers", []):
+            layers = manifest.get("layers", [])
+            diff_ids = self._diff_ids(manifest, digest, len(layers))
+            for layer, diff_id in zip(layers, diff_ids, strict=True):
                 ldigest, mtype = layer["digest"], layer.get("mediaType", "")
-                if ldigest in self.checked:
+                if self.checked.get(ldigest) == diff_id:
                     continue  # checked when another image brought it
-                blob = self.layout / "blobs" / ldigest.replace(":", "/", 1)
                 try:
-                    await asyncio.to_thread(layercheck.check_layer, blob, mtype)
+                    if ldigest in self.checked:  # checked, and another config names other bytes
+                        raise layercheck.LayerRejected(
+                            f"uncompressed digest {self.checked[ldigest]} differs from the image config's "
+                            f"diff_id {diff_id}")
+                    blob = self.layout / "blobs" / ldigest.replace(":", "/", 1)
+                    await asyncio.to_thread(layercheck.check_layer, blob, mtype, diff_id)
                 except layercheck.LayerRejected as e:
                     raise ApiError("pull_failed", f"image {digest} refused: layer {ldigest}: {e}") from e
-                self.checked.add(ldigest)
+                self.checked[ldigest] = diff_id
         except ApiError as e:
             await self._undo(tag, blobs_before)
             _log.warning("pull_refused", src=src, reason=e.message)
@@ -213,7 +225,7 @@ class ImageStore:
         size = int(manifest.get("config", {}).get("size", 0)) + sum(
             int(layer.get("size", 0)) for layer in manifest.get("layers", []))
         self.images[digest] = {"size": size, "tag": tag}
-        atomic_write_json(self._checked_file, sorted(self.checked))
+        atomic_write_json(self._checked_file, dict(sorted(self.checked.items())))
         atomic_write_json(self._images_file, self.images)
         _log.info("pulled", src=src, size=size, seconds=round(loop.time() - t0, 3))
         return {"digest": digest, "size": size}
@@ -240,6 +252,20 @@ class ImageStore:
                 blob = self.layout / "blobs" / m["digest"].replace(":", "/", 1)
                 return json.loads(blob.read_text())
         raise ApiError("pull_failed", f"pulled image has no manifest tagged {tag} in the layout")
+
+    def _diff_ids(self, manifest: dict[str, Any], digest: str, n_layers: int) -> list[str]:
+        """The image config's `rootfs.diff_ids`: one per layer, each the digest of that
+        layer's uncompressed stream (umoci checks the same when it unpacks)."""
+        try:
+            cfg_blob = self.layout / "blobs" / str(manifest["config"]["digest"]).replace(":", "/", 1)
+            diff_ids = json.loads(cfg_blob.read_text())["rootfs"]["diff_ids"]
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            raise ApiError("pull_failed", f"image {digest} refused: its config has no rootfs.diff_ids ({e})") from e
+        if not isinstance(diff_ids, list) or len(diff_ids) != n_layers or \
+                not all(isinstance(d, str) and DIGEST_RE.match(d) for d in diff_ids):
+            raise ApiError("pull_failed", f"image {digest} refused: its config's rootfs.diff_ids do not name "
+                                          f"its {n_layers} layers one by one (sha256:<64 hex> each)")
+        return diff_ids
 
     async def _undo(self, tag: str, blobs_before: set[str]) -> None:
         """Remove what a failed pull added: its tag and every blob that was not there before."""
@@ -273,12 +299,10 @@ class ImageStore:
             try:
                 await asyncio.to_thread(shutil.rmtree, self._unpacked_dir / self.tag(digest), True)
                 await asyncio.to_thread(self._untag, self.tag(digest))
-                proc = await asyncio.create_subprocess_exec(
-                    self.cfg.umoci_path, "gc", "--layout", str(self.layout),
-                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent)
-                out, err = await proc.communicate()
-                if proc.returncode != 0:
+                rc, out, err = await _run([self.cfg.umoci_path, "gc", "--layout", str(self.layout)], GC_TIMEOUT)
+                if rc is None:
+                    raise ApiError("internal", f"umoci gc did not finish within {GC_TIMEOUT:.0f}s (killed)")
+                if rc != 0:
                     raise ApiError("internal", f"umoci gc failed: {(err or out).decode(errors='replace').strip()}")
                 del self.images[digest]
                 atomic_write_json(self._images_file, self.images)
@@ -317,19 +341,38 @@ class ImageStore:
             t0 = asyncio.get_running_loop().time()
             await self.lock.acquire_read()
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    self.cfg.umoci_path, "unpack", "--image", f"{self.layout}:{self.tag(digest)}", str(tmp),
-                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent)
-                out, err = await proc.communicate()
+                rc, out, err = await _run([self.cfg.umoci_path, "unpack", "--image",
+                                           f"{self.layout}:{self.tag(digest)}", str(tmp)], UNPACK_TIMEOUT)
             finally:
                 await self.lock.release_read()
-            if proc.returncode != 0:
+            if rc != 0:
                 await asyncio.to_thread(shutil.rmtree, tmp, True)
+                if rc is None:
+                    _log.warning("unpack_timeout", digest=digest, seconds=UNPACK_TIMEOUT)
+                    raise ApiError("timeout", f"umoci unpack of image {digest} did not finish within "
+                                              f"{UNPACK_TIMEOUT:.0f}s; it was killed")
                 raise ApiError("internal", f"umoci unpack failed: {(err or out).decode(errors='replace').strip()}")
             os.rename(tmp, final)
             _log.info("unpacked", digest=digest, seconds=round(asyncio.get_running_loop().time() - t0, 3))
         return final
+
+
+async def _run(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int | None, bytes, bytes]:
+    """(exit code, stdout, stderr) of a helper; (None, ...) when it ran past `timeout` and
+    was killed (and reaped). A cancelled caller kills it too: no helper outlives its request."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env, preexec_fn=die_with_parent)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        return None, b"", b""
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    return proc.returncode, out, err
 
 
 def disk_usage(root: Path) -> dict[str, int]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from . import API_VERSION, __version__, log
+from . import API_VERSION, __version__, log, tls
 from .config import AgentConfig
 from .containers import ContainerManager
 from .errors import ApiError, invalid
@@ -65,11 +64,11 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
 @web.middleware
 async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
     # Before anything else runs (no body is read, no route is resolved into an action).
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    ok = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), request.app[CFG].token)
-    if not ok:
-        return _error(401, "unauthorized", "missing or wrong bearer token")
+    # The TLS handshake already required a certificate from the node's CA; only one that
+    # names a node may act (another cell's, from the same CA, names none).
+    transport = request.transport
+    if tls.node_of(transport.get_extra_info("peercert") if transport is not None else None) is None:
+        return _error(401, "unauthorized", "the client certificate does not name a node")
     return await handler(request)
 
 

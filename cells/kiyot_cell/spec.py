@@ -15,6 +15,7 @@ refuses a terminal when detached under conmon).
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import posixpath
 import resource
@@ -342,20 +343,58 @@ def add_devices(linux: dict[str, Any], devices: list[Device]) -> None:
 
 # --- user resolution ------------------------------------------------------------------------
 
-def _read_db(path: Path) -> list[list[str]]:
+# /etc/passwd and /etc/group are read only when they are regular files of at most this size.
+ETC_DB_MAX = 1024 * 1024
+
+
+def _read_db(rootfs: Path, name: str) -> list[list[str]]:
+    """The rows of the image's /etc/<name>; none when it is missing or a symlink (never
+    followed: it could lead out of the rootfs). Anything but a regular file there (a FIFO,
+    a device, a directory), or one over ETC_DB_MAX, is a 400 at once: it is opened without
+    following a link and without blocking, checked with fstat, and read at most to the bound."""
+    what = f"the image's /etc/{name}"
     try:
-        text = path.read_text(errors="replace")
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        etc = os.open(rootfs / "etc", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
         return []
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # /etc is a symlink
+            return []
+        raise invalid(f"{what}: {e.strerror}") from None
+    try:
+        try:
+            st = os.lstat(name, dir_fd=etc)
+        except FileNotFoundError:
+            return []
+        if stat.S_ISLNK(st.st_mode):
+            return []
+        if not stat.S_ISREG(st.st_mode):
+            raise invalid(f"{what} is {_file_kind(st.st_mode)}, not a regular file: cannot resolve users from it")
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=etc)
+        except OSError as e:
+            raise invalid(f"{what}: {e.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            fst = os.fstat(f.fileno())  # what was opened, whatever the name points at now
+            if not stat.S_ISREG(fst.st_mode):
+                raise invalid(f"{what} is {_file_kind(fst.st_mode)}, not a regular file: cannot resolve users from it")
+            if fst.st_size > ETC_DB_MAX:
+                raise invalid(f"{what} is {fst.st_size} bytes, more than the {ETC_DB_MAX} the cell reads")
+            data = f.read(ETC_DB_MAX + 1)
+        if len(data) > ETC_DB_MAX:
+            raise invalid(f"{what} is more than the {ETC_DB_MAX} bytes the cell reads")
+    finally:
+        os.close(etc)
+    text = data.decode(errors="replace")
     return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
 
 
-def _safe_etc(rootfs: Path, name: str) -> Path:
-    # /etc/passwd may be a symlink in the image: never follow it out of the rootfs.
-    p = rootfs / "etc" / name
-    if p.is_symlink() or (rootfs / "etc").is_symlink():
-        return rootfs / "nonexistent"
-    return p
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a char device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return f"of mode {mode:o}"
 
 
 def resolve_user(rootfs: Path, user: str, extra_gids: list[int], merge_image_groups: bool = True) -> dict[str, Any]:
@@ -363,8 +402,8 @@ def resolve_user(rootfs: Path, user: str, extra_gids: list[int], merge_image_gro
 
     With `merge_image_groups` (SupplementalGroupsPolicy Merge) the groups /etc/group gives
     the user come first, then `extra_gids`; without it (Strict) only `extra_gids`."""
-    passwd = _read_db(_safe_etc(rootfs, "passwd"))
-    group = _read_db(_safe_etc(rootfs, "group"))
+    passwd = _read_db(rootfs, "passwd")
+    group = _read_db(rootfs, "group")
     u, _, g = user.partition(":")
     if not u:
         raise invalid(f"bad user {user!r}")

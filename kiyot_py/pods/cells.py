@@ -16,7 +16,7 @@ import structlog
 
 from kiyot_py.agent_client import AgentClient, AgentError
 from kiyot_py.config import Settings
-from kiyot_py.errors import DeadlineExceeded
+from kiyot_py.errors import DeadlineExceeded, FailedPrecondition
 from kiyot_py.gen.runtime.v1 import api_pb2
 from kiyot_py.model import Cell, CellFacts, Sandbox, from_json
 from kiyot_py.providers.base import (
@@ -70,6 +70,22 @@ class Cells:
     def agent(self, sb: Sandbox) -> AgentClient:
         assert sb.cell is not None
         return self._agents(sb.cell)
+
+    def refuse_node_access(self, what: str, security: api_pb2.LinuxSandboxSecurityContext
+                           | api_pb2.LinuxContainerSecurityContext) -> None:
+        """Privileged and hostPID reach the node itself unless the cell is a VM of its own:
+        refused unless the provider allows them (local.allow_privileged)."""
+        if self.provider.features.privileged:
+            return
+        if security.privileged:
+            asks = "to be privileged (it would be root on the node's kernel)"
+        elif security.namespace_options.pid == api_pb2.NODE:
+            asks = "for hostPID (a local cell's PID namespace is the node's: it would see the node's processes)"
+        else:
+            return
+        raise FailedPrecondition(
+            f"{what} asks {asks}, and this provider's cells share the node's kernel: refused "
+            "(set local.allow_privileged = true to allow it on a node that runs trusted pods only)")
 
     def shape(self, sb: Sandbox) -> CellShape:
         tags = {f"{POD_LABEL_TAG_PREFIX}{k}": v for k, v in sb.labels.items()}

@@ -65,6 +65,7 @@ class Containers:
                 raise AlreadyExists(f"container name {md.name!r} (attempt {md.attempt}) is being created")
             if not config.image.image:
                 raise InvalidArgument("container config names no image")
+            self._cells.refuse_node_access(f"container {md.name!r}", config.linux.security_context)
             image = self._images.get(config.image.image)
             if not sandbox_config.HasField("metadata"):
                 sandbox_config = api_pb2.PodSandboxConfig.FromString(sb.config)

@@ -61,12 +61,13 @@ class ImageManager:
         resolved = await self._resolve(ref, self.default_platform, auth, timeout, f"pulling {ref}")
 
         record = self._images.get(resolved.config_digest) or Image(id=resolved.config_digest)
+        changed = [record]
         if ref.tag is not None and ref.digest is None:
             tag = f"{ref.name}:{ref.tag}"
             for other in self._images.values():  # a tag names one image at a time
                 if other is not record and tag in other.repo_tags:
                     other.repo_tags.remove(tag)
-                    self._store.put(other)
+                    changed.append(other)
             if tag not in record.repo_tags:
                 record.repo_tags.append(tag)
         digest_ref = f"{ref.name}@{resolved.manifest_digest}"
@@ -78,7 +79,7 @@ class ImageManager:
         if auth is not None:
             record.auth[ref.name] = auth
         self._images[record.id] = record
-        self._store.put(record)
+        self._store.put_all(changed)  # a moved tag lands on both records at once, or on neither
         log.info("image pulled", image=str(ref), id=record.id, size=record.size, endpoint=resolved.endpoint)
         return record
 

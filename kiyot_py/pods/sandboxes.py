@@ -53,6 +53,7 @@ class Sandboxes:
         if len(config.hostname.encode()) > HOST_NAME_MAX:
             raise InvalidArgument(
                 f"hostname {config.hostname!r} is longer than {HOST_NAME_MAX} bytes")
+        self._cells.refuse_node_access(f"pod {md.namespace}/{md.name}", config.linux.security_context)
         reserved = self._cells.provider.reserved_ports
         for port in host_ports(config):
             if port.container_port in reserved:
@@ -116,7 +117,11 @@ class Sandboxes:
             log.warning("sandbox creation failed", sandbox=sb.id, error=str(exc))
             await self._hostports.close(sb.id)
             if sb.cell is not None:
-                await asyncio.shield(self._cells.provider.terminate(sb.cell.id))
+                try:
+                    await asyncio.shield(self._cells.provider.terminate(sb.cell.id))
+                except KiyotError as cleanup:  # the orphan collector terminates it later
+                    log.warning("terminating the cell of a failed sandbox failed", sandbox=sb.id,
+                                cell=sb.cell.id, error=str(cleanup))
             self._index.forget(sb)
             if isinstance(exc, HostPortError):
                 raise FailedPrecondition(str(exc)) from None

@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from kiyot_py.agent_client import AgentClient, AgentError
+from kiyot_py.agent_client import AgentClient, AgentError, AgentNotFound
 from kiyot_py.model import (
     CONTAINER_CREATED,
     CONTAINER_EXITED,
@@ -126,6 +126,7 @@ class CellSync:
                     if event.get("type") == "snapshot":
                         records = event.get("containers", [])
                         await self._remove_strays(sb, agent, records)
+                        await self._mark_missing(sb, agent, records)
                     elif event.get("type") == "container":
                         records = [event["container"]]
                     else:
@@ -153,6 +154,32 @@ class CellSync:
                     await agent.delete_container(cid)
                 except AgentError as exc:
                     log.warning("removing stray container failed", container=cid, error=exc.message)
+
+    async def _mark_missing(self, sb: Sandbox, agent: AgentClient, records: list[dict[str, Any]]) -> None:
+        """Containers the node recorded that the cell no longer holds (its agent's state
+        was lost): they run no more, and saying so beats reporting them running for ever.
+
+        A snapshot may predate a create that the node recorded since: the agent is asked
+        once more about each one, and only a 404 counts."""
+        held = {record.get("id", "") for record in records}
+        for c in self._index.containers_of(sb.id):
+            if c.state not in (CONTAINER_CREATED, CONTAINER_RUNNING) or c.id in held or c.id in self.in_flight:
+                continue
+            try:
+                await agent.get_container(c.id)
+                continue
+            except AgentNotFound:
+                pass
+            except AgentError as exc:
+                log.debug("cannot tell whether the cell holds a container", container=c.id, error=exc.message)
+                continue
+            if c.state in (CONTAINER_CREATED, CONTAINER_RUNNING):
+                log.warning("the cell no longer holds a container", sandbox=sb.id, container=c.id)
+                c.state = CONTAINER_UNKNOWN
+                c.finished_at = c.finished_at or now_ns()
+                c.reason = "NotInCell"
+                c.message = "the cell's agent no longer holds this container"
+                self._index.save(c)
 
     # -- logs ---------------------------------------------------------------------------
 

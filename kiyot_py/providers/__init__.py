@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from kiyot_py.config import ConfigError, Settings
+from kiyot_py.pki import NodePKI
 from kiyot_py.providers.base import Provider, ProviderError
 
 
-def make_provider(settings: Settings) -> Provider:
-    """The provider the settings name."""
+def make_provider(settings: Settings, pki: NodePKI) -> Provider:
+    """The provider the settings name; its cells get identities from `pki`."""
     if settings.provider == "local":
         from kiyot_py.providers.local import LocalProvider
-        return LocalProvider(settings.state_dir, settings.local)
+        return LocalProvider(settings.state_dir, settings.local, pki)
     raise ConfigError(f"provider {settings.provider!r} is not available (only 'local')")
 
 

@@ -1,9 +1,10 @@
 """Local cells: a network namespace per pod, with its own IP on a bridge.
 
 Each cell is a directory `<state>/cells/<cell-id>/` holding `cell.json` (this
-provider's "cloud API": address, tags, the agent supervisor's pid), the agent's token
-and its state. The agent runs inside the namespace under `kiyot-cell supervise`, which
-restarts it if it dies, as systemd would inside a VM. Containers are held by conmon, so
+provider's "cloud API": address, tags, the agent supervisor's pid), the agent's TLS
+identity (`tls/`: its key and certificate from the node's CA) and its state. The agent
+runs inside the namespace under `kiyot-cell supervise`, which restarts it if it dies, as
+systemd would inside a VM. Containers are held by conmon, so
 they outlive both the agent and `kiyot-py serve`.
 """
 
@@ -16,10 +17,10 @@ import ipaddress
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import structlog
 
 from kiyot_py.config import LocalCellSettings
 from kiyot_py.model import Cell
+from kiyot_py.pki import NodePKI, cell_server_name
 from kiyot_py.platforms import normalize_arch
 from kiyot_py.providers.base import (
     TAG_SANDBOX,
@@ -70,20 +72,179 @@ async def _run(*argv: str, check: bool = True) -> str:
 
 
 def fence_chain(bridge: str) -> str:
-    """The iptables chain that fences the cells on `bridge` off the host."""
+    """The iptables chain that fences the cells on `bridge` off the host (INPUT, v4 and v6)."""
     return f"KIYOT-{bridge}"[:28]  # iptables allows 28 characters
 
 
+def forward_chain(bridge: str) -> str:
+    """The chain of what the node never forwards for the cells on `bridge` (FORWARD, v4 and v6)."""
+    return f"KIYOT-{bridge}-FWD"[:28]
+
+
+def pull_guard_chain(bridge: str) -> str:
+    """The chain that keeps every interface but `bridge` off the pull path (INPUT, v4)."""
+    return f"KIYOT-{bridge}-PULL"[:28]
+
+
+def prerouting_chain(bridge: str) -> str:
+    """The chain that drops a cell's new connections to the node before any DNAT (mangle, v4)."""
+    return f"KIYOT-{bridge}-PRE"[:28]
+
+
+LINK_LOCAL_V4 = "169.254.0.0/16"  # cloud metadata (169.254.169.254) lives here
+MULTICAST_V4 = "224.0.0.0/4"
+
+
+@dataclass(frozen=True)
+class FenceChain:
+    """One chain of the host fence: its rules, in order, and where it is jumped to from."""
+
+    table: str  # "filter" or "mangle"
+    name: str
+    hook: str  # the built-in chain that jumps here: INPUT, FORWARD, PREROUTING
+    match: tuple[str, ...]  # the packets of `hook` that jump here, e.g. ("-i", bridge)
+    rules: tuple[tuple[str, ...], ...]
+
+    @property
+    def jump(self) -> tuple[str, ...]:
+        return (*self.match, "-j", self.name)
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The host fence for one bridge: the iptables chains and the ip6tables chains."""
+
+    v4: tuple[FenceChain, ...]
+    v6: tuple[FenceChain, ...]
+
+
+def deny_networks(deny_egress: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The CIDRs of `LocalCellSettings.deny_egress` (validated by Settings.validate())."""
+    return [ipaddress.ip_network(e.strip()) for e in deny_egress.split(",") if e.strip()]
+
+
+def fence_rules(
+    bridge: str, gateway: str, subnet: str, pull_path_port: int, agent_port: int,
+    deny_egress: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network | str] = (),
+) -> Fence:
+    """Every rule of the host fence for the cells on `bridge`: a pure function of the settings.
+
+    A cell is a pod on a node of its own: the node (this host) is out of its reach but for
+    the pull path, as a VPC's node is out of a VM's; the wider network through the node is
+    not, as a pod's is not. Rules are appended in order; the jumps go first in their hooks.
+    """
+    pull = ("-d", f"{gateway}/32", "-p", "tcp", "-m", "tcp", "--dport", str(pull_path_port))
+    denied = [ipaddress.ip_network(n) for n in deny_egress]
+    established = ("-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED")
+    v4 = (
+        # What comes in from a cell to the node: replies to the node's own connections
+        # (to the agents) and the pull path, nothing else.
+        FenceChain("filter", fence_chain(bridge), "INPUT", ("-i", bridge), (
+            (*established, "-j", "ACCEPT"),
+            (*pull, "-j", "ACCEPT"),
+            ("-j", "DROP"),
+        )),
+        # The pull path listens on the gateway address, which the node's other interfaces
+        # (its LAN, its loopback) would reach too: it serves the cells only.
+        FenceChain("filter", pull_guard_chain(bridge), "INPUT", ("!", "-i", bridge), (
+            (*pull, "-j", "DROP"),
+        )),
+        # New connections from a cell to any of the node's addresses, before DNAT could
+        # send them elsewhere (a NodePort, a node-published port, a metadata proxy): the
+        # INPUT fence above would never see those.
+        FenceChain("mangle", prerouting_chain(bridge), "PREROUTING", ("-i", bridge), (
+            ("-m", "addrtype", "!", "--dst-type", "LOCAL", "-j", "RETURN"),
+            (*established, "-j", "RETURN"),
+            (*pull, "-j", "RETURN"),
+            ("-j", "DROP"),
+        )),
+        # What the node forwards for a cell: what a pod's node would (the wider network),
+        # never link-local (cloud metadata answers there with the node's credentials),
+        # the node itself, broadcast, multicast, or what the config denies.
+        FenceChain("filter", forward_chain(bridge), "FORWARD", ("-i", bridge), (
+            # Cell to cell stays on the bridge (br_netfilter shows it to FORWARD): as on a
+            # node's CNI bridge, but no cell reaches another cell's agent.
+            ("-o", bridge, "-p", "tcp", "-m", "tcp", "--dport", str(agent_port), "-j", "DROP"),
+            ("-o", bridge, "-j", "RETURN"),
+            ("!", "-s", subnet, "-j", "DROP"),  # a forged source never leaves the node
+            ("-d", LINK_LOCAL_V4, "-j", "DROP"),
+            ("-m", "addrtype", "--dst-type", "LOCAL", "-j", "DROP"),
+            ("-m", "addrtype", "--dst-type", "BROADCAST", "-j", "DROP"),
+            ("-d", MULTICAST_V4, "-j", "DROP"),
+            *(("-d", str(n), "-j", "DROP") for n in denied if n.version == 4),
+        )),
+    )
+    # Cells have no IPv6 but loopback (an IPv4 cluster's pods have none either): should a
+    # pod turn it on (CAP_NET_ADMIN), the node's [::] services and link-local neighbours
+    # stay out of its reach.
+    v6 = (
+        FenceChain("filter", fence_chain(bridge), "INPUT", ("-i", bridge), (
+            (*established, "-j", "ACCEPT"),
+            ("-j", "DROP"),
+        )),
+        FenceChain("filter", forward_chain(bridge), "FORWARD", ("-i", bridge), (
+            *(("-d", str(n), "-j", "DROP") for n in denied if n.version == 6),
+            ("-j", "DROP"),  # fe80::/10, ff00::/8, the node's addresses and the rest alike
+        )),
+    )
+    return Fence(v4=v4, v6=v6)
+
+
+def fence_restore(chains: Sequence[FenceChain], stale: Sequence[tuple[str, str]] = ()) -> str:
+    """The `iptables-restore --noflush` input that installs `chains` in one transaction.
+
+    `stale` are (table, rule) pairs in `iptables -S` form ("-A INPUT -i b -j KIYOT-b"): the
+    jumps to these chains found in place, deleted as the new ones go first. Declaring a
+    chain creates or flushes it; in one transaction, no packet ever sees a half-built fence.
+    """
+    lines: list[str] = []
+    for table in dict.fromkeys(c.table for c in chains):
+        ours = [c for c in chains if c.table == table]
+        lines.append(f"*{table}")
+        lines += [f":{c.name} - [0:0]" for c in ours]
+        lines += ["-D" + rule[2:] for t, rule in stale if t == table and rule.startswith("-A ")]
+        for c in ours:
+            lines += [" ".join(("-A", c.name, *rule)) for rule in c.rules]
+        lines += [" ".join(("-I", c.hook, "1", *c.jump)) for c in ours]
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def jumps_in(listing: str, chain_names: Sequence[str]) -> list[str]:
+    """The rules of an `iptables -S <hook>` listing that jump to one of `chain_names`."""
+    return [line for line in listing.splitlines()
+            if line.startswith("-A ") and line.split()[-2:] in (["-j", n] for n in chain_names)]
+
+
+def _fence_tools() -> list[tuple[str, str]]:
+    """(iptables tool, family) for each IP version this host has."""
+    tools = [("iptables", "v4")]
+    if Path("/proc/sys/net/ipv6").exists():  # a kernel booted with ipv6.disable=1 has none
+        tools.append(("ip6tables", "v6"))
+    return tools
+
+
 async def remove_host_network(bridge: str) -> None:
-    """Undo what start() sets up on the host: the fence and the bridge (and its address)."""
-    chain = fence_chain(bridge)
-    for argv in (
-        ["iptables", "-D", "INPUT", "-i", bridge, "-j", chain],
-        ["iptables", "-F", chain],
-        ["iptables", "-X", chain],
-        ["ip", "link", "del", bridge],
-    ):
-        await _run(*argv, check=False)
+    """Undo what start() sets up on the host: the fence (v4 and v6) and the bridge (and its address)."""
+    fence = fence_rules(bridge, "10.0.0.1", "10.0.0.0/24", 1, 1)  # only the chains' names and hooks matter
+    for tool, family in _fence_tools():
+        chains = fence.v4 if family == "v4" else fence.v6
+        for chain in chains:
+            listing = await _run(tool, "-t", chain.table, "-S", chain.hook, check=False)
+            for rule in jumps_in(listing, [chain.name]):
+                await _run(tool, "-t", chain.table, "-D", *rule.split()[1:], check=False)
+        for chain in chains:
+            await _run(tool, "-t", chain.table, "-F", chain.name, check=False)
+            await _run(tool, "-t", chain.table, "-X", chain.name, check=False)
+    await _run("ip", "link", "del", bridge, check=False)
+
+
+async def _run_input(argv: Sequence[str], data: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await proc.communicate(data.encode())
+    return proc.returncode or 0, out.decode()
 
 
 async def _succeeds(*argv: str) -> bool:
@@ -96,8 +257,9 @@ async def _succeeds(*argv: str) -> bool:
 class LocalProvider:
     name = "local"
 
-    def __init__(self, state_dir: Path, settings: LocalCellSettings) -> None:
+    def __init__(self, state_dir: Path, settings: LocalCellSettings, pki: NodePKI) -> None:
         self._dir = state_dir / "cells"
+        self._pki = pki
         self._settings = settings
         self._net = ipaddress.ip_network(settings.subnet)
         self._gateway = str(next(self._net.hosts()))
@@ -136,7 +298,10 @@ class LocalProvider:
         # A VM's agent comes back when the VM does: revive supervisors that are gone
         # (after a reboot of this host, say) for cells whose namespace still exists.
         for cell in self._read_all():
-            if Path(NETNS_DIR / cell.netns).exists() and not self._supervisor_alive(cell):  # noqa: ASYNC240 - stat
+            if not Path(NETNS_DIR / cell.netns).exists():  # noqa: ASYNC240 - a stat of /run/netns
+                continue
+            await self._ipv6_off(cell, check=False)  # cells made before cells had no IPv6
+            if not self._supervisor_alive(cell):
                 log.info("reviving cell agent", cell=cell.id)
                 await self._start_agent(cell)
 
@@ -158,32 +323,56 @@ class LocalProvider:
             features = json.loads(await _run(self._settings.runtime, "features"))
         except (ProviderUnavailable, ValueError, OSError) as exc:
             log.warning("the OCI runtime cannot list its features", runtime=self._settings.runtime, error=str(exc))
-            return CellFeatures()
+            return CellFeatures(privileged=self._settings.allow_privileged)
         # mount_setattr(2) (Linux 5.12) is what makes `rro` recursive.
         kernel = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
         return CellFeatures(
             recursive_read_only_mounts="rro" in (features.get("mountOptions") or []) and kernel >= (5, 12),
+            privileged=self._settings.allow_privileged,
         )
+
+    def fence(self) -> Fence:
+        """This host's fence for the cells (the rules; _fence_host installs them)."""
+        s = self._settings
+        return fence_rules(s.bridge, self._gateway, str(self._net), s.pull_path_port, s.agent_port,
+                           deny_networks(s.deny_egress))
 
     async def _fence_host(self) -> None:
         """Cells reach this host only at the pull path, as a VM in a VPC would reach the node.
 
-        Without this, every host service bound to 0.0.0.0 would be open to every pod.
-        Replies to the node's own connections (to the agents) stay allowed.
+        Without this, every host service bound to 0.0.0.0 or [::] would be open to every
+        pod, and the node would forward a pod's packets to cloud metadata. Replies to the
+        node's own connections (to the agents) stay allowed. Run at every start: the chains
+        are rebuilt and their jumps put first again, each IP version in one transaction.
         """
-        chain = fence_chain(self._settings.bridge)
-        if not await _succeeds("iptables", "-n", "-L", chain):
-            await _run("iptables", "-N", chain)
-        await _run("iptables", "-F", chain)
-        for rule in (
-            ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
-            ["-p", "tcp", "-d", self._gateway, "--dport", str(self._settings.pull_path_port), "-j", "ACCEPT"],
-            ["-j", "DROP"],
-        ):
-            await _run("iptables", "-A", chain, *rule)
-        jump = ["INPUT", "-i", self._settings.bridge, "-j", chain]
-        if not await _succeeds("iptables", "-C", *jump):
-            await _run("iptables", "-I", *jump)
+        fence = self.fence()
+        for tool, family in _fence_tools():
+            chains = fence.v4 if family == "v4" else fence.v6
+            error = ""
+            for _ in range(3):  # bounded: a rule deleted meanwhile fails the transaction; list again
+                stale = []
+                for table, hook in dict.fromkeys((c.table, c.hook) for c in chains):
+                    listing = await _run(tool, "-t", table, "-S", hook)
+                    stale += [(table, r) for r in jumps_in(listing, [c.name for c in chains])]
+                code, error = await _run_input([f"{tool}-restore", "--noflush"], fence_restore(chains, stale))
+                if code == 0:
+                    break
+            else:
+                raise ProviderUnavailable(f"{tool}-restore could not install the host fence: {error.strip()}")
+
+    async def _ipv6_off(self, cell: _CellFile, *, check: bool = True) -> None:
+        """No IPv6 on a cell's link, either end, as for a pod of an IPv4 cluster.
+
+        Loopback keeps ::1 (pods have it; what binds [::1] still works). `default` first,
+        so eth0 is born without IPv6 and never sends a router solicitation or DAD.
+        """
+        if not Path("/proc/sys/net/ipv6").exists():  # noqa: ASYNC240 - a procfs stat, never blocks
+            return
+        in_cell = ["nsenter", f"--net={NETNS_DIR / cell.netns}", "--", "sysctl", "-q", "-w"]
+        await _run(*in_cell, "net.ipv6.conf.default.disable_ipv6=1", check=check)
+        if Path(f"/sys/class/net/{cell.veth}").exists():  # noqa: ASYNC240 - a sysfs stat, never blocks
+            await _run("sysctl", "-q", "-w", f"net.ipv6.conf.{cell.veth}.disable_ipv6=1", check=check)
+        await _run(*in_cell, "net.ipv6.conf.eth0.disable_ipv6=1", check=False)  # eth0 once it exists
 
     # -- cells ------------------------------------------------------------------
 
@@ -217,10 +406,7 @@ class LocalProvider:
                 )
                 self._write(cell)  # claims the address before anything is built
                 await self._build_network(cell)
-                token_file = cell_dir / "token"
-                fd = os.open(token_file, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(secrets.token_urlsafe(32))
+                self._pki.issue_cell(cell_id).write(cell_dir / "tls")
                 await self._start_agent(cell)
                 cell.state = "running"
                 self._write(cell)
@@ -254,14 +440,14 @@ class LocalProvider:
     # -- pieces -------------------------------------------------------------------
 
     def _cell(self, cell: _CellFile) -> Cell:
-        token = (self._dir / cell.id / "token")
+        identity = self._dir / cell.id / "tls" / "cell.crt"
         # A local cell without its namespace (the host rebooted) is gone for good.
-        alive = Path(NETNS_DIR / cell.netns).exists() and token.exists()
+        alive = Path(NETNS_DIR / cell.netns).exists() and identity.exists()
         state = cell.state if alive or cell.state == "pending" else "terminated"
         return Cell(
             id=cell.id, sandbox_id=cell.sandbox_id, address=cell.address,
-            agent_url=f"http://{cell.address}:{self._settings.agent_port}",
-            token=token.read_text() if token.exists() else "",
+            agent_url=f"https://{cell.address}:{self._settings.agent_port}",
+            server_name=cell_server_name(cell.id),
             state=state, tags=dict(cell.tags),
             pull_path=f"{self._gateway}:{self._settings.pull_path_port}", hostname=cell.id,
         )
@@ -279,7 +465,9 @@ class LocalProvider:
     async def _build_network(self, cell: _CellFile) -> None:
         ns = cell.netns
         await _run("ip", "netns", "add", ns)
+        await self._ipv6_off(cell)  # before the veth exists: eth0 is born without IPv6
         await _run("ip", "link", "add", cell.veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        await self._ipv6_off(cell)  # and the host end, before it comes up
         await _run("ip", "link", "set", cell.veth, "master", self._settings.bridge, "up")
         await _run("ip", "-n", ns, "addr", "add", f"{cell.address}/{self._net.prefixlen}", "dev", "eth0")
         await _run("ip", "-n", ns, "link", "set", "eth0", "up")
@@ -300,11 +488,14 @@ class LocalProvider:
 
     async def _start_agent(self, cell: _CellFile) -> None:
         cell_dir = self._dir / cell.id
+        # An IPC namespace of the cell's own: a hostIPC container (no IPC namespace in its
+        # spec, so runc leaves it in the agent's) shares the cell's, never the node's.
+        # Neither nsenter nor unshare forks: the pid is the supervisor's, its cmdline ours.
         argv = [
-            "nsenter", f"--net={NETNS_DIR / cell.netns}", "--",
+            "nsenter", f"--net={NETNS_DIR / cell.netns}", "--", "unshare", "--ipc", "--",
             sys.executable, "-m", "kiyot_cell.cli", "supervise",
             "--listen", f"{cell.address}:{self._settings.agent_port}",
-            "--token-file", str(cell_dir / "token"),
+            "--tls-dir", str(cell_dir / "tls"),
             "--state-dir", str(cell_dir / "agent"),
             "--netns", str(NETNS_DIR / cell.netns),
             "--cgroup-parent", f"kiyot/{cell.id}",
@@ -356,10 +547,11 @@ class LocalProvider:
 
     async def _delete_containers(self, cell_dir: Path) -> None:
         """Containers whose bundle lives in this cell: conmon holds them, so kill them here."""
-        out = await _run("runc", "list", "--format", "json", check=False)
+        runtime = self._settings.runtime  # the cells' own runtime (runc or crun), not always runc
+        out = await _run(runtime, "list", "--format", "json", check=False)
         for ctr in json.loads(out or "null") or []:
             if str(ctr.get("bundle", "")).startswith(str(cell_dir) + "/"):
-                await _run("runc", "delete", "--force", ctr["id"], check=False)
+                await _run(runtime, "delete", "--force", ctr["id"], check=False)
 
     def _read(self, cell_id: str) -> _CellFile | None:
         try:

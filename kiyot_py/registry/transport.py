@@ -8,16 +8,21 @@ scheme that answered.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import aiohttp
 
 from kiyot_py.registry.config import Endpoint
 
+SCHEME_CACHE_SIZE = 1024  # hosts; a pod naming hosts at will cannot grow it past this
+
 
 class SchemeCache:
-    """Which scheme answered for each insecure host (http or https)."""
+    """Which scheme answered for each insecure host (http or https), the most recent kept."""
 
-    def __init__(self) -> None:
-        self._by_host: dict[str, str] = {}
+    def __init__(self, size: int = SCHEME_CACHE_SIZE) -> None:
+        self._by_host: OrderedDict[str, str] = OrderedDict()
+        self._size = size
 
     def schemes(self, endpoint: Endpoint) -> list[str]:
         if not endpoint.insecure:
@@ -28,6 +33,9 @@ class SchemeCache:
     def remember(self, endpoint: Endpoint, scheme: str) -> None:
         if endpoint.insecure:
             self._by_host[endpoint.api_host] = scheme
+            self._by_host.move_to_end(endpoint.api_host)
+            while len(self._by_host) > self._size:
+                self._by_host.popitem(last=False)
 
 
 async def request(

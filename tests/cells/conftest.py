@@ -12,6 +12,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from kiyot_py.pki import NodePKI, cell_server_name
 from kiyot_py.providers.local import mounts_under
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,16 +73,41 @@ class Response:
         return json.loads(self.body)
 
 
+class _CellConnection(http.client.HTTPSConnection):
+    """HTTPS to 127.0.0.1 that asks for the cell's own name, as the node does."""
+
+    def __init__(self, port: int, context: ssl.SSLContext, server_name: str, timeout: float) -> None:
+        super().__init__("127.0.0.1", port, timeout=timeout, context=context)
+        self._server_name = server_name
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self._server_name)  # type: ignore[attr-defined]
+
+
 @dataclass
 class Agent:
-    """One agent process (`serve` or `supervise`) with its own state dir, port and token."""
+    """One agent process (`serve` or `supervise`) with its own state dir, port and TLS identity
+    from a CA of its own (`pki`), whose node certificate the tests use as the node would."""
 
     workdir: Path
     mode: str = "serve"
     port: int = field(default_factory=free_port)
-    token: str = field(default_factory=lambda: secrets.token_hex(16))
     proc: subprocess.Popen[bytes] | None = None
     extra_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.pki = NodePKI(self.workdir / "pki", "test-node")
+        self.cell_id = "c" + secrets.token_hex(6)
+        self.pki.issue_cell(self.cell_id).write(self.tls_dir)
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.workdir / "tls"
+
+    @property
+    def server_name(self) -> str:
+        return cell_server_name(self.cell_id)
 
     @property
     def state_dir(self) -> Path:
@@ -91,14 +118,11 @@ class Agent:
         return self.workdir / "agent.log"
 
     def start(self) -> Agent:
-        tok = self.workdir / "token"
-        tok.write_text(self.token)
-        tok.chmod(0o600)
         env = dict(os.environ, PYTHONPATH=str(CELLS) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with open(self.log_file, "ab") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kiyot_cell.cli", self.mode, "--listen", f"127.0.0.1:{self.port}",
-                 "--token-file", str(tok), "--state-dir", str(self.state_dir),
+                 "--tls-dir", str(self.tls_dir), "--state-dir", str(self.state_dir),
                  "--cgroup-parent", f"kiyot-cell-tests/{self.workdir.name}", *self.extra_args],
                 stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         self.wait_healthy()
@@ -111,7 +135,7 @@ class Agent:
                 raise RuntimeError(f"agent exited:\n{self.log_file.read_text()[-3000:]}")
             try:
                 return self.call("GET", "/v1/health").status == 200
-            except OSError:
+            except OSError:  # ssl.SSLError too: the agent is not listening yet
                 return False
         wait_until(ok, what="agent health")
 
@@ -135,19 +159,25 @@ class Agent:
 
     # --- HTTP -------------------------------------------------------------------------------
 
-    def conn(self, timeout: float = 60) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+    def client_context(self, identity: str = "node") -> ssl.SSLContext:
+        """The TLS client side: "node" (the node's certificate), "none" (no certificate),
+        or a directory holding another cell.crt/cell.key to present."""
+        if identity == "node":
+            return self.pki.client_context()
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca_path))
+        if identity != "none":
+            ctx.load_cert_chain(str(Path(identity) / "cell.crt"), str(Path(identity) / "cell.key"))
+        return ctx
 
-    def headers(self, token: str | None = "") -> dict[str, str]:
-        tok = self.token if token == "" else token
-        return {"Authorization": f"Bearer {tok}"} if tok is not None else {}
+    def conn(self, timeout: float = 60, identity: str = "node") -> http.client.HTTPSConnection:
+        return _CellConnection(self.port, self.client_context(identity), self.server_name, timeout)
 
-    def call(self, method: str, path: str, body: Any = None, token: str | None = "",
+    def call(self, method: str, path: str, body: Any = None, identity: str = "node",
              raw: bytes | None = None, timeout: float = 120) -> Response:
-        c = self.conn(timeout)
+        c = self.conn(timeout, identity)
         try:
             data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-            h = self.headers(token)
+            h: dict[str, str] = {}
             if data is not None:
                 h["Content-Type"] = "application/json"
             c.request(method, path, body=data, headers=h)

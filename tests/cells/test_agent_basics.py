@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import ssl
+
+import pytest
 
 from tests import contract
 from tests.cells.conftest import needs_root, spec_of
@@ -11,27 +14,60 @@ from tests.cells.conftest import needs_root, spec_of
 pytestmark = needs_root
 
 
-def test_no_or_wrong_token_is_401_and_changes_nothing(agent, cell_images):
+def _client_cert(agent, where, *, names_node: bool, usage) -> str:
+    """A key and certificate from the agent's own CA: for a client that names no node, or
+    signed for a server (as every cell's is)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    san = [x509.UniformResourceIdentifier("kiyot:node:test-node")] if names_node else [x509.DNSName("pod.evil")]
+    cert = agent.pki._sign(key.public_key(), x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]),
+                           x509.SubjectAlternativeName(san), usage)
+    where.mkdir()
+    (where / "cell.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    (where / "cell.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(where)
+
+
+def test_only_the_node_is_answered_and_nothing_changes(agent, cell_images, tmp_path):
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     img = cell_images["busybox"]
     body = {"ref": img.ref, "digest": img.manifest_digest, "tls_verify": False}
-    for tok in (None, "wrong", agent.token + "x", agent.token[:-1]):
-        for method, path, b in (("GET", "/v1/health", None), ("POST", "/v1/images/pull", body),
-                                ("GET", "/v1/nope", None), ("PUT", "/v1/pod", {"sandbox_id": "s", "hostname": "h"})):
-            r = agent.call(method, path, b, token=tok)
-            assert r.status == 401, (method, path, r.status)
-            assert r.json()["error"] == "unauthorized"
-    # The right secret under another scheme is still refused.
-    c = agent.conn(10)
-    c.request("GET", "/v1/health", headers={"Authorization": f"Basic {agent.token}"})
-    assert c.getresponse().status == 401
-    c.close()
+    requests = (("GET", "/v1/health", None), ("POST", "/v1/images/pull", body), ("GET", "/v1/nope", None),
+                ("PUT", "/v1/pod", {"sandbox_id": "s", "hostname": "h"}),
+                ("POST", "/v1/containers", {"id": secrets.token_hex(32), "name": "x",
+                                            "image_digest": img.manifest_digest, "spec": {}}))
+    # No certificate, another cell's (a server certificate from the same CA), one from
+    # another CA: the handshake fails.
+    other_cell = agent.pki.issue_cell("c-other")
+    other_cell.write(tmp_path / "other-cell")
+    from kiyot_py.pki import NodePKI
+    stranger = NodePKI(tmp_path / "stranger-pki", "test-node")  # the same node name, another CA
+    refused = ["none", str(tmp_path / "other-cell"),
+               _client_cert(agent, tmp_path / "server-cert", names_node=True, usage=ExtendedKeyUsageOID.SERVER_AUTH)]
+    for identity in refused:
+        for method, path, b in requests:
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                agent.call(method, path, b, identity=identity)
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        c = agent.conn(10)
+        c._context = stranger.client_context()  # its node certificate, our cell's name
+        c.request("GET", "/v1/health")
+        c.getresponse()
+    # A client certificate from the CA that names no node gets through TLS: 401.
+    nameless = _client_cert(agent, tmp_path / "nameless", names_node=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    for method, path, b in requests:
+        r = agent.call(method, path, b, identity=nameless)
+        assert r.status == 401, (method, path, r.status)
+        assert r.json()["error"] == "unauthorized"
     layout = agent.state_dir / "images" / "layout"
     assert not layout.exists(), "a refused pull wrote to the layout"
     assert not (agent.state_dir / "pod" / "etc").exists()
-    cid = secrets.token_hex(32)
-    r = agent.call("POST", "/v1/containers", {"id": cid, "name": "x", "image_digest": img.manifest_digest,
-                                              "spec": {}}, token="nope")
-    assert r.status == 401
     assert agent.ok("GET", "/v1/containers") == []
 
 
@@ -48,7 +84,7 @@ def test_every_route_in_api_md_exists(agent):
             if p != "/v1/events" else None
         if r is None:
             c = agent.conn(10)
-            c.request("GET", p, headers=agent.headers())
+            c.request("GET", p)
             resp = c.getresponse()
             assert resp.status == 200 and resp.getheader("Content-Type").startswith("application/x-ndjson")
             c.close()
@@ -64,8 +100,9 @@ def test_oversized_body_is_413(agent):
     r = agent.call("POST", "/v1/containers", raw=big)
     assert r.status == 413
     assert r.json()["error"] == "too_large"
-    # Without the token the answer is 401 first.
-    assert agent.call("POST", "/v1/containers", raw=big, token=None).status == 401
+    # Without the node's identity the body is never read: the handshake fails first.
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        agent.call("POST", "/v1/containers", raw=big, identity="none")
     assert agent.ok("GET", "/v1/containers") == []
 
 

@@ -94,7 +94,7 @@ def test_create_is_idempotent(agent, busybox):
 def test_follow_streams_until_exit(agent, busybox):
     rec = agent.run(busybox, ["sh", "-c", "for i in 1 2 3 4 5; do echo line$i; sleep 0.2; done"])
     c = agent.conn(60)
-    c.request("GET", f"/v1/containers/{rec['id']}/logs?offset=0&follow=1", headers=agent.headers())
+    c.request("GET", f"/v1/containers/{rec['id']}/logs?offset=0&follow=1")
     resp = c.getresponse()
     assert resp.status == 200
     body = resp.read()  # returns only when the agent ends the stream
@@ -365,7 +365,7 @@ def test_a_long_log_is_cut_in_the_cell_and_a_follower_loses_nothing(tmp_path, ce
                   "echo line $i; i=$((i+1)); j=$((j+1)); done; sleep 1; done")
         rec = agent.create(img, ["sh", "-c", script])
         conn = agent.conn()
-        conn.request("GET", f"/v1/containers/{rec['id']}/logs?offset=0&follow=1", headers=agent.headers())
+        conn.request("GET", f"/v1/containers/{rec['id']}/logs?offset=0&follow=1")
         follow = conn.getresponse()
         agent.ok("POST", f"/v1/containers/{rec['id']}/start")
         followed = follow.read()  # ends once the container has exited and every byte was sent

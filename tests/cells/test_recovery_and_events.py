@@ -112,7 +112,7 @@ def _lines(resp):
 def test_events_snapshot_then_changes(agent, busybox):
     first = agent.run(busybox, ["sleep", "1000"], name="first")
     c = agent.conn(30)
-    c.request("GET", "/v1/events", headers=agent.headers())
+    c.request("GET", "/v1/events")
     resp = c.getresponse()
     assert resp.status == 200 and resp.getheader("Content-Type").startswith("application/x-ndjson")
     events = _lines(resp)
@@ -139,7 +139,7 @@ def test_events_snapshot_then_changes(agent, busybox):
 
 def test_events_heartbeat(agent):
     c = agent.conn(30)
-    c.request("GET", "/v1/events", headers=agent.headers())
+    c.request("GET", "/v1/events")
     resp = c.getresponse()
     events = _lines(resp)
     assert next(events)["type"] == "snapshot"

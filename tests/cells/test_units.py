@@ -286,3 +286,14 @@ def test_resolve_user_merge_and_strict(tmp_path):
     # The identity the node reports: primary group first, then the rest sorted.
     identity = spec.process_identity({"process": {"user": merged}})
     assert identity == {"uid": 1000, "gid": 1000, "groups": [1000, 1234, 50000]}
+
+
+def test_a_pid_counts_as_in_a_cgroup_only_while_it_is_there():
+    import os
+
+    from kiyot_cell.containers import in_cgroup
+
+    mine = Path("/proc/self/cgroup").read_text().splitlines()[-1].split(":", 2)[2]
+    assert in_cgroup(os.getpid(), mine)
+    assert not in_cgroup(os.getpid(), mine.rstrip("/") + "/kiyot-cell/" + "0" * 64)  # another container's
+    assert not in_cgroup(2**22 + 12345, mine)  # no such process (beyond pid_max)

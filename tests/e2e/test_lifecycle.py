@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import ssl
 import subprocess
 import urllib.error
 import urllib.request
@@ -44,13 +45,15 @@ def test_sandbox_is_ready_with_its_own_ip(cri, pod):
     assert status.status.metadata.uid == config.metadata.uid
     assert status.status.network.ip.startswith("10.123.0.")
     assert status.status.created_at > 1_600_000_000 * 10**9  # nanoseconds
-    assert "token" not in status.info["info"]
-    # The pod IP answers from the host: the cell's agent is there, and wants its secret.
-    try:
+    assert "PRIVATE KEY" not in status.info["info"]
+    # The pod IP answers from the host: the cell's agent is there, speaks TLS only, and
+    # answers only the node's certificate.
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen(f"http://{status.status.network.ip}:9276/v1/health", timeout=5)
-        raise AssertionError("the agent answered without its secret")
-    except urllib.error.HTTPError as exc:
-        assert exc.code == 401
+    anyone = ssl.create_default_context()
+    anyone.check_hostname, anyone.verify_mode = False, ssl.CERT_NONE
+    with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+        urllib.request.urlopen(f"https://{status.status.network.ip}:9276/v1/health", timeout=5, context=anyone)
 
 
 def test_container_exits_with_code_and_logs(cri, pod, pulled, test_images):
@@ -457,12 +460,19 @@ def test_no_secret_in_argv_or_logs(cri, pod, pulled, test_images, service):
     cid = run(cri, pod, "quiet", test_images["busybox"].ref, ["sleep", "3600"])
     wait_state(cri, cid, pb.CONTAINER_RUNNING)
     its_dir = cell_dir(service.state_dir, pod[0])
-    token = (its_dir / "token").read_bytes().strip()
-    assert len(token) >= 32
+    # The secrets: the cell's key, the node's key and its CA's (the base64 body of each).
+    secrets = [b"".join(p.read_bytes().splitlines()[1:-1])[:64]
+               for p in (its_dir / "tls" / "cell.key", service.state_dir / "pki" / "node.key",
+                         service.state_dir / "pki" / "ca.key")]
     from pathlib import Path
 
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            assert token not in cmdline.read_bytes(), cmdline
-    assert token not in service.log_file.read_bytes()
-    assert token not in (its_dir / "agent.log").read_bytes()
+    for secret in secrets:
+        assert len(secret) == 64
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                assert secret not in cmdline.read_bytes(), cmdline
+        assert secret not in service.log_file.read_bytes()
+        assert secret not in (its_dir / "agent.log").read_bytes()
+    for key in (its_dir / "tls" / "cell.key", service.state_dir / "pki" / "node.key",
+                service.state_dir / "pki" / "ca.key"):
+        assert key.stat().st_mode & 0o077 == 0, key

@@ -8,6 +8,8 @@ import itertools
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -135,18 +137,20 @@ def test_a_cell_lost_while_the_service_was_down_is_reported(service, pod, busybo
 
 
 def _agent_call(service, sandbox_id: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    """Talk to a cell's agent directly, with its own secret, as only the node should."""
+    """Talk to a cell's agent directly, with the node's certificate, as only the node should."""
     its_dir = cell_dir(service.state_dir, sandbox_id)
-    address = json.loads((its_dir / "cell.json").read_text())["address"]
-    conn = http.client.HTTPConnection(address, LocalCellSettings().agent_port, timeout=60)
-    try:
-        conn.request(method, path, body=json.dumps(body) if body is not None else None, headers={
-            "Authorization": f"Bearer {(its_dir / 'token').read_text().strip()}",
-            "Content-Type": "application/json"})
+    cell = json.loads((its_dir / "cell.json").read_text())
+    pki = service.state_dir / "pki"
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "node.crt"), str(pki / "node.key"))
+    with socket.create_connection((cell["address"], LocalCellSettings().agent_port), timeout=60) as raw, \
+            ctx.wrap_socket(raw, server_hostname=f"{cell['id']}.cells.kiyot") as tls:
+        conn = http.client.HTTPConnection(cell["address"], timeout=60)
+        conn.sock = tls
+        conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                     headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         return resp.status, json.loads(resp.read() or b"{}")
-    finally:
-        conn.close()
 
 
 def test_a_container_the_node_never_recorded_is_removed(service, pod, busybox):

@@ -30,11 +30,12 @@ class FakeProvider:
         self.shapes: list[CellShape] = []
         self.fail_launch: Exception | None = None  # raised by the next launch
         self.architecture = architecture
+        self.allow_privileged = False
         self._next_address = 2
 
     @property
     def features(self) -> CellFeatures:
-        return CellFeatures(recursive_read_only_mounts=True)
+        return CellFeatures(recursive_read_only_mounts=True, privileged=self.allow_privileged)
 
     @property
     def default_architecture(self) -> str:
@@ -63,7 +64,7 @@ class FakeProvider:
             self._next_address += 1
             self.cells[cell_id] = Cell(
                 id=cell_id, sandbox_id=shape.tags.get("kiyot-sandbox", ""), address=address,
-                agent_url=f"http://{address}:{AGENT_PORT}", token="cell-secret", state="pending",
+                agent_url=f"https://{address}:{AGENT_PORT}", server_name=f"{cell_id}.cells.kiyot", state="pending",
                 tags=dict(shape.tags), hostname=cell_id)
         return _copy(self.cells[cell_id])
 
@@ -174,6 +175,10 @@ class FakeAgent:
         c = self.containers.setdefault(body["id"], FakeContainer(body))
         return c.record()
 
+    async def get_container(self, cid: str) -> dict[str, Any]:
+        self._reach()
+        return self._get(cid).record()
+
     async def start_container(self, cid: str) -> dict[str, Any]:
         self._reach()
         c = self._get(cid)
@@ -222,7 +227,14 @@ class FakeAgent:
         self._reach()
         yield {"type": "snapshot", "containers": [c.record() for c in self.containers.values()]}
         while True:
-            yield await self._events.get()
+            event = await self._events.get()
+            if event.get("type") == "break":
+                raise AgentUnreachable("cell agent http://fake: events: connection reset")
+            yield event
+
+    def break_stream(self) -> None:
+        """Cut the event stream: the node reconnects and gets a new snapshot."""
+        self._events.put_nowait({"type": "break"})
 
 
 class FakeAgents:

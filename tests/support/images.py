@@ -123,6 +123,8 @@ class Entry:
     uid: int = 0
     gid: int = 0
     linkname: str = ""
+    devmajor: int = 0
+    devminor: int = 0
 
 
 def Dir(name: str, mode: int = 0o755, uid: int = 0, gid: int = 0) -> Entry:
@@ -141,6 +143,14 @@ def Hardlink(name: str, target: str) -> Entry:
     return Entry(name, tarfile.LNKTYPE, mode=0o644, linkname=target)
 
 
+def CharDevice(name: str, major: int, minor: int) -> Entry:
+    return Entry(name, tarfile.CHRTYPE, mode=0o666, devmajor=major, devminor=minor)
+
+
+def Fifo(name: str) -> Entry:
+    return Entry(name, tarfile.FIFOTYPE, mode=0o644)
+
+
 @dataclass(frozen=True)
 class Layer:
     blob: bytes  # gzip-compressed tar
@@ -152,10 +162,9 @@ class Layer:
         return len(self.blob)
 
 
-def make_layer(entries: list[Entry], sort: bool = True) -> Layer:
-    """A gzip'd tar of ENTRIES, written as given (names are not cleaned: evil ones stay evil)."""
-    if sort:
-        entries = sorted(entries, key=lambda e: e.name)
+def tar_bytes_of(entries: list[Entry], end: bool = True) -> bytes:
+    """The uncompressed GNU tar of ENTRIES in the given order; without `end`, no end-of-archive
+    blocks (a stream another part goes on from)."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for e in entries:
@@ -166,15 +175,30 @@ def make_layer(entries: list[Entry], sort: bool = True) -> Layer:
             info.uname = info.gname = ""
             info.mtime = MTIME
             info.linkname = e.linkname
+            info.devmajor, info.devminor = e.devmajor, e.devminor
             if e.type == tarfile.REGTYPE:
                 info.size = len(e.data)
                 tar.addfile(info, io.BytesIO(e.data))
             else:
                 info.size = 0
                 tar.addfile(info)
-    tar_bytes = raw.getvalue()
-    blob = gzip.compress(tar_bytes, compresslevel=6, mtime=0)
+        if not end:
+            return raw.getvalue()  # before close() writes the end blocks
+    return raw.getvalue()
+
+
+def layer_of(tar_bytes: bytes, blob: bytes | None = None) -> Layer:
+    """A layer of these uncompressed bytes: gzip'd (fixed header), or BLOB as given."""
+    if blob is None:
+        blob = gzip.compress(tar_bytes, compresslevel=6, mtime=0)
     return Layer(blob, sha256(tar_bytes), sha256(blob))
+
+
+def make_layer(entries: list[Entry], sort: bool = True) -> Layer:
+    """A gzip'd tar of ENTRIES, written as given (names are not cleaned: evil ones stay evil)."""
+    if sort:
+        entries = sorted(entries, key=lambda e: e.name)
+    return layer_of(tar_bytes_of(entries))
 
 
 def busybox_binary() -> bytes:
@@ -212,6 +236,55 @@ EVIL_LAYERS: dict[str, list[Entry]] = {
     "evil-hardlink": [Hardlink("x", "../../etc/shadow")],
     "evil-symlink": [Symlink("up", "../../../../etc"), File("up/escape.txt", b"escaped via a symlink\n")],
 }
+
+
+# Hostile layers that a tar reader can be made to read differently from Go's (umoci's), and
+# special files where the agent or umoci reads the image's users and groups.
+
+def multistream_layer() -> Layer:
+    """Two gzip members: the first a tar that simply stops (no end blocks), the second one
+    going on with `../../x`. Go's gzip (umoci) reads both; Python's tarfile stream mode,
+    the first only, and sees a clean end of archive."""
+    first = tar_bytes_of([File("ok.txt", b"first member\n")], end=False)
+    second = tar_bytes_of([File("../../x", b"escaped via a second gzip member\n")])
+    blob = gzip.compress(first, mtime=0) + gzip.compress(second, mtime=0)
+    return layer_of(first + second, blob)
+
+
+def nul_led_checksum_layer() -> Layer:
+    """`a.txt`, then `b.txt` whose checksum field is NUL-led ("\\0" + 6 octal digits + " "),
+    then `../../x`. Python's tarfile reads the checksum as 0 and takes the header for the end
+    of the archive; Go trims the NULs, finds it right and reads on to `../../x`."""
+    raw = bytearray(tar_bytes_of([File("a.txt", b"a\n"), File("b.txt", b"b\n"),
+                                  File("../../x", b"escaped past a NUL-led checksum\n")]))
+    at = 2 * 512  # a.txt: header and one data block
+    assert raw[at:at + 5] == b"b.txt"
+    chk = int(raw[at + 148:at + 154], 8)  # as tarfile wrote it: "%06o\0 "
+    raw[at + 148:at + 156] = b"\x00" + b"%06o" % chk + b" "
+    return layer_of(bytes(raw))
+
+
+HOSTILE_LAYERS: dict[str, list[Entry] | None] = {
+    "hostile-multistream": None,       # multistream_layer()
+    "hostile-nulchecksum": None,       # nul_led_checksum_layer()
+    "hostile-chardev": [CharDevice("dev-zero", 1, 5)],
+    "hostile-fifo-group": [Fifo("etc/group")],          # with User "app"
+    "hostile-chardev-passwd": [CharDevice("etc/passwd", 1, 5)],  # with User "app"
+}
+
+
+def push_hostile_images(registry: str, namespace: str = NAMESPACE) -> dict[str, TestImage]:
+    """Push, under `<registry>/test/`, busybox plus one hostile layer each (HOSTILE_LAYERS),
+    every one with the app's config (User "app"); idempotent. {short name: TestImage}."""
+    p = Pusher(registry)
+    base = make_layer(busybox_rootfs_entries())
+    built = {"hostile-multistream": multistream_layer(), "hostile-nulchecksum": nul_led_checksum_layer()}
+    out = {}
+    for short, entries in HOSTILE_LAYERS.items():
+        layer = built[short] if entries is None else make_layer(entries, sort=False)
+        out[short] = p.push_image(f"{namespace}/{short}", ["latest"], host_arch(), [base, layer],
+                                  APP_CONFIG, short)
+    return out
 
 
 # --- configs and manifests ---------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The node's agent client covers every route of cells/API.md and always sends the secret."""
+"""The node's agent client covers every route of cells/API.md, always over mutual TLS with
+the node's certificate, and reaches only the cell whose name it pins."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from kiyot_cell import tls
 from kiyot_py.agent_client import (
     AgentClient,
     AgentConflict,
@@ -20,21 +22,38 @@ from kiyot_py.agent_client import (
     AgentTimeout,
     AgentUnreachable,
 )
+from kiyot_py.pki import NodePKI
 from tests.contract import routes
 
-TOKEN = "s3cret-token"
 CID = "a" * 64
 
 
 @pytest.fixture
-async def fake_agent():
-    """An aiohttp app answering every contract route with a canned body, recording calls."""
+def pki(tmp_path) -> NodePKI:
+    return NodePKI(tmp_path / "pki", "node-a")
+
+
+async def serve_as_cell(app: web.Application, pki: NodePKI, tmp_path, cell_id: str = "c1"):
+    """Serve `app` on loopback with a cell's identity and the agent's own TLS settings."""
+    identity = pki.issue_cell(cell_id)
+    identity.write(tmp_path / cell_id)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls.server_context(tmp_path / cell_id))
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1], identity.server_name
+
+
+@pytest.fixture
+async def fake_agent(pki, tmp_path):
+    """An aiohttp app answering every contract route with a canned body, recording calls
+    and the node each came from (by its client certificate)."""
     calls: list[tuple[str, str, str | None]] = []
     record = {"id": CID, "state": "running"}
 
     def answer(method: str, path: str):
         async def handler(request: web.Request) -> web.StreamResponse:
-            calls.append((method, path, request.headers.get("Authorization")))
+            calls.append((method, path, tls.node_of(request.transport.get_extra_info("peercert"))))
             if path.endswith("/logs"):
                 return web.Response(body=b"2026-11-24T00:00:00Z stdout F hi\n")
             if path == "/v1/events":
@@ -55,13 +74,9 @@ async def fake_agent():
     app = web.Application()
     for method, path in routes():
         app.router.add_route(method, path, answer(method, path))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, port, name = await serve_as_cell(app, pki, tmp_path)
     async with aiohttp.ClientSession() as session:
-        yield AgentClient(session, f"http://127.0.0.1:{port}", TOKEN), calls
+        yield AgentClient(session, f"https://127.0.0.1:{port}", pki.client_context(), name), calls
     await runner.cleanup()
 
 
@@ -74,6 +89,7 @@ async def test_client_covers_every_route(fake_agent):
     await client.remove_image("sha256:" + CID)
     await client.usage()
     await client.create_container({"id": CID})
+    await client.get_container(CID)
     await client.start_container(CID)
     await client.stop_container(CID, 1, "SIGTERM")
     await client.delete_container(CID)
@@ -83,42 +99,86 @@ async def test_client_covers_every_route(fake_agent):
     with pytest.raises(AgentError):  # the fake's stream ends; a real one never does
         async for event in client.events():
             assert event["type"] == "snapshot"
-    # Two routes serve people and tests, not the node: it keeps its own records.
-    assert {(m, p) for m, p, _ in calls} == set(routes()) - {("GET", "/v1/containers"),
-                                                            ("GET", "/v1/containers/{id}")}
-    assert {auth for _, _, auth in calls} == {f"Bearer {TOKEN}"}
+    # One route serves people and tests, not the node: it keeps its own records.
+    assert {(m, p) for m, p, _ in calls} == set(routes()) - {("GET", "/v1/containers")}
+    assert {node for _, _, node in calls} == {"node-a"}  # every call with the node's certificate
 
 
-async def test_unreachable_agent_is_status_zero():
+async def test_unreachable_agent_is_status_zero(pki):
     async with aiohttp.ClientSession() as session:
-        client = AgentClient(session, "http://127.0.0.1:9", TOKEN)
+        client = AgentClient(session, "https://127.0.0.1:9", pki.client_context(), "c1.cells.kiyot")
         with pytest.raises(AgentError) as err:
             await client.health(timeout=2)
     assert isinstance(err.value, AgentUnreachable) and err.value.status == 0
-    assert TOKEN not in str(err.value) and TOKEN not in repr(client)
+
+
+async def test_the_client_reaches_only_the_cell_it_names(pki, tmp_path):
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"ready": True})
+
+    app = web.Application()
+    app.router.add_get("/v1/health", health)
+    runner, port, name = await serve_as_cell(app, pki, tmp_path, "c1")
+    stranger = NodePKI(tmp_path / "other-node", "node-b")  # another CA altogether
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"https://127.0.0.1:{port}"
+            assert (await AgentClient(session, url, pki.client_context(), name).health())["ready"]
+            with pytest.raises(AgentUnreachable, match=r"c2\.cells\.kiyot|hostname"):  # another cell's name
+                await AgentClient(session, url, pki.client_context(), "c2.cells.kiyot").health()
+            with pytest.raises(AgentUnreachable):  # a server this node's CA never signed
+                await AgentClient(session, url, stranger.client_context(), name).health()
+    finally:
+        await runner.cleanup()
 
 
 @pytest.mark.parametrize("status, kind", [
     (400, AgentInvalid), (404, AgentNotFound), (409, AgentConflict), (416, AgentLogGone),
     (504, AgentTimeout), (500, AgentFailed), (422, AgentFailed),
 ])
-async def test_agent_errors_are_typed_by_their_status(status, kind):
+async def test_agent_errors_are_typed_by_their_status(status, kind, pki, tmp_path):
     async def fail(request: web.Request) -> web.Response:
         return web.json_response({"error": "some_code", "message": "the agent's own words"}, status=status)
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", fail)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, port, name = await serve_as_cell(app, pki, tmp_path)
     try:
         async with aiohttp.ClientSession() as session:
             with pytest.raises(kind) as err:
-                await AgentClient(session, f"http://127.0.0.1:{port}", TOKEN).start_container(CID)
+                client = AgentClient(session, f"https://127.0.0.1:{port}", pki.client_context(), name)
+                await client.start_container(CID)
     finally:
         await runner.cleanup()
     assert err.value.message == "the agent's own words" and err.value.code == "some_code"
     within = err.value.within("starting container x")
     assert type(within) is kind and str(within) == "starting container x: the agent's own words"
+
+
+async def test_an_answer_too_big_is_refused_not_held(pki, tmp_path, monkeypatch):
+    import kiyot_py.agent_client as agent_client
+
+    monkeypatch.setattr(agent_client, "MAX_ANSWER", 1 << 20)
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(40):  # 2.5 MiB, streamed
+            await resp.write(b"x" * 65536)
+        return resp
+
+    async def fits(request: web.Request) -> web.Response:
+        return web.json_response({"exit_code": 0, "stdout": base64.b64encode(b"y" * 600_000).decode()})
+
+    app = web.Application()
+    app.router.add_get("/v1/health", huge)
+    app.router.add_post("/v1/containers/{id}/exec", fits)
+    runner, port, name = await serve_as_cell(app, pki, tmp_path)
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = AgentClient(session, f"https://127.0.0.1:{port}", pki.client_context(), name)
+            with pytest.raises(AgentFailed, match="answer over"):
+                await client.health()
+            assert (await client.exec_sync(CID, ["true"], 1)).stdout == b"y" * 600_000  # read whole
+    finally:
+        await runner.cleanup()

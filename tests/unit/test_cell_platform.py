@@ -228,7 +228,7 @@ async def test_arm64_cell_gets_the_arm64_manifest(fake, manager):
                             default_platform=AMD64).get(record.id)
     assert reloaded.platforms["linux/arm64/v8"] == got
 
-    cell = Cell(id="c1", sandbox_id="s1", address="10.0.0.2", agent_url="http://x", token="t",
+    cell = Cell(id="c1", sandbox_id="s1", address="10.0.0.2", agent_url="https://x",
                 pull_path="10.89.0.1:5380")
     pull = images.cell_pull(record, cell, platform_digest=got.platform_digest)
     assert pull["digest"] == arm_manifest and pull["ref"].endswith(f"/multi/app@{arm_manifest}")

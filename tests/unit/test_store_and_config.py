@@ -16,7 +16,7 @@ def test_records_round_trip(tmp_path):
     store = Store(tmp_path / "state.db")
     sb = Sandbox(id=new_id(), name="p", namespace="n", uid="u", attempt=1, labels={"a": "b"},
                  config=b"\x00\x01", cell=Cell(id="c1", sandbox_id="x", address="10.0.0.2",
-                                               agent_url="http://10.0.0.2:1", token="t"))
+                                               agent_url="https://10.0.0.2:1", server_name="c.cells.kiyot"))
     c = Container(id=new_id(), sandbox_id=sb.id, name="c", attempt=0, image="i", image_id="sha256:1",
                   image_ref="r@sha256:2", config=b"\xff")
     img = Image(id="sha256:" + "1" * 64, repo_tags=["a:1"], auth={"a": Credentials("u", "p")})
@@ -65,3 +65,17 @@ def test_bad_settings_are_clear(tmp_path, text, message):
     conf.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_settings(conf, {}, {})
+
+
+def test_a_boolean_setting_from_toml_environment_and_flags(tmp_path):
+    from kiyot_py.config import ConfigError, load_settings
+
+    conf = tmp_path / "c.toml"
+    conf.write_text("[local]\nallow_privileged = true\n")
+    assert load_settings(conf, {}, {}).local.allow_privileged is True
+    assert load_settings(None, {}, {}).local.allow_privileged is False
+    assert load_settings(conf, {"KIYOT_LOCAL_ALLOW_PRIVILEGED": "no"}, {}).local.allow_privileged is False
+    import pytest
+
+    with pytest.raises(ConfigError, match="allow_privileged"):
+        load_settings(None, {"KIYOT_LOCAL_ALLOW_PRIVILEGED": "maybe"}, {})

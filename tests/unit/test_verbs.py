@@ -3,6 +3,7 @@ fake agents: the decisions of kiyot_py.pods without root, cells or registries.""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -272,6 +273,48 @@ async def test_an_agent_failure_keeps_its_kind(node):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await node.rt.StartContainer(pb.StartContainerRequest(container_id=cid))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "connection refused" in err.value.details()
+
+
+async def test_a_container_the_cell_lost_is_reported_so(node):
+    """The agent's state went (a cell rebuilt under it): its next snapshot lacks the
+    container, the agent confirms it is gone, and the node stops calling it running."""
+    sid = await run_pod(node)
+    cid = await create(node, sid)
+    await node.rt.StartContainer(pb.StartContainerRequest(container_id=cid))
+    kept = await create(node, sid, name="kept")
+    agent = node.agent_of(sid)
+    del agent.containers[cid]
+    agent.break_stream()
+    for _ in range(200):  # bounded: 2 s
+        status = (await node.rt.ContainerStatus(pb.ContainerStatusRequest(container_id=cid))).status
+        if status.state == pb.CONTAINER_UNKNOWN:
+            break
+        await asyncio.sleep(0.01)
+    assert status.state == pb.CONTAINER_UNKNOWN and status.reason == "NotInCell"
+    other = (await node.rt.ContainerStatus(pb.ContainerStatusRequest(container_id=kept))).status
+    assert other.state == pb.CONTAINER_CREATED  # the one the cell still holds is untouched
+
+
+async def test_privileged_asks_the_provider(node):
+    config = pod_config(name="root", uid="uid-9")
+    config.linux.security_context.privileged = True
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await node.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=config))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "privileged" in err.value.details()
+    assert node.provider.cells == {}  # refused before any cell is asked for
+    host_pid = pod_config(name="hostpid", uid="uid-8")
+    host_pid.linux.security_context.namespace_options.pid = pb.NODE
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await node.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=host_pid))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "hostPID" in err.value.details()
+    sid = await run_pod(node)
+    ctr = container_config()
+    ctr.linux.security_context.privileged = True
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await node.rt.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=sid, config=ctr))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    node.provider.allow_privileged = True  # a VM of its own: privileged in it only
+    assert await node.rt.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=sid, config=ctr))
 
 
 # -- images in cells -------------------------------------------------------------------------

@@ -1,0 +1,175 @@
+"""The node's certificate authority: one mutually authenticated TLS channel to every cell.
+
+The node keeps a CA in its state directory (`pki/ca.key`, mode 0600) and a client
+certificate of its own. Each cell gets a key and a server certificate of its own, for
+one name (`<cell-id>.cells.kiyot`); the node connects with that name as the TLS server
+name, so a key taken from one cell cannot pass for another, and the agent accepts only
+a client certificate from this CA that names the node (a URI SAN `kiyot:node:<name>`),
+so a cell's certificate cannot act as the node towards another cell. A pod that sees
+the traffic on its interface sees TLS records only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CELL_DOMAIN = "cells.kiyot"
+NODE_URI_PREFIX = "kiyot:node:"
+CA_LIFETIME = datetime.timedelta(days=3650)
+LEAF_LIFETIME = datetime.timedelta(days=398)  # a cell lives as long as its pod; rotation is for later
+
+
+def cell_server_name(cell_id: str) -> str:
+    """The one name a cell's certificate holds, and the server name the node asks for."""
+    return f"{cell_id}.{CELL_DOMAIN}"
+
+
+@dataclass(frozen=True)
+class CellIdentity:
+    """What a cell needs to serve its agent: its key, its certificate, and the CA that
+    signs the node's (to check the client). PEM bytes; the key is secret."""
+
+    server_name: str
+    key_pem: bytes
+    cert_pem: bytes
+    ca_pem: bytes
+
+    def write(self, directory: Path) -> None:
+        """Into `directory` as cell.key (0600), cell.crt and ca.crt, as the agent reads them."""
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write_private(directory / "cell.key", self.key_pem)
+        (directory / "cell.crt").write_bytes(self.cert_pem)
+        (directory / "ca.crt").write_bytes(self.ca_pem)
+
+
+class NodePKI:
+    def __init__(self, directory: Path, node_name: str) -> None:
+        self._dir = directory
+        self._node = node_name
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._ca_key, self._ca_cert = self._load_or_make_ca()
+        self.ca_pem = self._ca_cert.public_bytes(serialization.Encoding.PEM)
+        self._ensure_node_cert()
+        self._client_context: ssl.SSLContext | None = None
+
+    @property
+    def node_cert_path(self) -> Path:
+        return self._dir / "node.crt"
+
+    @property
+    def node_key_path(self) -> Path:
+        return self._dir / "node.key"
+
+    @property
+    def ca_path(self) -> Path:
+        return self._dir / "ca.crt"
+
+    def issue_cell(self, cell_id: str) -> CellIdentity:
+        """A fresh key and a server certificate for one cell."""
+        name = cell_server_name(cell_id)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._sign(
+            key.public_key(), x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]),
+            x509.SubjectAlternativeName([x509.DNSName(name)]), ExtendedKeyUsageOID.SERVER_AUTH)
+        return CellIdentity(
+            server_name=name,
+            key_pem=key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()),
+            cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+            ca_pem=self.ca_pem,
+        )
+
+    def client_context(self) -> ssl.SSLContext:
+        """The node's side: present the node's certificate, trust only this CA, check the
+        cell's name (given per request as the server name)."""
+        if self._client_context is None:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_path))
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_cert_chain(str(self.node_cert_path), str(self.node_key_path))
+            self._client_context = ctx
+        return self._client_context
+
+    # -- pieces -------------------------------------------------------------------------
+
+    def _load_or_make_ca(self) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        key_path, cert_path = self._dir / "ca.key", self._dir / "ca.crt"
+        if key_path.exists() and cert_path.exists():
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError(f"{key_path} is not an EC key")
+            return key, x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"kiyot-py cell CA of {self._node}"[:64])])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + CA_LIFETIME)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        # The key first: a CA certificate without its key on disk would be made again.
+        _write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+        _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        return key, cert
+
+    def _ensure_node_cert(self) -> None:
+        if self.node_cert_path.exists() and self.node_key_path.exists():
+            return
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._sign(
+            key.public_key(), x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"kiyot-node {self._node}"[:64])]),
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(NODE_URI_PREFIX + self._node)]),
+            ExtendedKeyUsageOID.CLIENT_AUTH)
+        _write_private(self.node_key_path, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        _write_atomic(self.node_cert_path, cert.public_bytes(serialization.Encoding.PEM))
+
+    def _sign(self, public_key: ec.EllipticCurvePublicKey, subject: x509.Name, san: x509.SubjectAlternativeName,
+              usage: x509.ObjectIdentifier) -> x509.Certificate:
+        now = datetime.datetime.now(datetime.UTC)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject).issuer_name(self._ca_cert.subject).public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + LEAF_LIFETIME)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(san, critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=True, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._ca_key.public_key()),
+                           critical=False)
+            .sign(self._ca_key, hashes.SHA256())
+        )
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """A secret file: created 0600 (never readable by others, even for a moment), atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
