@@ -79,3 +79,11 @@ def test_a_boolean_setting_from_toml_environment_and_flags(tmp_path):
 
     with pytest.raises(ConfigError, match="allow_privileged"):
         load_settings(None, {"KIYOT_LOCAL_ALLOW_PRIVILEGED": "maybe"}, {})
+
+
+def test_the_example_config_names_only_real_settings():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "packaging" / "config.example.toml"
+    settings = load_settings(example, {}, {})
+    assert settings.local.allow_privileged is False and settings.local.deny_egress == ""
