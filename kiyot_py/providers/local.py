@@ -295,6 +295,11 @@ class LocalProvider:
         await _run("ip", "link", "set", bridge, "up")
         await self._fence_host()
         self._features = await self._probe_features()
+        # A launch cut short right after making the cell's directory left no record: the
+        # cell was never handed to anyone. Take down whatever of it was built.
+        for unrecorded in self._unrecorded_dirs():
+            log.info("removing a cell whose launch left no record", cell=unrecorded)
+            await self._teardown(unrecorded)
         # A VM's agent comes back when the VM does: revive supervisors that are gone
         # (after a reboot of this host, say) for cells whose namespace still exists.
         for cell in self._read_all():
@@ -396,6 +401,8 @@ class LocalProvider:
                 # crash. Nothing in it is worth keeping: build it again.
                 log.info("rebuilding a cell whose launch was cut short", cell=cell_id)
                 await self._teardown(cell_id)
+            elif (self._dir / cell_id).exists():  # made, then the node died before its record
+                await self._teardown(cell_id)
             cell_dir = self._dir / cell_id
             cell_dir.mkdir(mode=0o700)
             try:
@@ -453,10 +460,11 @@ class LocalProvider:
         )
 
     def _allocate_address(self) -> str:
-        used = {c.address for c in self._read_all()} | {self._gateway}
-        # The file lock keeps two kiyot-py processes on one host from taking one address.
+        # The file lock keeps two kiyot-py processes on one host from taking one address:
+        # the addresses in use are read under it.
         with open(self._dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            used = {c.address for c in self._read_all()} | {self._gateway}
             for host in self._net.hosts():
                 if str(host) not in used:
                     return str(host)
@@ -512,36 +520,40 @@ class LocalProvider:
         self._write(cell)
 
     def _supervisor_alive(self, cell: _CellFile) -> bool:
-        if not cell.supervisor_pid:
-            return False
-        try:
-            cmdline = Path(f"/proc/{cell.supervisor_pid}/cmdline").read_bytes()
-        except OSError:
-            return False
-        return str(self._dir / cell.id).encode() in cmdline
+        return bool(agent_processes(self._dir / cell.id))
+
+    def _unrecorded_dirs(self) -> list[str]:
+        if not self._dir.exists():
+            return []
+        return [d.name for d in self._dir.iterdir() if d.is_dir() and not (d / "cell.json").exists()]
 
     async def _teardown(self, cell_id: str) -> None:
         cell = self._read(cell_id)
         cell_dir = self._dir / cell_id
         if cell is None and not cell_dir.exists():
             return
+        # Found by their command line, not by the pid on record: the node may have died
+        # between spawning a supervisor and saving its pid. Like terminating a VM: no
+        # grace; the containers go next, by the runtime.
+        for pgid in {_pgid(pid) for pid in agent_processes(cell_dir)} - {0}:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+        for _ in range(200):  # bounded: 10 s
+            if not agent_processes(cell_dir):
+                break
+            await asyncio.sleep(0.01)
+        await self._delete_containers(cell_dir)
+        for mount in mounts_under(cell_dir):  # e.g. the pod's IPC namespace, bound on a file
+            await _run("umount", "--lazy", mount, check=False)
+        # Named after the cell (its token): a cell without its record is found too.
+        netns, veth = (cell.netns, cell.veth) if cell is not None else (f"kiyot-{cell_id[1:]}", f"kv{cell_id[1:]}")
+        if Path(NETNS_DIR / netns).exists():  # noqa: ASYNC240 - a stat of /run/netns, never blocks
+            await _run("ip", "netns", "del", netns, check=False)
+        if Path(f"/sys/class/net/{veth}").exists():  # noqa: ASYNC240 - a sysfs stat, never blocks
+            await _run("ip", "link", "del", veth, check=False)
         if cell is not None:
-            if self._supervisor_alive(cell):
-                # Like terminating a VM: no grace. The containers go next, by runc.
-                os.killpg(cell.supervisor_pid, signal.SIGKILL)
-                for _ in range(200):  # bounded: 10 s
-                    if not self._supervisor_alive(cell):
-                        break
-                    await asyncio.sleep(0.01)
-            await self._delete_containers(cell_dir)
-            for mount in mounts_under(cell_dir):  # e.g. the pod's IPC namespace, bound on a file
-                await _run("umount", "--lazy", mount, check=False)
-            if Path(NETNS_DIR / cell.netns).exists():  # noqa: ASYNC240 - a stat of /run/netns, never blocks
-                await _run("ip", "netns", "del", cell.netns, check=False)
-            if Path(f"/sys/class/net/{cell.veth}").exists():  # noqa: ASYNC240 - a sysfs stat, never blocks
-                await _run("ip", "link", "del", cell.veth, check=False)
             await self._forget_neighbour(cell.address)
-            _remove_cgroups(f"kiyot/{cell.id}")
+        _remove_cgroups(f"kiyot/{cell_id}")
         shutil.rmtree(cell_dir, ignore_errors=True)
         log.info("cell deleted", cell=cell_id)
 
@@ -570,6 +582,31 @@ class LocalProvider:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cell.__dict__))
         os.replace(tmp, path)
+
+
+def agent_processes(cell_dir: Path) -> list[int]:
+    """Pids of the agent processes of a cell (its supervisor and the `serve` it forked),
+    by their command line: `--state-dir <cell_dir>/agent`."""
+    marker = b"\0--state-dir\0" + str(cell_dir / "agent").encode() + b"\0"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in cmdline + b"\0" and b"kiyot_cell.cli" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _pgid(pid: int) -> int:
+    """The process group of `pid`, or 0 when it is gone already."""
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return 0
 
 
 def mounts_under(directory: Path) -> list[str]:

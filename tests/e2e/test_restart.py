@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import http.client
 import itertools
 import json
@@ -239,3 +240,60 @@ def test_kill9_while_a_cell_comes_up_then_the_retry_adopts_it(service, tmp_path,
     again = service.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=60).pod_sandbox_id
     assert again == sandbox_id
     remove_pod(service.runtime, sandbox_id)
+
+
+def _netns_list() -> str:
+    return subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
+
+
+def _agent_groups(its_dir) -> set[int]:
+    """Process groups of a cell's agent (supervisor and its serve), by command line."""
+    from kiyot_py.providers.local import agent_processes
+
+    groups = set()
+    for pid in agent_processes(its_dir):
+        with contextlib.suppress(ProcessLookupError):
+            groups.add(os.getpgid(pid))
+    return groups
+
+
+def test_kill9_before_the_supervisors_pid_was_saved_makes_no_second_one(service, pod, busybox):
+    """The node died between spawning a cell's supervisor and saving its pid: at restart
+    the supervisor is found by its command line, not started twice; teardown finds it too."""
+    cri, sandbox_id = service.runtime, pod[0]
+    its_dir = cell_dir(service.state_dir, sandbox_id)
+    assert len(_agent_groups(its_dir)) == 1
+    service.kill9()
+    record = json.loads((its_dir / "cell.json").read_text())
+    record["supervisor_pid"] = 0  # as if the write after the spawn never happened
+    (its_dir / "cell.json").write_text(json.dumps(record))
+    service.start()
+    cri = service.runtime
+    assert len(_agent_groups(its_dir)) == 1, "a second supervisor was started"
+    cid = run(cri, pod, "alive", busybox, ["sleep", "3600"])
+    wait_state(cri, cid, pb.CONTAINER_RUNNING)
+    remove_pod(cri, sandbox_id)
+    assert _agent_groups(its_dir) == set() and not its_dir.exists()
+    assert record["netns"] not in _netns_list()
+
+
+def test_kill9_after_the_cell_directory_was_made_leaves_nothing_behind(service, tmp_path, request):
+    """The node died after making a cell's directory and namespace, before its record: a
+    restart takes them down, and the kubelet's retry of that pod gets a cell of its own."""
+    from kiyot_py.pods.cells import launch_token
+
+    config = sandbox_config(pod_name(request.node.name), tmp_path)
+    token = launch_token("test-node", config.metadata.uid, config.metadata.attempt)
+    half_made = service.state_dir / "cells" / f"c{token[:12]}"
+    half_made.mkdir(mode=0o700)
+    subprocess.run(["ip", "netns", "add", f"kiyot-{token[:12]}"], check=True)
+    service.kill9()
+    service.start()
+    assert not half_made.exists()
+    assert f"kiyot-{token[:12]}" not in _netns_list()
+    # And a launch that meets such a directory (made again here) builds the cell afresh.
+    half_made.mkdir(mode=0o700)
+    sandbox_id = service.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=60).pod_sandbox_id
+    assert cell_dir(service.state_dir, sandbox_id) == half_made and (half_made / "cell.json").exists()
+    remove_pod(service.runtime, sandbox_id)
+    assert not half_made.exists()
