@@ -1,8 +1,9 @@
 """Hostile images against a real agent and real umoci: layers crafted to be read one way by
 Python's tarfile and another by Go's archive/tar (umoci), device nodes and FIFOs, and
 special files where the image's users and groups are read. Every one ends in a clear error
-within a bounded wait, writes nothing outside the rootfs, and leaves the cell able to pull
-and run the next image."""
+(no hang: each request is bounded), writes nothing outside the rootfs, and leaves the cell
+able to pull and run the next image. How long each takes is measured in
+bench/hostile_images.py, not asserted here."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import os
 import stat
 import sys
 import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from kiyot_cell import images as cell_images_mod
 from kiyot_cell import layercheck, spec
 from kiyot_cell.errors import ApiError
 
-BOUND = 10.0  # seconds any of these may take to answer
+HANG_GUARD = 60  # seconds a request may stay unanswered before the test gives up on it
 
 
 @pytest.fixture(scope="session")
@@ -147,16 +147,12 @@ def test_crafted_layer_is_refused_by_the_pull(agent, cell_images, hostile, short
     layout = agent.state_dir / "images" / "layout"
     blobs_before = set(os.listdir(layout / "blobs" / "sha256"))
     index_before = json.loads((layout / "index.json").read_text())
-    t0 = time.monotonic()
-    r = agent.call("POST", "/v1/images/pull", _pull_body(img))
-    took = time.monotonic() - t0
-    print(f"{short}: refused in {took:.3f}s")
+    r = agent.call("POST", "/v1/images/pull", _pull_body(img), timeout=HANG_GUARD)
     assert r.status == 422, r.body
     err = r.json()
     assert err["error"] == "pull_failed"
     msg = err["message"]
     assert "refused" in msg and img.manifest_digest in msg and "layer sha256:" in msg and entry in msg, msg
-    assert took < BOUND
     assert set(os.listdir(layout / "blobs" / "sha256")) == blobs_before
     assert json.loads((layout / "index.json").read_text()) == index_before
     for p in _escapes(agent):
@@ -174,18 +170,12 @@ def test_crafted_layer_is_refused_by_the_pull(agent, cell_images, hostile, short
 ])
 def test_special_file_at_etc_is_refused_and_the_cell_goes_on(agent, cell_images, hostile, short, entry):
     img = hostile[short]
-    t0 = time.monotonic()
-    r = agent.call("POST", "/v1/images/pull", _pull_body(img), timeout=BOUND + 5)
-    took = time.monotonic() - t0
-    print(f"{short}: pull answered {r.status} in {took:.3f}s")
+    r = agent.call("POST", "/v1/images/pull", _pull_body(img), timeout=HANG_GUARD)
     assert r.status == 422 and r.json()["error"] == "pull_failed", r.body
     assert entry in r.json()["message"]
-    assert took < BOUND
     # The image lock is free: the same cell pulls (a first pull, not a cached one) and runs busybox.
-    t0 = time.monotonic()
     agent.pull(cell_images["busybox"])
     _run_busybox(agent, cell_images["busybox"])
-    print(f"{short}: then busybox pulled and ran in {time.monotonic() - t0:.3f}s")
 
 
 # --- the agent: a special file in the unpacked rootfs, at CreateContainer ---------------------
@@ -211,13 +201,9 @@ def test_special_file_in_the_rootfs_is_a_clear_error_at_create(agent, cell_image
     make(etc / file)
     body = {"id": "d" * 64, "name": "special", "image_digest": app.manifest_digest,
             "spec": spec_of(["true"]), "user": "app"}
-    t0 = time.monotonic()
-    r = agent.call("POST", "/v1/containers", body, timeout=BOUND + 5)
-    took = time.monotonic() - t0
-    print(f"/etc/{file} as {kind}: create answered {r.status} in {took:.3f}s")
+    r = agent.call("POST", "/v1/containers", body, timeout=HANG_GUARD)
     assert r.status == 400, r.body
     assert r.json()["message"] == f"the image's /etc/{file} is {kind}, not a regular file: cannot resolve users from it"
-    assert took < BOUND
     assert agent.ok("GET", "/v1/health")["ready"] is True
     assert agent.ok("GET", "/v1/containers") == []
     agent.pull(cell_images["busybox"])
@@ -249,10 +235,9 @@ def test_resolve_user_refuses_special_and_big_files(tmp_path):
     etc.mkdir()
     (etc / "passwd").write_text("app:x:1000:1000::/:/bin/sh\n")
     os.mkfifo(etc / "group")
-    t0 = time.monotonic()
-    with pytest.raises(ApiError, match="/etc/group is a FIFO") as e:
-        spec.resolve_user(tmp_path, "app", [])
-    assert e.value.status == 400 and time.monotonic() - t0 < 1
+    with pytest.raises(ApiError, match="/etc/group is a FIFO") as e:  # not a read that blocks
+        asyncio.run(asyncio.wait_for(asyncio.to_thread(spec.resolve_user, tmp_path, "app", []), HANG_GUARD))
+    assert e.value.status == 400
     (etc / "group").unlink()
     (etc / "group").write_bytes(b"x" * (spec.ETC_DB_MAX + 1))
     with pytest.raises(ApiError, match="more than the"):
@@ -303,14 +288,12 @@ def test_umoci_past_its_timeout_is_killed_and_frees_the_locks(tmp_path, monkeypa
     fifo = imgs.make_layer(imgs.HOSTILE_LAYERS["hostile-fifo-group"] or [], sort=False)
     store = cell_images_mod.ImageStore(_Cfg(tmp_path / "state"))  # type: ignore[arg-type]
 
-    async def scenario() -> float:
+    async def scenario() -> None:
         store.load()
         store.checked[fifo.digest] = fifo.diff_id
         await store.pull(_pull_body(img))
-        t0 = time.monotonic()
         with pytest.raises(ApiError) as e:
-            await store.unpacked(img.manifest_digest)
-        took = time.monotonic() - t0
+            await asyncio.wait_for(store.unpacked(img.manifest_digest), HANG_GUARD)
         assert e.value.code == "timeout" and "did not finish within 3s" in e.value.message, e.value.message
         assert store.lock._readers == 0 and not store.lock._writer
         assert not store._unpack_locks[img.manifest_digest].locked()
@@ -319,8 +302,5 @@ def test_umoci_past_its_timeout_is_killed_and_frees_the_locks(tmp_path, monkeypa
         await asyncio.wait_for(store.pull(_pull_body(bb)), 60)
         root = await asyncio.wait_for(store.unpacked(bb.manifest_digest), 60)
         assert (root / "rootfs" / "bin" / "busybox").is_file()
-        return took
 
-    took = asyncio.run(scenario())
-    print(f"umoci unpack killed after {took:.3f}s (bound 3s)")
-    assert 3.0 <= took < 3.0 + BOUND
+    asyncio.run(scenario())
