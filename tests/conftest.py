@@ -42,3 +42,15 @@ def test_images(registry: str) -> dict[str, _images.TestImage]:
         return _images.push_test_images(registry)
     except FileNotFoundError as e:
         pytest.fail(f"cannot build the test images: {e}", pytrace=False)
+
+
+@pytest.fixture
+async def fake():
+    """A registry of the tests' own on loopback for auth flows, multi-arch indexes and
+    misbehaviour (tests/registry/fake.py)."""
+    from tests.registry.fake import FakeRegistry
+
+    f = FakeRegistry()
+    await f.start()
+    yield f
+    await f.stop()

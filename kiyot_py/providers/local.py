@@ -302,11 +302,12 @@ class LocalProvider:
             await self._teardown(unrecorded)
         # A VM's agent comes back when the VM does: revive supervisors that are gone
         # (after a reboot of this host, say) for cells whose namespace still exists.
+        running = running_agents()
         for cell in self._read_all():
             if not Path(NETNS_DIR / cell.netns).exists():  # noqa: ASYNC240 - a stat of /run/netns
                 continue
             await self._ipv6_off(cell, check=False)  # cells made before cells had no IPv6
-            if not self._supervisor_alive(cell):
+            if str(self._dir / cell.id / "agent") not in running:
                 log.info("reviving cell agent", cell=cell.id)
                 await self._start_agent(cell)
 
@@ -519,9 +520,6 @@ class LocalProvider:
         cell.supervisor_pid = proc.pid
         self._write(cell)
 
-    def _supervisor_alive(self, cell: _CellFile) -> bool:
-        return bool(agent_processes(self._dir / cell.id))
-
     def _unrecorded_dirs(self) -> list[str]:
         if not self._dir.exists():
             return []
@@ -587,17 +585,22 @@ class LocalProvider:
 def agent_processes(cell_dir: Path) -> list[int]:
     """Pids of the agent processes of a cell (its supervisor and the `serve` it forked),
     by their command line: `--state-dir <cell_dir>/agent`."""
-    marker = b"\0--state-dir\0" + str(cell_dir / "agent").encode() + b"\0"
-    found = []
+    return running_agents().get(str(cell_dir / "agent"), [])
+
+
+def running_agents() -> dict[str, list[int]]:
+    """Every cell agent process on this host, by its --state-dir: one pass over /proc."""
+    found: dict[str, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes()
+            args = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if marker in cmdline + b"\0" and b"kiyot_cell.cli" in cmdline:
-            found.append(int(entry.name))
+        if b"kiyot_cell.cli" in args and b"--state-dir" in args[:-1]:
+            state_dir = args[args.index(b"--state-dir") + 1].decode(errors="replace")
+            found.setdefault(state_dir, []).append(int(entry.name))
     return found
 
 

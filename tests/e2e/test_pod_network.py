@@ -64,6 +64,13 @@ def test_a_hostname_longer_than_64_bytes_is_refused(cri, tmp_path):
                 if sb.metadata.name == "long-hostname"]
 
 
+def serve_web(cri, img, test_images, pod) -> None:
+    """busybox's httpd on the pod's port 8080, serving the test image's /www."""
+    ref = test_images["busybox"].ref
+    pull(img, ref)
+    run(cri, pod, "web", ref, ["httpd", "-f", "-p", "8080", "-h", "/www"])
+
+
 def wait_for_page(url: str) -> bytes | None:
     """The page's body once the web server answers (bounded), else None."""
     def page():
@@ -81,9 +88,7 @@ def test_host_port_forwards_to_the_container_port(cri, img, test_images, tmp_pat
     config.port_mappings.append(pb.PortMapping(protocol=pb.TCP, container_port=8080, host_port=host_port))
     sandbox_id = run_pod(cri, config)
     try:
-        ref = test_images["busybox"].ref
-        pull(img, ref)
-        run(cri, (sandbox_id, config), "web", ref, ["httpd", "-f", "-p", "8080", "-h", "/www"])
+        serve_web(cri, img, test_images, (sandbox_id, config))
 
         assert b"hello from kiyot" in wait_for_page(f"http://127.0.0.1:{host_port}/index.html")
 
@@ -122,9 +127,7 @@ def test_host_ports_come_back_after_a_restart(service, cri, img, test_images, tm
     config.port_mappings.append(pb.PortMapping(protocol=pb.TCP, container_port=8080, host_port=host_port))
     sandbox_id = run_pod(cri, config)
     try:
-        ref = test_images["busybox"].ref
-        pull(img, ref)
-        run(cri, (sandbox_id, config), "web", ref, ["httpd", "-f", "-p", "8080", "-h", "/www"])
+        serve_web(cri, img, test_images, (sandbox_id, config))
         service.kill9()
         service.start()
 
@@ -139,9 +142,7 @@ def test_a_container_port_alone_is_served_at_the_pod_ip(cri, img, test_images, t
     config.port_mappings.append(pb.PortMapping(protocol=pb.TCP, container_port=8080))
     sandbox_id = run_pod(cri, config)
     try:
-        ref = test_images["busybox"].ref
-        pull(img, ref)
-        run(cri, (sandbox_id, config), "web", ref, ["httpd", "-f", "-p", "8080", "-h", "/www"])
+        serve_web(cri, img, test_images, (sandbox_id, config))
         ip = cri.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)).status.network.ip
 
         assert b"hello from kiyot" in wait_for_page(f"http://{ip}:8080/index.html")

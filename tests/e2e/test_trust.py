@@ -13,7 +13,7 @@ import pytest
 from kiyot_py.config import LocalCellSettings
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 
-from .helpers import cell_dir, run, wait_state
+from .helpers import cell_dir, container_config, pod_name, run, sandbox_config, wait_state
 
 CAPTURE = Path(__file__).resolve().parents[1] / "support" / "capture.py"
 
@@ -62,8 +62,6 @@ def test_the_agent_channel_on_the_pods_interface_is_tls_only(service, pod, busyb
 
 def test_privileged_and_host_pid_pods_are_refused_on_local_cells_by_default(service, pod, busybox, tmp_path, request):
     """A local cell shares the node's kernel: privileged there is root on the node."""
-    from .helpers import container_config, pod_name, sandbox_config
-
     cri = service.runtime
     config = sandbox_config(pod_name(request.node.name), tmp_path)
     config.linux.security_context.privileged = True

@@ -20,7 +20,6 @@ from kiyot_py.pods.spec.security import ALL_CAPABILITIES, DEFAULT_CAPABILITIES
 from kiyot_py.registry.client import RegistryClient
 from kiyot_py.registry.config import RegistriesConfig
 from kiyot_py.store import Store
-from tests.registry.fake import FakeRegistry
 
 ARM64 = CellFacts(architecture="arm64", variant="v8", kernel="6.8.0-1012-aws",
                   capabilities=list(ALL_CAPABILITIES))
@@ -186,14 +185,6 @@ def test_image_platforms_round_trip_the_store_format():
 
 
 # -- the image for an arm64 cell behind an amd64 node ----------------------------------------
-
-
-@pytest.fixture
-async def fake():
-    f = FakeRegistry()
-    await f.start()
-    yield f
-    await f.stop()
 
 
 @pytest.fixture
