@@ -20,8 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.cells.conftest import Agent  # the agent the cell tests run, with its own CA
+from tests.cells import conftest as cell_tests  # the agent the cell tests run, and the node side it pulls from
 from tests.support.images import push_hostile_images, push_test_images
+from tests.support.pullnode import PullNode
 from tests.support.registry import REGISTRY, start_registry, stop_registry, v2_up
 
 
@@ -33,15 +34,16 @@ def main() -> int:
     try:
         busybox = push_test_images(REGISTRY)["busybox"]
         hostile = push_hostile_images(REGISTRY)
+        node = cell_tests._NODE["node"] = PullNode(Path(tempfile.mkdtemp(prefix="kiyot-bench-node-")))
         rows = []
         for name, img in hostile.items():
             refuse, goes_on = [], []
             for _ in range(ns.n):
-                agent = Agent(Path(tempfile.mkdtemp(prefix="kiyot-bench-cell-"))).start()
+                agent = cell_tests.Agent(Path(tempfile.mkdtemp(prefix="kiyot-bench-cell-"))).start()
                 try:
+                    body = agent.pull_body(img)  # the node's fetch is not what is measured
                     t0 = time.monotonic()
-                    r = agent.call("POST", "/v1/images/pull", {"ref": img.ref, "digest": img.manifest_digest,
-                                                                "tls_verify": False}, timeout=600)
+                    r = agent.call("POST", "/v1/images/pull", body, timeout=600)
                     t1 = time.monotonic()
                     if r.status != 422:
                         raise SystemExit(f"{name}: expected 422, got {r.status} {r.body[:300]!r}")
@@ -53,6 +55,7 @@ def main() -> int:
                 finally:
                     agent.cleanup()
             rows.append((name, refuse, goes_on))
+        node.close()
     finally:
         if registry is not None:
             stop_registry(registry)

@@ -123,11 +123,9 @@ class AgentClient:
     async def put_pod(self, pod: dict) -> dict:
         return await self._call("PUT", "/v1/pod", pod)
 
-    async def pull(self, ref: str, digest: str, tls_verify: bool, auth: dict | None) -> dict:
-        body: dict[str, Any] = {"ref": ref, "digest": digest, "tls_verify": tls_verify}
-        if auth:
-            body["auth"] = auth
-        return await self._call("POST", "/v1/images/pull", body, timeout=None)
+    async def pull(self, ref: str, digest: str) -> dict:
+        """Have the cell fetch manifest `digest` from the node's pull path (`ref` names it there)."""
+        return await self._call("POST", "/v1/images/pull", {"ref": ref, "digest": digest}, timeout=None)
 
     async def remove_image(self, digest: str) -> None:
         await self._call("DELETE", f"/v1/images/{digest}")

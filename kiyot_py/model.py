@@ -137,8 +137,11 @@ class Container:
 
 @dataclass
 class Credentials:
+    """Registry credentials of one PullImage: used for that pull and never kept."""
+
     username: str = field(repr=False)
     password: str = field(repr=False)
+    server_address: str = ""  # the registry host they are for ("" means the image's own)
 
 
 @dataclass(frozen=True)
@@ -158,8 +161,6 @@ class Image:
     platform_digest: str = ""  # digest of that platform's manifest
     config: dict[str, Any] = field(default_factory=dict, repr=False)
     pinned: bool = False
-    # Credentials per repository name, kept for the cells that pull it.
-    auth: dict[str, Credentials] = field(default_factory=dict, repr=False)
     # Other platforms of the same index, resolved for the cells that run them, by
     # platform ("linux/arm64/v8").
     platforms: dict[str, PlatformImage] = field(default_factory=dict, repr=False)
@@ -209,8 +210,6 @@ def from_json(cls: type[T], data: dict[str, Any]) -> T:
             value = from_json(Cell, value)
         elif f.name == "facts" and value is not None:
             value = from_json(CellFacts, value)
-        elif f.name == "auth":
-            value = {k: from_json(Credentials, v) for k, v in value.items()}
         elif f.name == "platforms":
             value = {k: from_json(PlatformImage, v) for k, v in value.items()}
         kwargs[f.name] = value

@@ -7,11 +7,16 @@ name, so a key taken from one cell cannot pass for another, and the agent accept
 a client certificate from this CA that names the node (a URI SAN `kiyot:node:<name>`),
 so a cell's certificate cannot act as the node towards another cell. A pod that sees
 the traffic on its interface sees TLS records only.
+
+The same cell certificate is the cell's client identity towards the node's pull path,
+which serves with a certificate of its own for the addresses cells reach it at
+(`pull_path_context`) and takes the cell's name from the certificate it presents.
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import ssl
 from dataclasses import dataclass
@@ -26,6 +31,16 @@ CELL_DOMAIN = "cells.kiyot"
 NODE_URI_PREFIX = "kiyot:node:"
 CA_LIFETIME = datetime.timedelta(days=3650)
 LEAF_LIFETIME = datetime.timedelta(days=398)  # a cell lives as long as its pod; rotation is for later
+
+
+def cell_of(peercert: dict | None) -> str | None:
+    """The cell a verified client certificate names (`<cell-id>.cells.kiyot`), or None."""
+    for kind, value in (peercert or {}).get("subjectAltName", ()):
+        if kind == "DNS" and value.endswith("." + CELL_DOMAIN):
+            cell_id = value[: -len(CELL_DOMAIN) - 1]
+            if cell_id and "." not in cell_id:
+                return cell_id
+    return None
 
 
 def cell_server_name(cell_id: str) -> str:
@@ -79,7 +94,8 @@ class NodePKI:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = self._sign(
             key.public_key(), x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]),
-            x509.SubjectAlternativeName([x509.DNSName(name)]), ExtendedKeyUsageOID.SERVER_AUTH)
+            x509.SubjectAlternativeName([x509.DNSName(name)]),
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
         return CellIdentity(
             server_name=name,
             key_pem=key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -97,6 +113,30 @@ class NodePKI:
             ctx.load_cert_chain(str(self.node_cert_path), str(self.node_key_path))
             self._client_context = ctx
         return self._client_context
+
+    def pull_path_context(self, addresses: list[str]) -> ssl.SSLContext:
+        """The pull path's side: serve with a certificate for `addresses` (IPs or names;
+        made afresh at every start, beside the CA's key and like it 0600), and require a
+        client certificate from this CA (a cell's; `cell_of` reads its name)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        names: list[x509.GeneralName] = []
+        for address in addresses:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(address)))
+            except ValueError:
+                names.append(x509.DNSName(address))
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"kiyot-pull-path {self._node}"[:64])])
+        cert = self._sign(key.public_key(), subject, x509.SubjectAlternativeName(names),
+                          [ExtendedKeyUsageOID.SERVER_AUTH])
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self.ca_path))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        cert_file, key_file = self._dir / "pull-path.crt", self._dir / "pull-path.key"
+        _write_private(key_file, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+        _write_atomic(cert_file, cert.public_bytes(serialization.Encoding.PEM))
+        ctx.load_cert_chain(str(cert_file), str(key_file))  # ssl loads a chain from files only
+        return ctx
 
     # -- pieces -------------------------------------------------------------------------
 
@@ -134,13 +174,13 @@ class NodePKI:
         cert = self._sign(
             key.public_key(), x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"kiyot-node {self._node}"[:64])]),
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(NODE_URI_PREFIX + self._node)]),
-            ExtendedKeyUsageOID.CLIENT_AUTH)
+            [ExtendedKeyUsageOID.CLIENT_AUTH])
         _write_private(self.node_key_path, key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         _write_atomic(self.node_cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
     def _sign(self, public_key: ec.EllipticCurvePublicKey, subject: x509.Name, san: x509.SubjectAlternativeName,
-              usage: x509.ObjectIdentifier) -> x509.Certificate:
+              usage: list[x509.ObjectIdentifier]) -> x509.Certificate:
         now = datetime.datetime.now(datetime.UTC)
         return (
             x509.CertificateBuilder()
@@ -149,7 +189,7 @@ class NodePKI:
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + LEAF_LIFETIME)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(san, critical=False)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=True, key_cert_sign=False,
                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import shutil
 import signal
 import sys
 from typing import IO
@@ -21,7 +22,8 @@ from kiyot_py.pods.runtime import PodRuntime
 from kiyot_py.providers import make_provider
 from kiyot_py.registry.client import RegistryClient
 from kiyot_py.registry.config import RegistriesConfig
-from kiyot_py.registry.pullpath import PullPath
+from kiyot_py.registry.content import ContentStore
+from kiyot_py.registry.pullpath import PullGrants, PullPath
 from kiyot_py.store import Store
 
 log = structlog.get_logger("kiyot.service")
@@ -39,6 +41,7 @@ def _reap_with_pidfds() -> None:
 
 STORE_FILE = "state.db"
 PKI_DIR = "pki"  # the node's CA and client certificate (keys 0600)
+CONTENT_DIR = "content"  # every image's blobs, served to the cells by the pull path
 
 
 def _lock_state_dir(settings: Settings) -> IO[str]:
@@ -62,14 +65,17 @@ async def serve(settings: Settings) -> None:
     await provider.start()
     registries = RegistriesConfig.load(settings.registries_conf)
     registry = RegistryClient()
+    content = ContentStore(settings.state_dir / CONTENT_DIR)
+    grants = PullGrants()
     pull_path: PullPath | None = None
     if provider.pull_path is not None:
-        pull_path = PullPath(registries)
-        await pull_path.start(provider.pull_path.host, provider.pull_path.port)
+        where = provider.pull_path
+        pull_path = PullPath(content, grants, pki.pull_path_context([where.host]))
+        await pull_path.start(where.host, where.port)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-    images = ImageManager(store, registry, registries,
+    images = ImageManager(store, registry, registries, content,
                           default_platform=Platform("linux", provider.default_architecture))
-    runtime = PodRuntime(settings, store, provider, images,
+    runtime = PodRuntime(settings, store, provider, images, grants=grants,
                          agents=lambda cell: AgentClient(http, cell.agent_url, pki.client_context(), cell.server_name))
     await runtime.start()
     server = await start_server(settings.socket, runtime, settings.state_dir)
@@ -102,6 +108,7 @@ async def reset(settings: Settings) -> int:
         cells = await make_provider(settings, NodePKI(settings.state_dir / PKI_DIR, settings.node_name)).reset()
         for suffix in ("", "-wal", "-shm"):
             (settings.state_dir / f"{STORE_FILE}{suffix}").unlink(missing_ok=True)
+        shutil.rmtree(settings.state_dir / CONTENT_DIR, ignore_errors=True)  # the images go with their records
         log.info("reset", state_dir=str(settings.state_dir), cells_deleted=cells)
         return cells
     finally:

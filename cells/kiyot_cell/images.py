@@ -1,7 +1,10 @@
 """Image pulls into the cell's one OCI layout, so layers are shared between containers.
 
-`skopeo copy docker://<name>@<digest> oci:<layout>:<digest-hex>`: pulling *by digest*
-makes skopeo verify the manifest (or index) against what the node resolved. Every new
+`skopeo copy docker://<pull-path>/<name>@<digest> oci:<layout>:<digest-hex>`: the cell
+fetches from the node's pull path only (never a registry), over TLS with the cell's own
+certificate as its client identity (`--tls-dir`), and with no credentials: the node
+fetched the image with them and serves it by digest. Pulling *by digest* makes skopeo
+verify the manifest against what the node resolved. Every new
 layer is then checked (layercheck) before anything may unpack it; a refused pull removes
 what it added. Pulls are serialized per cell; unpacks share the layout with each other
 but never with a pull writing it. Each image is unpacked once per cell; its containers
@@ -13,13 +16,11 @@ it is killed, so a stuck one never keeps the image locks.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,14 @@ class ImageStore:
     def _policy_file(self) -> Path:
         return self.cfg.images_dir / "policy.json"
 
+    @property
+    def _registries_file(self) -> Path:
+        return self.cfg.images_dir / "registries.conf"
+
+    @property
+    def _certs_dir(self) -> Path:
+        return self.cfg.images_dir / "pull-certs"
+
     def load(self) -> None:
         self.cfg.images_dir.mkdir(parents=True, exist_ok=True)
         self.cfg.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +138,17 @@ class ImageStore:
         # file the cell image may or may not carry.
         if not self._policy_file.exists():
             atomic_write_json(self._policy_file, {"default": [{"type": "insecureAcceptAnything"}]})
+        # No mirrors, no search: the cell fetches from the node's pull path and nowhere else,
+        # whatever registries.conf the cell image carries.
+        self._registries_file.write_text("")
+        # skopeo's --src-cert-dir: the CA that signs the pull path's certificate, and the
+        # cell's own certificate as its client identity (a .cert and .key of one name).
+        self._certs_dir.mkdir(mode=0o700, exist_ok=True)
+        for name, target in (("ca.crt", "ca.crt"), ("cell.cert", "cell.crt"), ("cell.key", "cell.key")):
+            link = self._certs_dir / name
+            if not link.is_symlink() or os.readlink(link) != str(self.cfg.tls_dir / target):
+                link.unlink(missing_ok=True)
+                link.symlink_to(self.cfg.tls_dir / target)
 
     def has(self, digest: str) -> bool:
         return digest in self.images
@@ -146,59 +166,42 @@ class ImageStore:
             raise invalid("'ref' is required")
         if not isinstance(digest, str) or not DIGEST_RE.match(digest):
             raise invalid("'digest' must be sha256:<64 hex>")
+        if "auth" in body:
+            raise invalid("credentials never reach a cell: the node fetches images with them")
         src = split_ref(ref, digest)
-        tls_verify = body.get("tls_verify", True)
-        if not isinstance(tls_verify, bool):
-            raise invalid("'tls_verify' must be a boolean")
-        auth = body.get("auth")
-        if auth is not None and not (
-            isinstance(auth, dict)
-            and isinstance(auth.get("username", ""), str)
-            and isinstance(auth.get("password", ""), str)
-        ):
-            raise invalid("'auth' must be {\"username\": ..., \"password\": ...}")
 
         async with self._pull_lock:  # one pull at a time per cell
             if digest in self.images:
                 return {"digest": digest, "size": self.images[digest]["size"]}
             await self.lock.acquire_write()
             try:
-                return await self._pull_locked(src, digest, tls_verify, auth)
+                return await self._pull_locked(src, digest)
             finally:
                 await self.lock.release_write()
 
-    async def _pull_locked(
-        self, src: str, digest: str, tls_verify: bool, auth: dict[str, str] | None
-    ) -> dict[str, Any]:
+    async def _pull_locked(self, src: str, digest: str) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         tag = self.tag(digest)
         blobs_before = self._blob_names()
-        authfile: str | None = None
-        try:
-            if auth:
-                authfile = self._write_authfile(src, auth)
-            argv = [
-                self.cfg.skopeo_path, "--policy", str(self._policy_file),
-                "copy", "--quiet", f"--src-tls-verify={'true' if tls_verify else 'false'}",
-            ]
-            argv += ["--src-authfile", authfile] if authfile else ["--src-no-creds"]
-            argv += [f"docker://{src}", f"oci:{self.layout}:{tag}"]
-            env = dict(os.environ, TMPDIR=str(self.cfg.tmp_dir))
-            rc, out, err = await _run(argv, self.cfg.pull_timeout, env=env)
-            if rc is None:
-                await self._undo(tag, blobs_before)
-                _log.warning("pull_timeout", src=src, seconds=self.cfg.pull_timeout)
-                raise ApiError("pull_failed", f"pull of {src} timed out after {self.cfg.pull_timeout:.0f}s "
-                                              "(skopeo was killed)")
-            if rc != 0:
-                await self._undo(tag, blobs_before)
-                msg = (err or out).decode(errors="replace").strip()
-                _log.warning("pull_failed", src=src, message=msg)
-                raise ApiError("pull_failed", msg or f"skopeo exited {rc}")
-        finally:
-            if authfile:
-                os.unlink(authfile)
+        argv = [
+            self.cfg.skopeo_path, "--policy", str(self._policy_file),
+            "--registries-conf", str(self._registries_file),
+            "copy", "--quiet", "--src-no-creds", "--src-cert-dir", str(self._certs_dir),
+            f"docker://{src}", f"oci:{self.layout}:{tag}",
+        ]
+        env = dict(os.environ, TMPDIR=str(self.cfg.tmp_dir))
+        rc, out, err = await _run(argv, self.cfg.pull_timeout, env=env)
+        if rc is None:
+            await self._undo(tag, blobs_before)
+            _log.warning("pull_timeout", src=src, seconds=self.cfg.pull_timeout)
+            raise ApiError("pull_failed", f"pull of {src} timed out after {self.cfg.pull_timeout:.0f}s "
+                                          "(skopeo was killed)")
+        if rc != 0:
+            await self._undo(tag, blobs_before)
+            msg = (err or out).decode(errors="replace").strip()
+            _log.warning("pull_failed", src=src, message=msg)
+            raise ApiError("pull_failed", msg or f"skopeo exited {rc}")
 
         try:
             manifest = self._manifest_for(tag)
@@ -229,15 +232,6 @@ class ImageStore:
         atomic_write_json(self._images_file, self.images)
         _log.info("pulled", src=src, size=size, seconds=round(loop.time() - t0, 3))
         return {"digest": digest, "size": size}
-
-    def _write_authfile(self, src: str, auth: dict[str, str]) -> str:
-        # 0600 from the start (mkstemp); never argv, never logged; removed after the pull.
-        host = src.split("/", 1)[0]
-        cred = f"{auth.get('username', '')}:{auth.get('password', '')}".encode()
-        fd, path = tempfile.mkstemp(prefix="auth-", suffix=".json", dir=self.cfg.tmp_dir)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"auths": {host: {"auth": base64.b64encode(cred).decode()}}}, f)
-        return path
 
     def _blob_names(self) -> set[str]:
         d = self.layout / "blobs" / "sha256"

@@ -17,14 +17,16 @@ from kiyot_py.pods.runtime import PodRuntime
 
 
 def credentials(auth: pb.AuthConfig) -> Credentials | None:
+    """The PullImage's credentials, for the host `server_address` names (the image's own
+    registry when it names none)."""
     if auth.username or auth.password:
-        return Credentials(auth.username, auth.password)
+        return Credentials(auth.username, auth.password, auth.server_address)
     if auth.auth:
         try:
             user, _, password = base64.b64decode(auth.auth, validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise InvalidArgument("auth is not base64 of 'user:password'") from None
-        return Credentials(user, password)
+        return Credentials(user, password, auth.server_address)
     return None
 
 
@@ -38,8 +40,11 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
     async def PullImage(self, request, context):
         if not request.image.image:
             raise InvalidArgument("PullImage needs an image reference")
+        # The kubelet names the pod it pulls for: fetch its cell's platform at once too,
+        # while the credentials are at hand (they are kept nowhere after this call).
+        facts = self._rt.facts_of_pod(request.sandbox_config) if request.HasField("sandbox_config") else None
         record = await self._images.pull(
-            request.image.image, credentials(request.auth), timeout=context.time_remaining()
+            request.image.image, credentials(request.auth), timeout=context.time_remaining(), for_facts=facts,
         )
         return pb.PullImageResponse(image_ref=record.id)
 

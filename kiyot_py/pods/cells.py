@@ -16,6 +16,7 @@ import structlog
 
 from kiyot_py.agent_client import AgentClient, AgentError
 from kiyot_py.config import Settings
+from kiyot_py.crashpoints import crash_point
 from kiyot_py.errors import DeadlineExceeded, FailedPrecondition
 from kiyot_py.gen.runtime.v1 import api_pb2
 from kiyot_py.model import Cell, CellFacts, Sandbox, from_json
@@ -29,6 +30,7 @@ from kiyot_py.providers.base import (
     CellShape,
     Provider,
 )
+from kiyot_py.registry.pullpath import PullGrants
 
 log = structlog.get_logger("kiyot.pods.cells")
 
@@ -62,10 +64,17 @@ def pod_resources(config: api_pb2.PodSandboxConfig) -> tuple[int, int]:
 
 
 class Cells:
-    def __init__(self, settings: Settings, provider: Provider, agents: AgentFactory) -> None:
+    def __init__(self, settings: Settings, provider: Provider, agents: AgentFactory,
+                 grants: PullGrants | None = None) -> None:
         self._settings = settings
         self.provider = provider
         self._agents = agents
+        self.grants = grants if grants is not None else PullGrants()  # what each cell may fetch
+
+    async def terminate(self, cell_id: str) -> None:
+        """Take the cell down (idempotent), and with it what it may fetch from the node."""
+        self.grants.revoke(cell_id)
+        await self.provider.terminate(cell_id)
 
     def agent(self, sb: Sandbox) -> AgentClient:
         assert sb.cell is not None
@@ -107,6 +116,7 @@ class Cells:
         save(sb)
         agent = self.agent(sb)
         await self._wait_for_agent(agent)
+        crash_point("cell-agent-answering")
         await self.learn_facts(sb, agent)
         save(sb)
         return agent

@@ -1,8 +1,8 @@
 """The container verbs: Create, Start, Stop, Remove, status, list, ReopenContainerLog, ExecSync.
 
 The node builds each container's OCI spec from the cell's facts and the image's config
-for the cell's platform; the agent pulls the image inside the cell and runs the
-container. Every verb the kubelet may repeat is idempotent.
+for the cell's platform; the agent pulls the image from the node's pull path into the
+cell and runs the container. Every verb the kubelet may repeat is idempotent.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from kiyot_py.model import (
     new_id,
 )
 from kiyot_py.pods.cells import Cells
-from kiyot_py.pods.images import ImageManager
+from kiyot_py.pods.images import ImageManager, cell_pull
 from kiyot_py.pods.index import Index
 from kiyot_py.pods.spec import SpecError, build_container_spec
 from kiyot_py.pods.sync import CellSync
@@ -71,7 +71,10 @@ class Containers:
                 sandbox_config = api_pb2.PodSandboxConfig.FromString(sb.config)
             agent = self._cells.agent(sb)
             facts = await self._cells.learn_facts(sb, agent)
-            chosen = await self._images.for_cell(image, facts)  # the cell's platform's manifest
+            # The cell's platform's manifest, in the node's store: the cell may fetch it, and
+            # only it, from the pull path.
+            chosen = await self._images.for_cell(image, facts)
+            self._cells.grants.grant(sb.cell.id, self._images.content.manifest_blobs(chosen.platform_digest))
             try:
                 spec = build_container_spec(config, sandbox_config, chosen.config.get("config") or {}, facts,
                                             hostname=sb.hostname or None)
@@ -90,7 +93,7 @@ class Containers:
             self._reserved_names.add(name_key)
             self._sync.in_flight.add(container.id)
             try:
-                await agent.pull(**self._images.cell_pull(image, sb.cell, platform_digest=chosen.platform_digest))
+                await agent.pull(**cell_pull(image, sb.cell, chosen.platform_digest))
                 record = await agent.create_container({
                     "id": container.id, "name": md.name, "image_digest": chosen.platform_digest,
                     "spec": spec.spec, "user": spec.user, "groups_policy": spec.groups_policy,

@@ -1,10 +1,17 @@
 """Images as the node knows them: one record per image config, reached by tags and digests.
 
-PullImage resolves the reference at the registry (manifest, config, size) for the
-provider's default platform, before any cell exists, and records it; the record's id is
-that platform's config digest. A cell of another platform (an arm64 VM behind an amd64
-node) gets its own manifest and config of the same index, resolved once and kept in the
-record (`for_cell`). The layers themselves are pulled inside each cell that runs the image.
+PullImage resolves the reference at the registry for the provider's default platform
+and fetches the image into the node's content store (manifest, config, layers); the
+record's id is that platform's config digest. A cell of another platform (an arm64 VM
+behind an amd64 node) gets its own manifest of the same index, fetched once and kept in
+the record (`for_cell`); when the kubelet names the pod it pulls for, and that pod's cell
+is of another platform, its manifest is fetched in the same PullImage.
+
+Credentials serve the one PullImage that brought them and are never kept: everything
+a cell runs is in the store by then, and cells fetch it from the node's pull path by
+digest (`cell_pull`, `ContentStore.manifest_blobs`), so no cell sees a registry or a password. A fetch
+that needs content the store lacks later on (an image recorded before the store
+existed, a platform no PullImage asked for) goes to the registry without credentials.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from kiyot_py.model import Cell, CellFacts, Credentials, Image, PlatformImage
 from kiyot_py.platforms import Platform
 from kiyot_py.registry.client import ImageNotFound, PlatformNotFound, RegistryClient, RegistryError, ResolvedImage
 from kiyot_py.registry.config import RegistriesConfig
-from kiyot_py.registry.pullpath import cell_reference
+from kiyot_py.registry.content import ContentStore
 from kiyot_py.registry.reference import InvalidReference, Reference, parse_reference
 from kiyot_py.store import Store
 
@@ -42,6 +49,7 @@ class ImageManager:
         store: Store,
         client: RegistryClient,
         config: RegistriesConfig,
+        content: ContentStore,
         *,
         default_platform: Platform = DEFAULT_PLATFORM,
     ) -> None:
@@ -50,14 +58,25 @@ class ImageManager:
         self._store = store
         self._client = client
         self._config = config
+        self.content = content
         self.default_platform = default_platform
         self._images: dict[str, Image] = {img.id: img for img in store.load(Image)}
+        # Written back as loaded: what older versions kept on the records (the last pull's
+        # credentials, in clear) is dropped from the file too.
+        store.put_all(list(self._images.values()))
         self._resolving: dict[tuple[str, str], asyncio.Lock] = {}
+        self._fetches = 0  # fetches writing the content store; collection waits for none
+        self._collect_due = False
 
     async def pull(
-        self, image: str, auth: Credentials | None, timeout: float | None = None
+        self, image: str, auth: Credentials | None, timeout: float | None = None,
+        *, for_facts: CellFacts | None = None,
     ) -> Image:
+        """Resolve and fetch `image`; with `for_facts` (the cell of the pod the kubelet pulls
+        for) that cell's platform too, while the credentials are at hand."""
         ref = _parse(image)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         resolved = await self._resolve(ref, self.default_platform, auth, timeout, f"pulling {ref}")
 
         record = self._images.get(resolved.config_digest) or Image(id=resolved.config_digest)
@@ -76,11 +95,12 @@ class ImageManager:
         record.size = resolved.size
         record.platform_digest = resolved.platform_manifest_digest
         record.config = resolved.config
-        if auth is not None:
-            record.auth[ref.name] = auth
         self._images[record.id] = record
         self._store.put_all(changed)  # a moved tag lands on both records at once, or on neither
         log.info("image pulled", image=str(ref), id=record.id, size=record.size, endpoint=resolved.endpoint)
+        if for_facts is not None:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            await self.for_cell(record, for_facts, left, auth=auth)
         return record
 
     def find(self, image: str) -> Image | None:
@@ -112,15 +132,30 @@ class ImageManager:
         return list(self._images.values())
 
     def remove(self, image: str) -> None:
+        """Forget the image, and free the blobs no other image names."""
         record = self.find(image)
         if record is None:
             return  # RemoveImage is idempotent
         del self._images[record.id]
         self._store.delete(Image, record.id)
         log.info("image removed", id=record.id)
+        self._collect_due = True
+        self._collect_when_idle()
 
-    async def for_cell(self, record: Image, facts: CellFacts, timeout: float | None = None) -> PlatformImage:
-        """The manifest and config of `record` a cell with these facts runs.
+    def _collect_when_idle(self) -> None:
+        if self._fetches or not self._collect_due:
+            return
+        self._collect_due = False
+        keep: set[str] = set()
+        for record in self._images.values():
+            for digest in record.platform_digests():
+                keep.update(self.content.manifest_blobs(digest))
+        self.content.collect(keep)
+
+    async def for_cell(self, record: Image, facts: CellFacts, timeout: float | None = None,
+                       *, auth: Credentials | None = None) -> PlatformImage:
+        """The manifest and config of `record` a cell with these facts runs, in the
+        content store by the time this returns.
 
         The record's own when its config's platform matches the cell's; else the same
         index (``repo_digests[0]``) resolved at the registry for the cell's platform, kept
@@ -129,28 +164,41 @@ class ImageManager:
         wanted = Platform.from_facts(facts)
         own = Platform.from_image_config(record.config)
         if own is None or own.matches(wanted):
-            return PlatformImage(record.platform_digest, record.config)
+            chosen = PlatformImage(record.platform_digest, record.config)
+            if not self.content.has(chosen.platform_digest):
+                await self._fetch_again(record, chosen, timeout)
+            return chosen
         key = str(wanted)
         cached = record.platforms.get(key)
-        if cached is not None:
+        if cached is not None and self.content.has(cached.platform_digest):
             return cached
         lock = self._resolving.setdefault((record.id, key), asyncio.Lock())
         try:
             async with lock:
                 cached = record.platforms.get(key)
-                if cached is None:
-                    cached = await self._resolve_platform(record, wanted, timeout)
+                if cached is None or not self.content.has(cached.platform_digest):
+                    cached = await self._resolve_platform(record, wanted, timeout, auth)
                     record.platforms[key] = cached
                     if self._images.get(record.id) is record:
                         self._store.put(record)
-                    log.info("image platform resolved", id=record.id, platform=key,
+                    log.info("image platform fetched", id=record.id, platform=key,
                              digest=cached.platform_digest)
                 return cached
         finally:
             if not lock.locked():
                 self._resolving.pop((record.id, key), None)
 
-    async def _resolve_platform(self, record: Image, wanted: Platform, timeout: float | None) -> PlatformImage:
+    async def _fetch_again(self, record: Image, chosen: PlatformImage, timeout: float | None) -> None:
+        """The store lacks a recorded manifest (recorded before the store, or freed): fetch
+        it by digest, anonymously."""
+        if not record.repo_digests:
+            raise FailedPrecondition(f"image {record.id} is not in the node's store and names no repository")
+        ref = parse_reference(record.repo_digests[0].split("@", 1)[0] + "@" + chosen.platform_digest)
+        platform = Platform.from_image_config(chosen.config) or self.default_platform
+        await self._resolve(ref, platform, None, timeout, f"fetching {ref} into the node's store")
+
+    async def _resolve_platform(self, record: Image, wanted: Platform, timeout: float | None,
+                                auth: Credentials | None) -> PlatformImage:
         name = record.repo_tags[0] if record.repo_tags else (record.repo_digests or [record.id])[0]
         missing = f"image {name} has no {wanted} manifest"
         if not record.repo_digests:
@@ -158,7 +206,7 @@ class ImageManager:
         ref = parse_reference(record.repo_digests[0])
         if ref.digest == record.platform_digest:  # a single manifest, not an index
             raise FailedPrecondition(f"{missing}: it is built for {Platform.from_image_config(record.config)} only")
-        resolved = await self._resolve(ref, wanted, record.auth.get(ref.name), timeout,
+        resolved = await self._resolve(ref, wanted, auth, timeout,
                                        f"resolving {ref} for {wanted}", platform_missing=missing)
         if resolved.platform is not None and not resolved.platform.matches(wanted):
             raise FailedPrecondition(f"{missing}: {ref} is built for {resolved.platform}")
@@ -166,12 +214,15 @@ class ImageManager:
 
     async def _resolve(self, ref: Reference, platform: Platform, auth: Credentials | None,
                        timeout: float | None, what: str, platform_missing: str = "") -> ResolvedImage:
-        """Resolve at the registry, its failures as the kinds a CRI client tells apart. An
-        index without the platform is NotFound for a pull, and FailedPrecondition (with
-        `platform_missing`) for a cell whose platform the image lacks."""
+        """Resolve at the registry and fetch into the content store, its failures as the
+        kinds a CRI client tells apart. An index without the platform is NotFound for a
+        pull, and FailedPrecondition (with `platform_missing`) for a cell whose platform
+        the image lacks."""
+        self._fetches += 1
         try:
             return await asyncio.wait_for(
-                self._client.resolve(ref, platform=platform, auth=auth, config=self._config), timeout)
+                self._client.resolve(ref, platform=platform, auth=auth, config=self._config,
+                                     store=self.content), timeout)
         except TimeoutError:
             raise DeadlineExceeded(f"{what}: deadline exceeded") from None
         except PlatformNotFound as exc:
@@ -182,24 +233,18 @@ class ImageManager:
             raise NotFound(f"{what}: {exc}") from None
         except RegistryError as exc:
             raise RegistryFailure(f"{what}: {exc}") from None
+        finally:
+            self._fetches -= 1
+            self._collect_when_idle()
 
-    def cell_pull(self, record: Image, cell: Cell, *, platform_digest: str) -> dict:
-        """What a cell's agent needs to pull this image's manifest `platform_digest` (the
-        cell's platform's, from `for_cell`): where from, which digest, auth."""
-        name = record.repo_digests[0].split("@", 1)[0]
-        ref = parse_reference(name)
-        creds = record.auth.get(ref.name)
-        auth = {"username": creds.username, "password": creds.password} if creds else None
-        if cell.pull_path:
-            source = cell_reference(cell.pull_path, ref, platform_digest)
-            return {"ref": source, "digest": platform_digest, "tls_verify": False, "auth": auth}
-        endpoint = self._config.endpoints(ref)[-1]
-        return {
-            "ref": f"{ref.name}@{platform_digest}",
-            "digest": platform_digest,
-            "tls_verify": not endpoint.insecure,
-            "auth": auth,
-        }
+
+def cell_pull(record: Image, cell: Cell, platform_digest: str) -> dict[str, str]:
+    """What a cell's agent pulls for this image's manifest `platform_digest`: the node's
+    pull path, by digest (the repository name is only for the agent's logs)."""
+    if not cell.pull_path:
+        raise FailedPrecondition(f"cell {cell.id} has no pull path to fetch images from")
+    name = parse_reference(record.repo_digests[0]).repository if record.repo_digests else "image"
+    return {"ref": f"{cell.pull_path}/{name}@{platform_digest}", "digest": platform_digest}
 
 
 def _parse(image: str) -> Reference:

@@ -33,7 +33,7 @@ async def recover(index: Index, cells: Cells, sync: CellSync, sandboxes: Sandbox
             else:  # from a version without launch tokens: nothing to adopt it by
                 log.info("dropping half-created sandbox", sandbox=sb.id)
                 if sb.cell is not None:
-                    await cells.provider.terminate(sb.cell.id)
+                    await cells.terminate(sb.cell.id)
                 index.forget(sb)
             continue
         if sb.state != SANDBOX_READY or sb.cell is None:
@@ -42,7 +42,7 @@ async def recover(index: Index, cells: Cells, sync: CellSync, sandboxes: Sandbox
         if cell is None or cell.state == "terminated":
             log.warning("cell is gone", sandbox=sb.id, cell=sb.cell.id)
             if cell is not None:
-                await cells.provider.terminate(cell.id)  # release what is left of it
+                await cells.terminate(cell.id)  # release what is left of it
             sync.cell_lost(sb)
             continue
         cell.facts = sb.cell.facts  # learned from the agent, not the provider's to know

@@ -15,7 +15,9 @@ records). The provider and the agent client are injected: tests give fakes.
 from __future__ import annotations
 
 from kiyot_py.config import Settings
+from kiyot_py.gen.runtime.v1 import api_pb2
 from kiyot_py.hostports import HostPorts
+from kiyot_py.model import CellFacts
 from kiyot_py.pods.cell_images import CellImages
 from kiyot_py.pods.cells import AgentFactory, Cells
 from kiyot_py.pods.containers import Containers
@@ -26,16 +28,17 @@ from kiyot_py.pods.recovery import recover
 from kiyot_py.pods.sandboxes import Sandboxes
 from kiyot_py.pods.sync import CellSync
 from kiyot_py.providers.base import CellFeatures, Provider
+from kiyot_py.registry.pullpath import PullGrants
 from kiyot_py.store import Store
 
 
 class PodRuntime:
     def __init__(self, settings: Settings, store: Store, provider: Provider, images: ImageManager,
-                 agents: AgentFactory) -> None:
+                 agents: AgentFactory, grants: PullGrants | None = None) -> None:
         self.index = Index(store)
         self._provider = provider
-        cells = Cells(settings, provider, agents)
-        self._cells = cells
+        cells = Cells(settings, provider, agents, grants)
+        self.cells = cells
         self._hostports = HostPorts()
         self.sync = CellSync(self.index, cells)
         self.sandboxes = Sandboxes(settings, self.index, cells, self.sync, self._hostports)
@@ -46,7 +49,7 @@ class PodRuntime:
 
     async def start(self) -> None:
         """Recover what the records name, then start collecting orphan cells."""
-        await recover(self.index, self._cells, self.sync, self.sandboxes, self._hostports)
+        await recover(self.index, self.cells, self.sync, self.sandboxes, self._hostports)
         self.gc.start()
 
     async def close(self) -> None:
@@ -54,6 +57,16 @@ class PodRuntime:
         await self.gc.close()
         await self.sync.close()
         await self._hostports.close_all()
+
+    def facts_of_pod(self, config: api_pb2.PodSandboxConfig) -> CellFacts | None:
+        """The facts of the ready cell of the pod `config` names (its latest attempt), if any."""
+        md = config.metadata
+        mine = [sb for sb in self.index.ready_sandboxes()
+                if (sb.uid, sb.name, sb.namespace) == (md.uid, md.name, md.namespace) and sb.cell is not None]
+        if not mine or not md.uid:
+            return None
+        cell = max(mine, key=lambda sb: sb.attempt).cell
+        return cell.facts if cell is not None else None
 
     @property
     def cell_features(self) -> CellFeatures:

@@ -118,7 +118,7 @@ class Sandboxes:
             await self._hostports.close(sb.id)
             if sb.cell is not None:
                 try:
-                    await asyncio.shield(self._cells.provider.terminate(sb.cell.id))
+                    await asyncio.shield(self._cells.terminate(sb.cell.id))
                 except KiyotError as cleanup:  # the orphan collector terminates it later
                     log.warning("terminating the cell of a failed sandbox failed", sandbox=sb.id,
                                 cell=sb.cell.id, error=str(cleanup))
@@ -160,7 +160,7 @@ class Sandboxes:
                         log.warning("stopping container failed", container=c.id, error=str(exc))
             await self._sync.drain_logs(sb.id)
             await self._sync.unwatch(sb.id)
-            await self._cells.provider.terminate(sb.cell.id)
+            await self._cells.terminate(sb.cell.id)
             self._sync.cell_lost(sb, reason="SandboxStopped")
             log.info("sandbox stopped", sandbox=sb.id)
 

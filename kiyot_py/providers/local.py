@@ -27,6 +27,7 @@ from pathlib import Path
 import structlog
 
 from kiyot_py.config import LocalCellSettings
+from kiyot_py.crashpoints import crash_point
 from kiyot_py.model import Cell
 from kiyot_py.pki import NodePKI, cell_server_name
 from kiyot_py.platforms import normalize_arch
@@ -406,6 +407,7 @@ class LocalProvider:
                 await self._teardown(cell_id)
             cell_dir = self._dir / cell_id
             cell_dir.mkdir(mode=0o700)
+            crash_point("cell-dir-made")
             try:
                 cell = _CellFile(
                     id=cell_id, sandbox_id=shape.tags.get(TAG_SANDBOX, ""), address=self._allocate_address(),
@@ -413,7 +415,9 @@ class LocalProvider:
                     token=token, state="pending",
                 )
                 self._write(cell)  # claims the address before anything is built
+                crash_point("cell-recorded")
                 await self._build_network(cell)
+                crash_point("cell-network-built")
                 self._pki.issue_cell(cell_id).write(cell_dir / "tls")
                 await self._start_agent(cell)
                 cell.state = "running"
@@ -517,6 +521,7 @@ class LocalProvider:
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
                 start_new_session=True,
             )
+        crash_point("cell-supervisor-spawned")  # its pid not saved yet
         cell.supervisor_pid = proc.pid
         self._write(cell)
 
@@ -541,18 +546,21 @@ class LocalProvider:
                 break
             await asyncio.sleep(0.01)
         await self._delete_containers(cell_dir)
+        crash_point("cell-containers-killed")
         for mount in mounts_under(cell_dir):  # e.g. the pod's IPC namespace, bound on a file
             await _run("umount", "--lazy", mount, check=False)
         # Named after the cell (its token): a cell without its record is found too.
         netns, veth = (cell.netns, cell.veth) if cell is not None else (f"kiyot-{cell_id[1:]}", f"kv{cell_id[1:]}")
         if Path(NETNS_DIR / netns).exists():  # noqa: ASYNC240 - a stat of /run/netns, never blocks
             await _run("ip", "netns", "del", netns, check=False)
+        crash_point("cell-netns-gone")
         if Path(f"/sys/class/net/{veth}").exists():  # noqa: ASYNC240 - a sysfs stat, never blocks
             await _run("ip", "link", "del", veth, check=False)
         if cell is not None:
             await self._forget_neighbour(cell.address)
         _remove_cgroups(f"kiyot/{cell_id}")
         shutil.rmtree(cell_dir, ignore_errors=True)
+        crash_point("cell-record-gone")  # the sandbox still names it
         log.info("cell deleted", cell=cell_id)
 
     async def _delete_containers(self, cell_dir: Path) -> None:

@@ -1,8 +1,14 @@
-"""The node's registry client: resolve a reference to its manifest, config and size.
+"""The node's registry client: resolve a reference, and fetch the image into the content store.
 
-PullImage records an image without pulling its layers (the cells do that), so all the
-node needs is: the digest the reference points at (for RepoDigests), the platform
-manifest the cells will pull, the config blob (the image id and its JSON) and the size.
+`resolve` finds the digest the reference points at (for RepoDigests), the platform
+manifest the cells will run, the config blob (the image id and its JSON) and the size;
+`pull` does the same and writes that manifest, the config and every layer into the
+node's content store (ContentStore), from the endpoint that resolved it, so that the
+cells fetch them from the node and never see a registry or its credentials.
+
+Credentials are sent only to the host they were given for (`Credentials.host`, from the
+CRI's `server_address`, else the image's own registry): a mirror on another host gets
+none, as in containerd.
 
 One `aiohttp.ClientSession` per `RegistryClient`, made on first use and closed by
 `close()`. Callers bound the time with `asyncio.wait_for`; every response is read
@@ -15,6 +21,8 @@ import base64
 import hashlib
 import json
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlencode, urlsplit
@@ -24,7 +32,8 @@ import structlog
 
 from kiyot_py.platforms import Platform
 from kiyot_py.registry import transport
-from kiyot_py.registry.config import Endpoint, RegistriesConfig
+from kiyot_py.registry.config import DOCKER_HUB, DOCKER_HUB_API, Endpoint, RegistriesConfig
+from kiyot_py.registry.content import ContentError, ContentStore
 from kiyot_py.registry.errors import ImageNotFound, PlatformNotFound, RegistryBlocked, RegistryError
 from kiyot_py.registry.reference import InvalidReference, Reference, validate_digest
 
@@ -64,10 +73,34 @@ MAX_ERROR_BYTES = 64 << 10
 MAX_TOKEN_BYTES = 1 << 20
 
 class Credentials(Protocol):
-    """Anything with a username and a password (kiyot_py.model.Credentials)."""
+    """Anything with a username, a password and the host they are for (kiyot_py.model.Credentials)."""
 
     username: str
     password: str
+    server_address: str
+
+
+# Names Docker Hub goes by in a server address (what `docker login` wrote, what kubelets send).
+_DOCKER_HUB_NAMES = {DOCKER_HUB, DOCKER_HUB_API, "index.docker.io", "registry.hub.docker.com"}
+
+
+def credentials_host(server_address: str, registry: str) -> str:
+    """The registry host credentials are for: `server_address`'s host ("https://host/v1/",
+    "host:port", "host/path"), or the image's `registry` when none is named."""
+    host = registry
+    if server_address:
+        rest = server_address.split("://", 1)[1] if "://" in server_address else server_address
+        host = rest.split("/", 1)[0].rpartition("@")[2]
+    host = host.lower()
+    return DOCKER_HUB if host in _DOCKER_HUB_NAMES else host
+
+
+def auth_for(endpoint: Endpoint, ref: Reference, auth: Credentials | None) -> Credentials | None:
+    """`auth` if it was given for this endpoint's host, else None."""
+    if auth is None:
+        return None
+    wanted = credentials_host(auth.server_address, ref.registry)
+    return auth if credentials_host("", endpoint.host) == wanted else None
 
 
 @dataclass
@@ -168,7 +201,17 @@ class _Repo:
 
     async def get(self, kind: str, reference: str, *, accept: str | None, limit: int, what: str
                   ) -> tuple[int, Any, bytes, str]:
-        """GET /v2/<repo>/<kind>/<reference>, authenticating on a 401 challenge once."""
+        """GET /v2/<repo>/<kind>/<reference> read whole (up to `limit`)."""
+        async with self.open(kind, reference, accept=accept) as resp:
+            ok = resp.status == 200
+            body = await _read_limited(resp, limit if ok else MAX_ERROR_BYTES, what if ok else "error", self.where)
+            return resp.status, resp.headers, body, str(resp.url)
+
+    @asynccontextmanager
+    async def open(self, kind: str, reference: str, *, accept: str | None
+                   ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET /v2/<repo>/<kind>/<reference>, authenticating on a 401 challenge once; the
+        answer is released when the block ends."""
         path = f"/v2/{self.repository}/{kind}/{reference}"
         for attempt in range(2):
             headers = {"User-Agent": self.client.user_agent}
@@ -176,21 +219,18 @@ class _Repo:
                 headers["Accept"] = accept
             if self.authorization:
                 headers["Authorization"] = self.authorization
-            challenges: list[tuple[str, dict[str, str]]] | None = None
-            async with await self._send(path, headers) as resp:
+            resp = await self._send(path, headers)
+            try:
+                challenges: list[tuple[str, dict[str, str]]] = []
                 if resp.status == 401 and attempt == 0:
-                    challenges = []
                     for h in resp.headers.getall("WWW-Authenticate", []):
                         challenges.extend(parse_www_authenticate(h))
-                    body = await _read_limited(resp, MAX_ERROR_BYTES, "error", self.where)
-                    if not challenges:
-                        return resp.status, resp.headers, body, str(resp.url)
-                else:
-                    ok = resp.status == 200
-                    body = await _read_limited(
-                        resp, limit if ok else MAX_ERROR_BYTES, what if ok else "error", self.where
-                    )
-                    return resp.status, resp.headers, body, str(resp.url)
+                if not challenges:
+                    yield resp
+                    return
+                body = await _read_limited(resp, MAX_ERROR_BYTES, "error", self.where)
+            finally:
+                resp.release()
             await self._authorize(challenges, body)
         raise AssertionError("unreachable")
 
@@ -425,10 +465,14 @@ class RegistryClient:
         platform: Platform,
         auth: Credentials | None = None,
         config: RegistriesConfig | None = None,
+        store: ContentStore | None = None,
     ) -> ResolvedImage:
         """Resolve `ref` at its registry (mirrors first) for `platform` (the cell's, never
         this machine's); see ResolvedImage. An index without a manifest for `platform`
-        raises ImageNotFound; a single manifest is taken as it is (see ResolvedImage.platform)."""
+        raises ImageNotFound; a single manifest is taken as it is (see ResolvedImage.platform).
+        With a `store`, the platform manifest, the config and every layer are fetched into it
+        from the endpoint that resolved the reference (a mirror that resolves but cannot
+        serve a layer fails over to the next endpoint)."""
         config = config if config is not None else RegistriesConfig()
         endpoints = config.endpoints(ref)  # RegistryBlocked is a RegistryError
         failures: list[str] = []
@@ -436,7 +480,7 @@ class RegistryClient:
             last = i == len(endpoints) - 1
             try:
                 try:
-                    resolved = await self._resolve_at(endpoint, ref, auth, platform)
+                    resolved = await self._resolve_at(endpoint, ref, auth_for(endpoint, ref, auth), platform, store)
                 except aiohttp.ClientError as exc:  # a body cut short, a read timeout, …
                     raise RegistryError(
                         f"{endpoint}/{endpoint.repository(ref)}: {exc.__class__.__name__}: {exc}"
@@ -458,6 +502,7 @@ class RegistryClient:
 
     async def _resolve_at(
         self, endpoint: Endpoint, ref: Reference, auth: Credentials | None, platform: Platform,
+        store: ContentStore | None,
     ) -> ResolvedImage:
         repo = _Repo(self, endpoint, endpoint.repository(ref), auth)
         where = repo.where
@@ -469,7 +514,7 @@ class RegistryClient:
         top_digest = _verify(body, ref.digest, headers.get("Docker-Content-Digest"), where, "manifest")
         media_type, doc = _parse_manifest(body, headers.get("Content-Type", ""), where)
 
-        platform_digest, platform_type, manifest = top_digest, media_type, doc
+        platform_digest, platform_type, manifest, manifest_body = top_digest, media_type, doc, body
         if media_type in _INDEX_TYPES:
             chosen = select_platform(doc, platform)
             if chosen is None:
@@ -483,6 +528,7 @@ class RegistryClient:
             _check(status, body, where, f"platform manifest {want}")
             platform_digest = _verify(body, want, None, where, "platform manifest")
             platform_type, manifest = _parse_manifest(body, headers.get("Content-Type", ""), where)
+            manifest_body = body
             if platform_type not in _MANIFEST_TYPES:
                 raise RegistryError(f"{where}: {want} is a nested index; not supported")
 
@@ -501,6 +547,13 @@ class RegistryClient:
         _verify(body, config_digest, None, where, "config blob")
         config = _json_object(body, where, f"config blob {config_digest}")
 
+        if store is not None:
+            for digest, size in layers:
+                await self._fetch_blob(repo, store, digest, size)
+            # The manifest last: its presence says every blob it names is here.
+            store.put(config_digest, body)
+            store.put(platform_digest, manifest_body)
+
         return ResolvedImage(
             manifest_digest=top_digest,
             platform_manifest_digest=platform_digest,
@@ -511,4 +564,14 @@ class RegistryClient:
             platform=Platform.from_image_config(config),
         )
 
-
+    async def _fetch_blob(self, repo: _Repo, store: ContentStore, digest: str, size: int) -> None:
+        if store.has(digest):
+            return
+        async with repo.open("blobs", digest, accept=None) as resp:
+            if resp.status != 200:
+                body = await _read_limited(resp, MAX_ERROR_BYTES, "error", repo.where)
+                _check(resp.status, body, repo.where, f"layer {digest}")
+            try:
+                await store.put_stream(digest, size, resp.content.iter_chunked(256 << 10))
+            except ContentError as exc:
+                raise RegistryError(f"{repo.where}: layer {digest}: {exc}") from None

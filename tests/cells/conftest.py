@@ -1,5 +1,7 @@
 """Fixtures for the cell agent tests: a real `kiyot_cell` process on 127.0.0.1 (no netns)
-against a real registry on 127.0.0.1:5000, with containers run by runc under conmon.
+with containers run by runc under conmon. Images come as in a cell: from the node's real
+pull path over mutual TLS (tests/support/pullnode.py), which the node's client filled
+from the real registry on 127.0.0.1:5000.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from typing import Any
 
 import pytest
 
-from kiyot_py.pki import NodePKI, cell_server_name
+from kiyot_py.pki import cell_server_name
 from kiyot_py.providers.local import mounts_under
+from tests.support.pullnode import PullNode
 
 ROOT = Path(__file__).resolve().parents[2]
 CELLS = ROOT / "cells"
@@ -97,7 +100,9 @@ class Agent:
     extra_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.pki = NodePKI(self.workdir / "pki", "test-node")
+        assert "node" in _NODE, "the pull_node fixture starts the node's side first"
+        self.node = _NODE["node"]
+        self.pki = self.node.pki
         self.cell_id = "c" + secrets.token_hex(6)
         self.pki.issue_cell(self.cell_id).write(self.tls_dir)
 
@@ -193,14 +198,21 @@ class Agent:
 
     # --- conveniences ---------------------------------------------------------------------
 
+    def pull_body(self, img) -> dict[str, str]:
+        """What the node sends to pull `img` (granted to this cell on the pull path)."""
+        return self.node.source(img, self.cell_id)
+
+    def digest(self, img) -> str:
+        """The manifest of `img` a cell of this host's platform runs."""
+        return self.node.fetch(img)
+
     def pull(self, img) -> dict[str, Any]:
-        return self.ok("POST", "/v1/images/pull",
-                       {"ref": img.ref, "digest": img.manifest_digest, "tls_verify": False})
+        return self.ok("POST", "/v1/images/pull", self.pull_body(img))
 
     def create(self, img, args: list[str] | None, name: str = "c", **extra: Any) -> dict[str, Any]:
         cid = extra.pop("id", None) or secrets.token_hex(32)
         spec: dict[str, Any] = spec_of(args) if args else {}
-        body = {"id": cid, "name": name, "image_digest": img.manifest_digest, "spec": spec, **extra}
+        body = {"id": cid, "name": name, "image_digest": self.digest(img), "spec": spec, **extra}
         return self.ok("POST", "/v1/containers", body)
 
     def run(self, img, args: list[str], **extra: Any) -> dict[str, Any]:
@@ -246,6 +258,20 @@ class Agent:
         for parent in Path("/sys/fs/cgroup").glob(f"*/kiyot-cell-tests/{self.workdir.name}"):
             with contextlib.suppress(OSError):
                 parent.rmdir()
+
+
+_NODE: dict[str, PullNode] = {}  # "node": the session's, while it runs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pull_node(tmp_path_factory, test_images) -> Iterator[PullNode]:
+    """The node's side every agent here pulls from (one CA, one store, one pull path)."""
+    node = _NODE["node"] = PullNode(tmp_path_factory.mktemp("pull-node"))
+    try:
+        yield node
+    finally:
+        del _NODE["node"]
+        node.close()
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ def _client_cert(agent, where, *, names_node: bool, usage) -> str:
     key = ec.generate_private_key(ec.SECP256R1())
     san = [x509.UniformResourceIdentifier("kiyot:node:test-node")] if names_node else [x509.DNSName("pod.evil")]
     cert = agent.pki._sign(key.public_key(), x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]),
-                           x509.SubjectAlternativeName(san), usage)
+                           x509.SubjectAlternativeName(san), [usage])
     where.mkdir()
     (where / "cell.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                        serialization.NoEncryption()))
@@ -37,18 +37,18 @@ def test_only_the_node_is_answered_and_nothing_changes(agent, cell_images, tmp_p
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
     img = cell_images["busybox"]
-    body = {"ref": img.ref, "digest": img.manifest_digest, "tls_verify": False}
+    body = agent.pull_body(img)
     requests = (("GET", "/v1/health", None), ("POST", "/v1/images/pull", body), ("GET", "/v1/nope", None),
                 ("PUT", "/v1/pod", {"sandbox_id": "s", "hostname": "h"}),
                 ("POST", "/v1/containers", {"id": secrets.token_hex(32), "name": "x",
                                             "image_digest": img.manifest_digest, "spec": {}}))
-    # No certificate, another cell's (a server certificate from the same CA), one from
-    # another CA: the handshake fails.
+    # No certificate, one signed for servers only that names the node, one from another
+    # CA: the handshake fails.
     other_cell = agent.pki.issue_cell("c-other")
     other_cell.write(tmp_path / "other-cell")
     from kiyot_py.pki import NodePKI
     stranger = NodePKI(tmp_path / "stranger-pki", "test-node")  # the same node name, another CA
-    refused = ["none", str(tmp_path / "other-cell"),
+    refused = ["none",
                _client_cert(agent, tmp_path / "server-cert", names_node=True, usage=ExtendedKeyUsageOID.SERVER_AUTH)]
     for identity in refused:
         for method, path, b in requests:
@@ -59,12 +59,14 @@ def test_only_the_node_is_answered_and_nothing_changes(agent, cell_images, tmp_p
         c._context = stranger.client_context()  # its node certificate, our cell's name
         c.request("GET", "/v1/health")
         c.getresponse()
-    # A client certificate from the CA that names no node gets through TLS: 401.
+    # A client certificate from the CA that names no node gets through TLS, and so does
+    # another cell's (a cell's identity is also its client certificate to the pull path): 401.
     nameless = _client_cert(agent, tmp_path / "nameless", names_node=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-    for method, path, b in requests:
-        r = agent.call(method, path, b, identity=nameless)
-        assert r.status == 401, (method, path, r.status)
-        assert r.json()["error"] == "unauthorized"
+    for identity in (nameless, str(tmp_path / "other-cell")):
+        for method, path, b in requests:
+            r = agent.call(method, path, b, identity=identity)
+            assert r.status == 401, (method, path, r.status)
+            assert r.json()["error"] == "unauthorized"
     layout = agent.state_dir / "images" / "layout"
     assert not layout.exists(), "a refused pull wrote to the layout"
     assert not (agent.state_dir / "pod" / "etc").exists()

@@ -36,8 +36,6 @@ def hostile(registry) -> dict[str, imgs.TestImage]:
     return imgs.push_hostile_images(registry)
 
 
-def _pull_body(img: imgs.TestImage) -> dict:
-    return {"ref": img.ref, "digest": img.manifest_digest, "tls_verify": False}
 
 
 def _escapes(agent) -> list[Path]:
@@ -147,7 +145,7 @@ def test_crafted_layer_is_refused_by_the_pull(agent, cell_images, hostile, short
     layout = agent.state_dir / "images" / "layout"
     blobs_before = set(os.listdir(layout / "blobs" / "sha256"))
     index_before = json.loads((layout / "index.json").read_text())
-    r = agent.call("POST", "/v1/images/pull", _pull_body(img), timeout=HANG_GUARD)
+    r = agent.call("POST", "/v1/images/pull", agent.pull_body(img), timeout=HANG_GUARD)
     assert r.status == 422, r.body
     err = r.json()
     assert err["error"] == "pull_failed"
@@ -159,7 +157,7 @@ def test_crafted_layer_is_refused_by_the_pull(agent, cell_images, hostile, short
         assert not p.exists(), p
     assert not os.listdir(agent.state_dir / "tmp"), "leftovers in tmp"
     # refused again (nothing remembered as checked), and the cell goes on
-    assert agent.call("POST", "/v1/images/pull", _pull_body(img)).status == 422
+    assert agent.call("POST", "/v1/images/pull", agent.pull_body(img)).status == 422
     _run_busybox(agent, cell_images["busybox"])
 
 
@@ -170,7 +168,7 @@ def test_crafted_layer_is_refused_by_the_pull(agent, cell_images, hostile, short
 ])
 def test_special_file_at_etc_is_refused_and_the_cell_goes_on(agent, cell_images, hostile, short, entry):
     img = hostile[short]
-    r = agent.call("POST", "/v1/images/pull", _pull_body(img), timeout=HANG_GUARD)
+    r = agent.call("POST", "/v1/images/pull", agent.pull_body(img), timeout=HANG_GUARD)
     assert r.status == 422 and r.json()["error"] == "pull_failed", r.body
     assert entry in r.json()["message"]
     # The image lock is free: the same cell pulls (a first pull, not a cached one) and runs busybox.
@@ -265,6 +263,7 @@ class _Cfg:
     """What ImageStore reads of the agent's config."""
 
     state_dir: Path
+    tls_dir: Path
     skopeo_path: str = "skopeo"
     umoci_path: str = "umoci"
     pull_timeout: float = 120.0
@@ -279,19 +278,22 @@ class _Cfg:
 
 
 @needs_root
-def test_umoci_past_its_timeout_is_killed_and_frees_the_locks(tmp_path, monkeypatch, cell_images, hostile):
+def test_umoci_past_its_timeout_is_killed_and_frees_the_locks(tmp_path, monkeypatch, cell_images, hostile,
+                                                               pull_node):
     """A layer that got past the check (marked checked, as by an older check) with a FIFO at
     etc/group: `umoci unpack` blocks resolving the image's User; it is killed at the bound,
     and the same store pulls and unpacks busybox."""
     monkeypatch.setattr(cell_images_mod, "UNPACK_TIMEOUT", 3.0)
     img = hostile["hostile-fifo-group"]
     fifo = imgs.make_layer(imgs.HOSTILE_LAYERS["hostile-fifo-group"] or [], sort=False)
-    store = cell_images_mod.ImageStore(_Cfg(tmp_path / "state"))  # type: ignore[arg-type]
+    cell_id = "c-umoci-timeout"
+    pull_node.pki.issue_cell(cell_id).write(tmp_path / "tls")
+    store = cell_images_mod.ImageStore(_Cfg(tmp_path / "state", tmp_path / "tls"))  # type: ignore[arg-type]
 
     async def scenario() -> None:
         store.load()
         store.checked[fifo.digest] = fifo.diff_id
-        await store.pull(_pull_body(img))
+        await store.pull(pull_node.source(img, cell_id))
         with pytest.raises(ApiError) as e:
             await asyncio.wait_for(store.unpacked(img.manifest_digest), HANG_GUARD)
         assert e.value.code == "timeout" and "did not finish within 3s" in e.value.message, e.value.message
@@ -299,7 +301,7 @@ def test_umoci_past_its_timeout_is_killed_and_frees_the_locks(tmp_path, monkeypa
         assert not store._unpack_locks[img.manifest_digest].locked()
         assert not list((store.cfg.images_dir / "unpacked").iterdir())
         bb = cell_images["busybox"]
-        await asyncio.wait_for(store.pull(_pull_body(bb)), 60)
+        await asyncio.wait_for(store.pull(pull_node.source(bb, cell_id)), 60)
         root = await asyncio.wait_for(store.unpacked(bb.manifest_digest), 60)
         assert (root / "rootfs" / "bin" / "busybox").is_file()
 

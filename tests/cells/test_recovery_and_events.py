@@ -80,7 +80,7 @@ def test_evil_image_is_refused_and_leaves_nothing(agent, cell_images, name):
     blobs = layout / "blobs" / "sha256"
     before = set(os.listdir(blobs))
     index_before = json.loads((layout / "index.json").read_text())
-    r = agent.call("POST", "/v1/images/pull", {"ref": img.ref, "digest": img.manifest_digest, "tls_verify": False})
+    r = agent.call("POST", "/v1/images/pull", agent.pull_body(img))
     assert r.status == 422, r.body
     assert r.json()["error"] == "pull_failed" and "refused" in r.json()["message"]
     assert set(os.listdir(blobs)) == before
@@ -96,8 +96,7 @@ def test_evil_image_is_refused_and_leaves_nothing(agent, cell_images, name):
                                               "spec": spec_of(["true"])})
     assert r.status == 409
     # and a second try is refused the same way (nothing was remembered as checked)
-    assert agent.call("POST", "/v1/images/pull", {"ref": img.ref, "digest": img.manifest_digest,
-                                                  "tls_verify": False}).status == 422
+    assert agent.call("POST", "/v1/images/pull", agent.pull_body(img)).status == 422
 
 
 def _lines(resp):

@@ -38,11 +38,13 @@ class Service:
     runtime: api_pb2_grpc.RuntimeServiceStub | None = None
     images: api_pb2_grpc.ImageServiceStub | None = None
 
-    def start(self) -> None:
+    def start(self, crash_at: str = "") -> None:
+        """Start the service; with `crash_at`, it kills itself at that crash point."""
+        env = dict(os.environ, KIYOTPY_CRASH_AT=crash_at) if crash_at else None
         with open(self.log_file, "ab") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kiyot_py.cli", "serve", "--config", str(self.config)],
-                stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env,
             )
         # The kubelet's own message limit, so a reply that would not reach it fails here too.
         self.channel = grpc.insecure_channel(f"unix://{self.socket}", options=[

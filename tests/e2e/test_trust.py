@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -12,17 +13,79 @@ import pytest
 
 from kiyot_py.config import LocalCellSettings
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
+from tests.support.hostnet import Canary
 
 from .helpers import cell_dir, container_config, pod_name, run, sandbox_config, wait_state
 
 CAPTURE = Path(__file__).resolve().parents[1] / "support" / "capture.py"
+PROBE = Path(__file__).resolve().parents[1] / "support" / "pull_probe.py"
+PULL_PATH = f"10.123.0.1:{LocalCellSettings().pull_path_port}"  # the e2e bridge's gateway
+CANARY_PASSWORD = "pw-that-must-never-cross-a-pods-interface"
 
 
 @pytest.fixture
 def busybox(service, test_images) -> str:
+    """busybox, pulled as a kubelet does for a pod with an image pull secret."""
     ref = test_images["busybox"].ref
-    service.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
+    service.images.PullImage(pb.PullImageRequest(
+        image=pb.ImageSpec(image=ref),
+        auth=pb.AuthConfig(username="puller", password=CANARY_PASSWORD, server_address=ref.split("/", 1)[0])))
     return ref
+
+
+def _manifest(state_dir: Path, digest: str) -> dict:
+    """A manifest from the node's content store."""
+    return json.loads((state_dir / "content" / "blobs" / "sha256" / digest.split(":", 1)[1]).read_bytes())
+
+
+def _blobs(state_dir: Path, digest: str) -> list[str]:
+    m = _manifest(state_dir, digest)
+    return [digest, m["config"]["digest"], *(layer["digest"] for layer in m["layers"])]
+
+
+def _probe(netns: str, tls_dir: str, paths: list[str]) -> dict[str, object]:
+    out = subprocess.run(["nsenter", f"--net=/run/netns/{netns}", sys.executable, str(PROBE), PULL_PATH, tls_dir,
+                          *paths], capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout)
+
+
+def test_the_pull_path_gives_a_cell_its_own_pods_image_and_nothing_more(service, pod, busybox, test_images,
+                                                                         tmp_path):
+    """From the pod's network namespace: with no cell certificate (all a container has)
+    the pull path answers nothing; with the cell's own, only the blobs of its pod's image;
+    no path makes the node reach a canary on its own loopback (the old pull path
+    forwarded `/v2/127.0.0.1_<port>/…` there, issue #12 point 1)."""
+    cri, sandbox_id = service.runtime, pod[0]
+    app = test_images["app"]  # on the node, pulled for no container of this pod
+    service.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=app.ref)))
+    wait_state(cri, run(cri, pod, "fetched", busybox, ["true"]), pb.CONTAINER_EXITED)
+    canary = Canary("pull-path-loopback", "127.0.0.1", tmp_path).start()
+    try:
+        own = _blobs(service.state_dir, test_images["busybox"].manifest_digest)
+        others = [d for d in _blobs(service.state_dir, app.manifest_digest) if d not in own]
+        assert len(others) >= 2  # app's manifest, its config and its own layer at least
+        owned = [f"/v2/test/busybox/manifests/{own[0]}", *(f"/v2/test/busybox/blobs/{d}" for d in own[1:])]
+        foreign = [f"/v2/test/app/blobs/{d}" for d in others] + [f"/v2/test/app/manifests/{others[0]}"]
+        forwarded = [f"/v2/127.0.0.1_{canary.port}/x/manifests/latest",
+                     f"/v2/127.0.0.1_{canary.port}/latest/meta-data/iam/security-credentials/node-role",
+                     "/v2/test/busybox/manifests/latest"]
+        # Its own blob under a name that points at the canary: served from the store (the
+        # name is never looked at), and still nothing goes to the canary.
+        owned.append(f"/v2/127.0.0.1:{canary.port}/x/blobs/{own[1]}")
+        cell = json.loads((cell_dir(service.state_dir, sandbox_id) / "cell.json").read_text())
+        as_pod = _probe(cell["netns"], "-", owned + foreign + forwarded)
+        assert all(str(v).startswith("tls:") for v in as_pod.values()), as_pod
+        identity = str(cell_dir(service.state_dir, sandbox_id) / "tls")
+        as_cell = _probe(cell["netns"], identity, owned + foreign + forwarded)
+        assert {p: as_cell[p] for p in owned} == dict.fromkeys(owned, 200), as_cell
+        assert {p: as_cell[p] for p in foreign + forwarded} == dict.fromkeys(foreign + forwarded, 404), as_cell
+        assert canary.hits() == []
+        # The control: the canary answers whoever asks it directly.
+        import urllib.request
+        assert urllib.request.urlopen(f"http://127.0.0.1:{canary.port}/probe", timeout=10).status == 200
+        assert canary.hits()
+    finally:
+        canary.stop()
 
 
 def test_the_agent_channel_on_the_pods_interface_is_tls_only(service, pod, busybox, tmp_path):
@@ -52,6 +115,12 @@ def test_the_agent_channel_on_the_pods_interface_is_tls_only(service, pod, busyb
     stream = b"".join(bytes.fromhex(s["payload"]) for s in agent)
     for clear in (b"HTTP/1.", b"/v1/", b"Authorization", marker.encode(), busybox.encode(), b"PRIVATE KEY"):
         assert clear not in stream, clear
+    # The image came through the pull path, in TLS too; the pull's password crossed nothing.
+    pulled = [s for s in segments if LocalCellSettings().pull_path_port in (s["sport"], s["dport"])]
+    assert pulled, "the capture saw no pull-path traffic: the cell pulled nothing"
+    everything = b"".join(bytes.fromhex(s["payload"]) for s in segments)
+    for clear in (CANARY_PASSWORD.encode(), base64.b64encode(f"puller:{CANARY_PASSWORD}".encode()), b"HTTP/1."):
+        assert clear not in everything, clear
     # Each direction starts (the capture began on an idle channel) with a TLS record
     # header: content type 20-23 (handshake, or data on a kept-alive connection), version 3.x.
     first_out = next(bytes.fromhex(s["payload"]) for s in agent if s["dport"] == port)

@@ -37,6 +37,7 @@ HOST = Platform("linux", images.host_arch())
 class Creds:
     username: str
     password: str
+    server_address: str = ""
 
 
 @pytest.fixture

@@ -1,264 +1,200 @@
-"""The pull path the node offers its cells, against the real registry on 127.0.0.1:5000."""
+"""The pull path: the node's content store served to cells over mutual TLS, by grant.
+
+A cell gets what it was granted, by digest, and nothing else: no registry behind it, no
+tag, no other cell's image, no answer at all without a cell's certificate. A canary
+server on the host's loopback proves that no path a cell can name makes the node reach
+another address (what the old forwarding pull path did, issue #12 point 1).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
-import shutil
+import ssl
+from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from kiyot_py.registry.client import ACCEPT_MANIFESTS
-from kiyot_py.registry.config import RegistriesConfig
-from kiyot_py.registry.pullpath import PullPath, cell_reference, registry_host, registry_key
-from kiyot_py.registry.reference import parse_reference
-from tests.registry.conftest import free_port
-from tests.registry.fake import PASSWORD, USER, sha
-
-
-def test_registry_key_round_trip():
-    assert registry_key("127.0.0.1:5000") == "127.0.0.1_5000"
-    assert registry_key("docker.io") == "docker.io"
-    assert registry_key("Registry.K8s.io") == "registry.k8s.io"
-    assert registry_key("my-host:80") == "my-host_80"
-    for host in ("127.0.0.1:5000", "docker.io", "localhost", "quay.io:443"):
-        assert registry_host(registry_key(host)) == host
-    with pytest.raises(ValueError):
-        registry_key("[::1]:5000")
-    with pytest.raises(ValueError):
-        registry_host("a_b_c")
+from kiyot_py.pki import NodePKI, cell_of
+from kiyot_py.registry import pullpath
+from kiyot_py.registry.content import ContentStore
+from kiyot_py.registry.pullpath import PullGrants, PullPath
 
 
-def test_cell_reference():
-    d = "sha256:" + "ab" * 32
-    ref = parse_reference("127.0.0.1:5000/test/busybox:latest")
-    assert cell_reference("10.89.0.1:5380", ref, d) == f"10.89.0.1:5380/127.0.0.1_5000/test/busybox@{d}"
-    assert cell_reference("10.89.0.1:5380", parse_reference("busybox")) == \
-        "10.89.0.1:5380/docker.io/library/busybox:latest"
-    # What the cell pulls is itself a valid reference on the pull path's host.
-    parsed = parse_reference(cell_reference("10.89.0.1:5380", ref, d))
-    assert parsed.registry == "10.89.0.1:5380" and parsed.digest == d
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+LAYER = b"layer bytes " * 1000
+CONFIG = b'{"architecture":"amd64","os":"linux"}'
+MANIFEST = json.dumps({
+    "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+    "config": {"digest": sha(CONFIG), "size": len(CONFIG)},
+    "layers": [{"digest": sha(LAYER), "size": len(LAYER)}],
+}).encode()
+OTHER = b"another pod's layer"
+
+
+class Node:
+    def __init__(self, tmp: Path) -> None:
+        self.pki = NodePKI(tmp / "pki", "node-a")
+        self.content = ContentStore(tmp / "content")
+        for blob in (LAYER, CONFIG, MANIFEST, OTHER):
+            self.content.put(sha(blob), blob)
+        self.grants = PullGrants()
+        self.tmp = tmp
+        self.pull_path = PullPath(self.content, self.grants, self.pki.pull_path_context(["127.0.0.1"]), per_cell=2)
+
+    def cell(self, cell_id: str) -> ssl.SSLContext:
+        """The TLS client side of cell `cell_id`: its own certificate, the node's CA."""
+        self.pki.issue_cell(cell_id).write(self.tmp / cell_id)
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca_path))
+        ctx.load_cert_chain(str(self.tmp / cell_id / "cell.crt"), str(self.tmp / cell_id / "cell.key"))
+        return ctx
+
+    def url(self, path: str) -> str:
+        return f"https://{self.pull_path.address}{path}"
 
 
 @pytest.fixture
-async def pull_path():
-    pp = PullPath(RegistriesConfig())
-    await pp.start("127.0.0.1", free_port())
-    yield pp
-    await pp.stop()
+async def node(tmp_path):
+    n = Node(tmp_path)
+    await n.pull_path.start("127.0.0.1", 0)
+    yield n
+    await n.pull_path.stop()
 
 
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession(auto_decompress=False) as s:
-        yield s
+async def get(session, node, path, ctx, method="GET"):
+    async with session.request(method, node.url(path), ssl=ctx) as resp:
+        return resp.status, await resp.read(), resp.headers
 
 
-def _path(ref_s: str) -> tuple[str, str]:
-    ref = parse_reference(ref_s)
-    return f"{registry_key(ref.registry)}/{ref.repository}", ref.tag or "latest"
+async def test_a_cell_gets_what_it_was_granted_and_nothing_else(node):
+    a, b = node.cell("cella"), node.cell("cellb")
+    node.grants.grant("cella", node.content.manifest_blobs(sha(MANIFEST)))
+    node.grants.grant("cellb", [sha(OTHER)])
+    async with aiohttp.ClientSession() as s:
+        assert (await get(s, node, "/v2/", a))[0] == 200
+        status, body, headers = await get(s, node, f"/v2/any/name/manifests/{sha(MANIFEST)}", a)
+        assert (status, body) == (200, MANIFEST)
+        assert headers["Content-Type"] == "application/vnd.docker.distribution.manifest.v2+json"
+        assert headers["Docker-Content-Digest"] == sha(MANIFEST)
+        for blob in (CONFIG, LAYER):
+            status, body, headers = await get(s, node, f"/v2/x/blobs/{sha(blob)}", a)
+            assert (status, body, headers["Docker-Content-Digest"]) == (200, blob, sha(blob))
+        status, body, headers = await get(s, node, f"/v2/x/blobs/{sha(LAYER)}", a, method="HEAD")
+        assert (status, body, int(headers["Content-Length"])) == (200, b"", len(LAYER))
+        # In the store, granted to another cell: not to this one (and the other way round).
+        status, body, _ = await get(s, node, f"/v2/x/blobs/{sha(OTHER)}", a)
+        assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
+        assert (await get(s, node, f"/v2/x/blobs/{sha(LAYER)}", b))[0] == 404
+        assert (await get(s, node, f"/v2/x/blobs/{sha(OTHER)}", b))[0] == 200
+        # Tags, other routes and writes are never served.
+        assert (await get(s, node, "/v2/x/manifests/latest", a))[0] == 404
+        assert (await get(s, node, "/v2/_catalog", a))[0] == 404
+        assert (await get(s, node, f"/v2/x/blobs/{sha(LAYER)}", a, method="DELETE"))[0] == 405
+        assert (await get(s, node, "/v2/x/blobs/uploads/", a, method="POST"))[0] == 405
+        # The cell is gone: so is what it was granted.
+        node.grants.revoke("cella")
+        assert (await get(s, node, f"/v2/x/blobs/{sha(LAYER)}", a))[0] == 404
 
 
-async def test_root(pull_path, http):
-    base = f"http://{pull_path.address}"
-    # Without Authorization: a Basic challenge, so that skopeo sends the credentials it has.
-    async with http.get(f"{base}/v2/") as r:
-        assert r.status == 401
-        assert r.headers["WWW-Authenticate"].startswith("Basic ")
-    async with http.get(f"{base}/v2/", headers={"Authorization": "Basic Og=="}) as r:
-        assert r.status == 200 and await r.json() == {}
-    async with http.head(f"{base}/v2/", headers={"Authorization": "Basic Og=="}) as r:
-        assert r.status == 200
-    async with http.post(f"{base}/v2/") as r:
-        assert r.status == 405
+async def test_no_cell_certificate_no_answer(node, tmp_path):
+    node.grants.grant("cella", [sha(LAYER)])
+    bare = ssl.create_default_context(cafile=str(node.pki.ca_path))
+    stranger = NodePKI(tmp_path / "elsewhere", "node-a")  # another CA's cell named the same
+    stranger.issue_cell("cella").write(tmp_path / "stranger")
+    forged = ssl.create_default_context(cafile=str(node.pki.ca_path))
+    forged.load_cert_chain(str(tmp_path / "stranger" / "cell.crt"), str(tmp_path / "stranger" / "cell.key"))
+    async with aiohttp.ClientSession() as s:
+        for ctx in (bare, forged):
+            with pytest.raises(aiohttp.ClientError):
+                await get(s, node, f"/v2/x/blobs/{sha(LAYER)}", ctx)
+        # The node's own client certificate is from the CA but names no cell: 403.
+        status, _, _ = await get(s, node, f"/v2/x/blobs/{sha(LAYER)}", node.pki.client_context())
+        assert status == 403
 
 
-async def test_root_without_challenge(http):
-    pp = PullPath(RegistriesConfig(), basic_challenge=False)
-    await pp.start("127.0.0.1", 0)
+async def test_nothing_a_cell_names_reaches_another_address(node):
+    """What the old pull path forwarded (a registry key naming the host's loopback, a
+    registry's redirect, a token realm) now meets a store that forwards nothing."""
+    seen: list[str] = []
+
+    async def canary(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.Response(text="SECRET")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", canary)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    a = node.cell("cella")
+    node.grants.grant("cella", [sha(LAYER)])
     try:
-        async with http.get(f"http://{pp.address}/v2/") as r:
-            assert r.status == 200 and await r.json() == {}
+        async with aiohttp.ClientSession() as s:
+            for path in (f"/v2/127.0.0.1_{port}/x/manifests/latest",
+                         f"/v2/127.0.0.1_{port}/latest/meta-data/iam/security-credentials/node-role",
+                         f"/v2/127.0.0.1:{port}/x/blobs/{sha(OTHER)}",
+                         f"/v2/http://127.0.0.1:{port}/x/blobs/{sha(OTHER)}"):
+                status, body, _ = await get(s, node, path, a)
+                assert status == 404 and b"SECRET" not in body, path
+            # Nothing asked for, not even what the cell was granted, went anywhere.
+            assert (await get(s, node, f"/v2/127.0.0.1_{port}/x/blobs/{sha(LAYER)}", a))[0] == 200
+        assert seen == []
+        # The control: the canary answers whoever asks it directly.
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/probe") as resp:
+            assert await resp.text() == "SECRET"
+        assert seen == ["/probe"]
     finally:
-        await pp.stop()
+        await runner.cleanup()
 
 
-async def test_manifest_and_blob(pull_path, http, test_images):
-    image = test_images["busybox"]
-    name, tag = _path(image.ref)
-    base = f"http://{pull_path.address}/v2/{name}"
+async def test_one_cell_cannot_hold_back_another(node, monkeypatch):
+    """Each cell has slots of its own (2 here): cell A's stalled requests hold only its own;
+    past the waiting bound A is told 429; cell B is served meanwhile."""
+    monkeypatch.setattr(pullpath, "PER_CELL_WAITING", 1)
+    release = asyncio.Event()
+    answer = PullPath._answer
 
-    async with http.get(f"{base}/manifests/{tag}", headers={"Accept": ACCEPT_MANIFESTS}) as r:
-        assert r.status == 200
-        body = await r.read()
-        assert r.headers["Docker-Content-Digest"] == image.manifest_digest
-        assert r.headers["Content-Type"] == image.media_type
-        assert int(r.headers["Content-Length"]) == len(body)
-    assert "sha256:" + hashlib.sha256(body).hexdigest() == image.manifest_digest
-    manifest = json.loads(body)
+    async def stalled(self, request, kind, digest):
+        if cell_of(request.transport.get_extra_info("peercert")) == "cella":
+            await release.wait()
+        return await answer(self, request, kind, digest)
 
-    async with http.head(f"{base}/manifests/{image.manifest_digest}", headers={"Accept": ACCEPT_MANIFESTS}) as r:
-        assert r.status == 200
-        assert int(r.headers["Content-Length"]) == len(body)
-        assert await r.read() == b""
-
-    layer = manifest["layers"][0]
-    async with http.get(f"{base}/blobs/{layer['digest']}") as r:
-        assert r.status == 200
-        h = hashlib.sha256()
-        n = 0
-        async for chunk in r.content.iter_chunked(65536):
-            h.update(chunk)
-            n += len(chunk)
-        assert int(r.headers["Content-Length"]) == n == layer["size"]
-    assert f"sha256:{h.hexdigest()}" == layer["digest"]
-
-    async with http.get(f"{base}/blobs/{manifest['config']['digest']}", headers={"Range": "bytes=0-9"}) as r:
-        assert r.status in (200, 206)
-        if r.status == 206:
-            assert await r.read() == (await _config(http, base, manifest))[:10]
+    monkeypatch.setattr(PullPath, "_answer", stalled)
+    a, b = node.cell("cella"), node.cell("cellb")
+    node.grants.grant("cella", [sha(LAYER)])
+    node.grants.grant("cellb", [sha(LAYER)])
+    path = f"/v2/x/blobs/{sha(LAYER)}"
+    async with aiohttp.ClientSession() as s:
+        held = [asyncio.create_task(get(s, node, path, a)) for _ in range(3)]  # 2 in slots, 1 waiting
+        await asyncio.sleep(0.3)
+        assert (await get(s, node, path, a))[0] == 429
+        assert (await asyncio.wait_for(get(s, node, path, b), 30))[0] == 200
+        assert not any(t.done() for t in held)
+        release.set()
+        assert [r[0] for r in await asyncio.gather(*held)] == [200, 200, 200]
 
 
-async def _config(http, base, manifest) -> bytes:
-    async with http.get(f"{base}/blobs/{manifest['config']['digest']}") as r:
-        return await r.read()
+def test_the_pull_path_certificate_names_its_address_and_serves_only(tmp_path):
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
 
-
-async def test_errors_pass_through(pull_path, http, test_images):
-    name, _ = _path(test_images["busybox"].ref)
-    base = f"http://{pull_path.address}/v2"
-    async with http.get(f"{base}/{name}/manifests/no-such-tag", headers={"Accept": ACCEPT_MANIFESTS}) as r:
-        assert r.status == 404
-        assert (await r.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
-    async with http.delete(f"{base}/{name}/manifests/latest") as r:
-        assert r.status == 405
-    async with http.put(f"{base}/{name}/blobs/uploads/") as r:
-        assert r.status == 405
-    async with http.get(f"{base}/{name}/tags/list") as r:
-        assert r.status == 404
-    async with http.get(f"{base}/127.0.0.1_5000/UPPER/manifests/latest") as r:
-        assert r.status == 400 and "lowercase" in (await r.json())["errors"][0]["message"]
-    async with http.get(f"{base}/{name}/blobs/latest") as r:
-        assert r.status == 400
-    async with http.get(f"{base}/127.0.0.1_{free_port()}/x/manifests/latest") as r:
-        assert r.status == 502
-
-
-async def test_mirror_config_on_the_pull_path(http, test_images, registry):
-    image = test_images["busybox-oci"]
-    repo = parse_reference(image.ref).repository
-    config = RegistriesConfig.parse(
-        f'[[registry]]\nprefix = "registry.k8s.io"\nlocation = "{registry}"\ninsecure = true\n'
-        f'[[registry]]\nprefix = "blocked.example"\nblocked = true\n'
-    )
-    pp = PullPath(config)
-    await pp.start("127.0.0.1", 0)
-    try:
-        base = f"http://{pp.address}/v2"
-        manifest_url = f"{base}/registry.k8s.io/{repo}/manifests/latest"
-        async with http.get(manifest_url, headers={"Accept": ACCEPT_MANIFESTS}) as r:
-            assert r.status == 200
-            assert sha(await r.read()) == image.manifest_digest
-        async with http.get(f"{base}/blocked.example/{repo}/manifests/latest") as r:
-            assert r.status == 403 and "blocked" in await r.text()
-    finally:
-        await pp.stop()
-
-
-BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-
-
-async def test_forwards_authorization_and_follows_redirects(pull_path, http, fake):
-    base = f"http://{pull_path.address}/v2/{registry_key(fake.host)}"
-    async with http.get(f"{base}/basic/app/manifests/latest") as r:
-        assert r.status == 401
-        assert r.headers["WWW-Authenticate"] == 'Basic realm="fake"'
-    async with http.get(f"{base}/basic/app/manifests/latest", headers={"Authorization": BASIC}) as r:
-        assert r.status == 200 and sha(await r.read()) == sha(fake.manifest)
-    layer = sha(fake.layer)
-    async with http.get(f"{base}/open/app/blobs/{layer}", headers={"Authorization": "Basic Og=="}) as r:
-        assert r.status == 200 and sha(await r.read()) == layer
-    assert any(req[1] == f"/storage/{layer}" for req in fake.requests)
-    # Empty credentials are not forwarded.
-    assert all(req[2] != "Basic Og==" for req in fake.requests)
-
-
-async def test_bearer_upstream_token_flow_on_the_node(pull_path, http, fake):
-    base = f"http://{pull_path.address}/v2/{registry_key(fake.host)}"
-    for _ in range(2):
-        async with http.get(f"{base}/bearer/app/manifests/latest", headers={"Authorization": BASIC}) as r:
-            assert r.status == 200 and sha(await r.read()) == sha(fake.manifest)
-    assert len([req for req in fake.requests if req[1].startswith("/token")]) == 1  # cached
-    async with http.get(f"{base}/bearer/app/manifests/latest",
-                        headers={"Authorization": "Basic " + base64.b64encode(b"alice:bad-pw").decode()}) as r:
-        assert r.status == 401
-        text = await r.text()
-        assert "incorrect username or password" in text and "bad-pw" not in text
-
-
-async def _skopeo(source: str, dest, *extra: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        "skopeo", "copy", "--src-tls-verify=false", *extra, f"docker://{source}", f"oci:{dest}:x",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 120)
-    return proc.returncode, out.decode()
-
-
-@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed")
-@pytest.mark.parametrize("kind", ["basic", "bearer"])
-async def test_skopeo_with_credentials(pull_path, fake, tmp_path, kind):
-    source = f"{pull_path.address}/{registry_key(fake.host)}/{kind}/app@{sha(fake.manifest)}"
-    code, out = await _skopeo(source, tmp_path / "no-creds", "--src-no-creds")
-    assert code != 0 and "unauthorized" in out.lower(), out
-    code, out = await _skopeo(source, tmp_path / "creds", "--src-creds", f"{USER}:{PASSWORD}")
-    assert code == 0, out
-    index = json.loads((tmp_path / "creds" / "index.json").read_text())
-    assert len(index["manifests"]) == 1
-    assert any(req[2] and req[2].startswith("Basic ") for req in fake.requests)  # the cell's creds went up
-
-
-@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed")
-async def test_skopeo_copies_through_the_pull_path(pull_path, test_images, tmp_path):
-    for key in ("busybox", "busybox-index"):
-        image = test_images[key]
-        ref = parse_reference(image.ref)
-        source = cell_reference(pull_path.address, ref, image.manifest_digest)
-        assert source.startswith(f"{pull_path.address}/127.0.0.1_5000/")
-        dest = tmp_path / key
-        code, out = await _skopeo(source, dest, "--src-no-creds")  # as the cell agent runs it
-        assert code == 0, out
-        index = json.loads((dest / "index.json").read_text())
-        (entry,) = index["manifests"]
-        manifest = json.loads((dest / "blobs" / "sha256" / entry["digest"].split(":")[1]).read_bytes())
-        # Every blob arrived whole (skopeo verified digests on the way; check again).
-        for desc in [manifest["config"], *manifest["layers"]]:
-            blob = (dest / "blobs" / "sha256" / desc["digest"].split(":")[1]).read_bytes()
-            assert len(blob) == desc["size"] and sha(blob) == desc["digest"]
-
-
-async def test_pull_path_mirrors_fall_back(http, test_images, registry):
-    image = test_images["busybox"]
-    ref = parse_reference(image.ref)
-    config = RegistriesConfig.parse(
-        f"""
-        [[registry]]
-        prefix = "{registry}"
-        location = "{registry}"
-        [[registry.mirror]]
-        location = "127.0.0.1:{free_port()}/dead"
-        [[registry.mirror]]
-        location = "{registry}/nothing-here"
-        """
-    )
-    pp = PullPath(config)
-    await pp.start("127.0.0.1", 0)
-    try:
-        url = f"http://{pp.address}/v2/{registry_key(registry)}/{ref.repository}/manifests/{image.manifest_digest}"
-        async with http.get(url, headers={"Accept": ACCEPT_MANIFESTS}) as r:
-            assert r.status == 200 and sha(await r.read()) == image.manifest_digest
-    finally:
-        await pp.stop()
+    pki = NodePKI(tmp_path / "pki", "node-a")
+    pki.pull_path_context(["10.123.0.1", "node-a.example"])
+    cert = x509.load_pem_x509_certificate((tmp_path / "pki" / "pull-path.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.123.0.1"]
+    assert san.get_values_for_type(x509.DNSName) == ["node-a.example"]
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH]  # it cannot pass for the node towards a cell
+    assert oct((tmp_path / "pki" / "pull-path.key").stat().st_mode & 0o777) == "0o600"
+    assert cell_of({"subjectAltName": (("DNS", "c1.cells.kiyot"),)}) == "c1"
+    assert cell_of({"subjectAltName": (("DNS", "a.b.cells.kiyot"), ("URI", "kiyot:node:n"))}) is None
+    assert cell_of(None) is None

@@ -65,7 +65,7 @@ class FakeProvider:
             self.cells[cell_id] = Cell(
                 id=cell_id, sandbox_id=shape.tags.get("kiyot-sandbox", ""), address=address,
                 agent_url=f"https://{address}:{AGENT_PORT}", server_name=f"{cell_id}.cells.kiyot", state="pending",
-                tags=dict(shape.tags), hostname=cell_id)
+                tags=dict(shape.tags), hostname=cell_id, pull_path="10.0.0.1:5380")
         return _copy(self.cells[cell_id])
 
     async def wait_running(self, cell_id: str, timeout: float) -> Cell:

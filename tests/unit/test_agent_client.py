@@ -85,7 +85,7 @@ async def test_client_covers_every_route(fake_agent):
     await client.health()
     await client.facts()
     await client.put_pod({"sandbox_id": CID})
-    await client.pull("r", "sha256:x", False, {"username": "u", "password": "p"})
+    await client.pull("r", "sha256:x")
     await client.remove_image("sha256:" + CID)
     await client.usage()
     await client.create_container({"id": CID})

@@ -13,12 +13,13 @@ from kiyot_py.errors import FailedPrecondition
 from kiyot_py.gen.runtime.v1 import api_pb2 as cri
 from kiyot_py.model import Cell, CellFacts, Image, PlatformImage, from_json, to_json
 from kiyot_py.platforms import Platform, arch, normalize_arch
-from kiyot_py.pods.images import ImageManager
+from kiyot_py.pods.images import ImageManager, cell_pull
 from kiyot_py.pods.spec import SpecError, build_container_spec
 from kiyot_py.pods.spec.process import normalize_signal
 from kiyot_py.pods.spec.security import ALL_CAPABILITIES, DEFAULT_CAPABILITIES
 from kiyot_py.registry.client import RegistryClient
 from kiyot_py.registry.config import RegistriesConfig
+from kiyot_py.registry.content import ContentStore
 from kiyot_py.store import Store
 
 ARM64 = CellFacts(architecture="arm64", variant="v8", kernel="6.8.0-1012-aws",
@@ -191,7 +192,8 @@ def test_image_platforms_round_trip_the_store_format():
 async def manager(tmp_path: Path):
     client = RegistryClient(connect_timeout=5, read_timeout=10)
     store = Store(tmp_path / "state.db")
-    yield ImageManager(store, client, RegistriesConfig(), default_platform=AMD64), store, tmp_path
+    content = ContentStore(tmp_path / "content")
+    yield ImageManager(store, client, RegistriesConfig(), content, default_platform=AMD64), store, tmp_path
     await client.close()
     store.close()
 
@@ -211,18 +213,20 @@ async def test_arm64_cell_gets_the_arm64_manifest(fake, manager):
     assert got.config["architecture"] == "arm64" and got.config["config"]["Cmd"] == ["/bin/arm64"]
     assert record.id == amd_config  # the image id stays the default platform's config digest
 
-    # Asked once: the answer is kept in the record, and in the store.
+    # Asked once: the answer is kept in the record, the state db, and the content store.
     fake.requests.clear()
     assert await images.for_cell(record, CellFacts(architecture="arm64")) == got
     assert fake.requests == []
     reloaded = ImageManager(Store(tmp_path / "state.db"), RegistryClient(), RegistriesConfig(),
-                            default_platform=AMD64).get(record.id)
+                            images.content, default_platform=AMD64).get(record.id)
     assert reloaded.platforms["linux/arm64/v8"] == got
+    arm_blobs = images.content.manifest_blobs(arm_manifest)
+    assert len(arm_blobs) >= 3 and all(images.content.has(d) for d in arm_blobs)
 
     cell = Cell(id="c1", sandbox_id="s1", address="10.0.0.2", agent_url="https://x",
                 pull_path="10.89.0.1:5380")
-    pull = images.cell_pull(record, cell, platform_digest=got.platform_digest)
-    assert pull["digest"] == arm_manifest and pull["ref"].endswith(f"/multi/app@{arm_manifest}")
+    pull = cell_pull(record, cell, got.platform_digest)
+    assert pull == {"ref": f"10.89.0.1:5380/multi/app@{arm_manifest}", "digest": arm_manifest}
 
     # The spec for that cell: the arm64 image's config and an arm64 seccomp profile.
     s = build_container_spec(cfg(seccomp=cri.SecurityProfile(profile_type=cri.SecurityProfile.RuntimeDefault)),
@@ -250,7 +254,7 @@ async def test_a_single_platform_image_has_no_other(fake, manager):
 
 async def test_pull_resolves_for_the_default_platform(fake, tmp_path: Path):
     async with RegistryClient() as client:
-        images = ImageManager(Store(tmp_path / "s.db"), client, RegistriesConfig(),
+        images = ImageManager(Store(tmp_path / "s.db"), client, RegistriesConfig(), ContentStore(tmp_path / "c"),
                               default_platform=Platform("linux", "arm64"))
         record = await images.pull(f"{fake.host}/multi/app:latest", None)
         assert (record.platform_digest, record.id) == fake.platforms["linux/arm64/v8"]

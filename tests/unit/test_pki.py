@@ -60,10 +60,10 @@ async def test_only_the_nodes_certificate_is_the_node(cell, tmp_path):
     async with aiohttp.ClientSession() as session:
         async with session.get(url, ssl=pki.client_context(), server_hostname="c1.cells.kiyot") as resp:
             assert (await resp.json())["node"] == "node-a"
-        # Another cell's certificate (same CA) is for a server only: the handshake refuses
-        # it (and were it let through, it names no node: the agent's middleware says 401).
-        with pytest.raises(aiohttp.ClientError):
-            await session.get(url, ssl=_client(tmp_path / "c2", pki))
+        # Another cell's certificate (same CA) is also its client identity towards the pull
+        # path: it passes the handshake and names no node (the agent's middleware says 401).
+        async with session.get(url, ssl=_client(tmp_path / "c2", pki), server_hostname="c1.cells.kiyot") as resp:
+            assert (await resp.json())["node"] is None
         with pytest.raises(aiohttp.ClientError):  # no certificate at all: no handshake
             await session.get(url, ssl=_client(None, pki))
         stranger = NodePKI(tmp_path / "elsewhere", "node-a")  # same name, another CA

@@ -19,7 +19,7 @@ def test_records_round_trip(tmp_path):
                                                agent_url="https://10.0.0.2:1", server_name="c.cells.kiyot"))
     c = Container(id=new_id(), sandbox_id=sb.id, name="c", attempt=0, image="i", image_id="sha256:1",
                   image_ref="r@sha256:2", config=b"\xff")
-    img = Image(id="sha256:" + "1" * 64, repo_tags=["a:1"], auth={"a": Credentials("u", "p")})
+    img = Image(id="sha256:" + "1" * 64, repo_tags=["a:1"])
     for record in (sb, c, img):
         store.put(record)
     store.close()
@@ -31,7 +31,8 @@ def test_records_round_trip(tmp_path):
     assert again.load(Container) == []
     # Secrets live here: the file is the owner's only.
     assert stat.S_IMODE((tmp_path / "state.db").stat().st_mode) == 0o600
-    assert "password" not in repr(img.auth["a"]) and "token" not in repr(sb.cell)
+    assert "token" not in repr(sb.cell)
+    assert "s3cr3t" not in repr(Credentials("u", "s3cr3t", "registry.example"))
 
 
 def test_newer_schema_is_refused(tmp_path):
@@ -87,3 +88,25 @@ def test_the_example_config_names_only_real_settings():
     example = Path(__file__).resolve().parents[2] / "packaging" / "config.example.toml"
     settings = load_settings(example, {}, {})
     assert settings.local.allow_privileged is False and settings.local.deny_egress == ""
+
+
+def test_credentials_an_older_version_kept_are_scrubbed_from_the_file(tmp_path):
+    """Before the content store, an image record kept its last pull's password in clear."""
+    import json
+
+    from kiyot_py.model import to_json
+    from kiyot_py.pods.images import ImageManager
+    from kiyot_py.registry.client import RegistryClient
+    from kiyot_py.registry.config import RegistriesConfig
+    from kiyot_py.registry.content import ContentStore
+
+    store = Store(tmp_path / "state.db")
+    old = to_json(Image(id="sha256:" + "1" * 64, repo_tags=["a:1"]))
+    old["auth"] = {"a": {"username": "u", "password": "old-s3cr3t-in-clear"}}
+    store._db.execute("INSERT INTO images (id, data) VALUES (?, ?)", (old["id"], json.dumps(old)))
+    store._db.commit()
+    ImageManager(store, RegistryClient(), RegistriesConfig(), ContentStore(tmp_path / "content"))
+    store.close()  # a checkpoint: the WAL's frames land in the file
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("state.db*"))
+    assert b"old-s3cr3t-in-clear" not in raw
+    assert Store(tmp_path / "state.db").load(Image)[0].repo_tags == ["a:1"]

@@ -4,6 +4,8 @@ fake agents: the decisions of kiyot_py.pods without root, cells or registries.""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from pathlib import Path
 
 import grpc
@@ -20,13 +22,30 @@ from kiyot_py.pods.runtime import PodRuntime
 from kiyot_py.providers.base import CapacityError, CellShape, ProviderConfigError, ProviderPermissionDenied, QuotaError
 from kiyot_py.registry.client import RegistryClient
 from kiyot_py.registry.config import RegistriesConfig
+from kiyot_py.registry.content import ContentStore
 from kiyot_py.store import Store
-from tests.registry.fake import FakeRegistry
+from tests.registry.fake import PASSWORD, USER, FakeRegistry
 from tests.support.fakes import FakeAgents, FakeProvider
 
-IMAGE_ID = "sha256:" + "c" * 64
-IMAGE_DIGEST = "sha256:" + "d" * 64
-PLATFORM_DIGEST = "sha256:" + "e" * 64
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# The image the node holds: a config, one layer and their manifest, in its content store.
+CONFIG = {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/app"], "Env": ["PATH=/bin"]}}
+CONFIG_BYTES = json.dumps(CONFIG).encode()
+LAYER_BYTES = b"not a real layer: the fake agent never unpacks it"
+MANIFEST_BYTES = json.dumps({
+    "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": _sha(CONFIG_BYTES),
+               "size": len(CONFIG_BYTES)},
+    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": _sha(LAYER_BYTES),
+                "size": len(LAYER_BYTES)}],
+}).encode()
+IMAGE_ID = _sha(CONFIG_BYTES)
+IMAGE_DIGEST = "sha256:" + "d" * 64  # the index's (never fetched here)
+PLATFORM_DIGEST = _sha(MANIFEST_BYTES)
 IMAGE = "registry.example/app:1"
 
 
@@ -44,10 +63,12 @@ class Node:
         if seed is not None:
             await seed(self)
         self.store.put(Image(id=IMAGE_ID, repo_tags=[IMAGE], repo_digests=[f"registry.example/app@{IMAGE_DIGEST}"],
-                             size=1234, platform_digest=PLATFORM_DIGEST,
-                             config={"config": {"Cmd": ["/app"], "Env": ["PATH=/bin"]}}))
+                             size=1234, platform_digest=PLATFORM_DIGEST, config=CONFIG))
+        self.content = ContentStore(self.settings.state_dir / "content")
+        for data in (CONFIG_BYTES, LAYER_BYTES, MANIFEST_BYTES):
+            self.content.put(_sha(data), data)
         self.registry = RegistryClient()
-        images = ImageManager(self.store, self.registry, RegistriesConfig.load(None))
+        images = ImageManager(self.store, self.registry, RegistriesConfig.load(None), self.content)
         self.runtime = PodRuntime(self.settings, self.store, self.provider, images, agents=self.agents)
         await self.runtime.start()
         self.server = await start_server(self.settings.socket, self.runtime, self.settings.state_dir)
@@ -212,6 +233,10 @@ async def test_container_lifecycle_through_the_agent(node, tmp_path):
     assert body["image_digest"] == PLATFORM_DIGEST
     assert body["spec"]["process"]["args"] == ["/app"]  # the image default, from the node
     assert agent.pulls[0]["digest"] == PLATFORM_DIGEST
+    # The cell may fetch that manifest, its config and its layer from the node, and nothing else.
+    cell_id = node.runtime.index.sandboxes[sid].cell.id
+    assert node.runtime.cells.grants.of(cell_id) == {
+        PLATFORM_DIGEST, IMAGE_ID, _sha(LAYER_BYTES)}
     with pytest.raises(grpc.aio.AioRpcError) as err:  # one name per attempt
         await create(node, sid)
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
@@ -367,6 +392,75 @@ async def test_an_arm64_cell_behind_this_node_gets_arm64(tmp_path):
         assert body["spec"]["process"]["args"] == ["/bin/arm64"]  # the arm64 image's own config
         assert body["spec"]["linux"]["seccomp"]["architectures"] == ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]
         assert body["spec"]["process"]["capabilities"]["bounding"] == ["CAP_CHOWN", "CAP_KILL"]
+    finally:
+        await node.stop()
+        await registry.stop()
+
+
+async def test_pull_credentials_serve_that_pull_only(tmp_path):
+    """Namespace A pulls with credentials; a pod in namespace B runs the image the node
+    holds, as under containerd. No cell gets a credential, the pull path grants B the
+    image by digest, and the password is nowhere in the node's state."""
+    registry = FakeRegistry()
+    await registry.start()
+    node = Node(tmp_path)
+    await node.start()
+    try:
+        a = pod_config("puller", uid="uid-a")
+        a.metadata.namespace = "team-a"
+        sid_a = (await node.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=a))).pod_sandbox_id
+        ref = f"{registry.host}/basic/app:latest"
+        pulled = await node.img.PullImage(pb.PullImageRequest(
+            image=pb.ImageSpec(image=ref), sandbox_config=a,
+            auth=pb.AuthConfig(username=USER, password=PASSWORD, server_address=registry.host)))
+        assert pulled.image_ref == _sha(registry.config)
+        record = node.runtime.images.get(ref)
+        registry.requests.clear()  # from here on, nothing more is asked of the registry
+
+        b = pod_config("borrower", uid="uid-b")
+        b.metadata.namespace = "team-b"
+        sid_b = (await node.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=b))).pod_sandbox_id
+        for sid, config in ((sid_a, a), (sid_b, b)):
+            ctr = container_config()
+            ctr.image.image = ref
+            await node.rt.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=sid, config=ctr,
+                                                                    sandbox_config=config))
+            pull = node.agent_of(sid).pulls[-1]
+            assert set(pull) == {"ref", "digest"} and pull["ref"].startswith("10.0.0.1:5380/")
+            cell = node.runtime.index.sandboxes[sid].cell.id
+            assert pull["digest"] in node.runtime.cells.grants.of(cell)
+        assert registry.requests == [] and record.platforms == {}
+    finally:
+        await node.stop()
+        await registry.stop()
+    raw = b"".join(p.read_bytes() for p in node.settings.state_dir.glob("state.db*"))
+    assert PASSWORD.encode() not in raw and USER.encode() not in raw
+
+
+async def test_pull_image_for_a_named_pod_fetches_its_cells_platform_at_once(tmp_path):
+    """The kubelet names the pod it pulls for: its arm64 cell's manifest is fetched in the
+    same PullImage, while the credentials are at hand; an image without that platform
+    fails the pull, as on an arm64 node."""
+    registry = FakeRegistry()
+    await registry.start()
+    node = Node(tmp_path)
+    node.agents = FakeAgents(CellFacts(architecture="arm64", variant="v8"))
+    await node.start()
+    try:
+        config = pod_config()
+        await node.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=config))
+        ref = f"{registry.host}/multi/app:latest"
+        await node.img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref), sandbox_config=config))
+        record = node.runtime.images.get(ref)
+        arm64_manifest, _ = registry.platforms["linux/arm64/v8"]
+        assert record.platforms["linux/arm64/v8"].platform_digest == arm64_manifest
+        blobs = node.content.manifest_blobs(arm64_manifest)
+        assert len(blobs) == 3 and all(node.content.has(d) for d in blobs)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await node.img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=f"{registry.host}/open/app:latest"),
+                                                         sandbox_config=config))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no linux/arm64/v8 manifest" in err.value.details()
     finally:
         await node.stop()
         await registry.stop()
