@@ -67,7 +67,9 @@ class Settings:
             raise ConfigError(f"registries_conf {self.registries_conf} does not exist")
 
 
-# Environment names: KIYOT_SOCKET, KIYOT_STATE_DIR, KIYOT_LOCAL_SUBNET, ...
+# Environment names: KIYOT_SOCKET, KIYOT_STATE_DIR, KIYOT_LOCAL_SUBNET, ... Every KIYOT_*
+# variable is a setting, and an unknown one is an error (a typo never passes silently);
+# the project's scripts and tests use KIYOTPY_* for their own knobs.
 def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
     for key, value in values.items():
         names = {f.name: f for f in dataclasses.fields(obj)}

@@ -3,7 +3,7 @@
 # the CRI validation suite (scripts/conformance.sh) on the same registry.
 #   bash scripts/test.sh                    everything (what CI runs)
 #   bash scripts/test.sh [pytest args...]   only pytest, with these arguments
-# KIYOT_CONFORMANCE=0 skips the suite.
+# KIYOTPY_CONFORMANCE=0 skips the suite.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -72,6 +72,6 @@ if [ $# -eq 0 ]; then
         "$REPO/.venv/bin/python" -m pytest -q -p no:cacheprovider tests/unit
 fi
 "$REPO/.venv/bin/python" -m pytest -q "$@"
-if [ $# -eq 0 ] && [ "${KIYOT_CONFORMANCE:-1}" != 0 ]; then
+if [ $# -eq 0 ] && [ "${KIYOTPY_CONFORMANCE:-1}" != 0 ]; then
     bash "$REPO/scripts/conformance.sh"
 fi

@@ -124,7 +124,9 @@ def _supervise(cfg: AgentConfig) -> int:
 
     The child is forked from this interpreter, whose imports (aiohttp, the server) are
     already done: a cell's agent answers one interpreter start-up sooner, and a restart
-    after a crash is a fork, not a new Python.
+    after a crash is a fork, not a new Python. In a cell with a PID namespace of its own
+    this is its pid 1, as init is in a VM: every orphan of the cell (a conmon that
+    daemonized, a container whose conmon died) is reaped here.
     """
     from . import server  # noqa: F401  (imported once here, shared by every child)
 
@@ -156,7 +158,10 @@ def _supervise(cfg: AgentConfig) -> int:
         if stopping:  # the signal came before `child` was set
             signal_child(signal.SIGTERM)
         lg.info("agent_started", pid=child)
-        status = os.waitpid(child, 0)[1]
+        while True:
+            pid, status = os.waitpid(-1, 0)  # the agent, or an orphan reparented here
+            if pid == child:
+                break
         child = 0
         if stopping:
             break

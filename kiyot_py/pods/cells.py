@@ -82,18 +82,14 @@ class Cells:
 
     def refuse_node_access(self, what: str, security: api_pb2.LinuxSandboxSecurityContext
                            | api_pb2.LinuxContainerSecurityContext) -> None:
-        """Privileged and hostPID reach the node itself unless the cell is a VM of its own:
-        refused unless the provider allows them (local.allow_privileged)."""
-        if self.provider.features.privileged:
-            return
-        if security.privileged:
-            asks = "to be privileged (it would be root on the node's kernel)"
-        elif security.namespace_options.pid == api_pb2.NODE:
-            asks = "for hostPID (a local cell's PID namespace is the node's: it would see the node's processes)"
-        else:
+        """A privileged container is root on its cell's kernel: the node's own, unless the
+        cell is a VM of its own. Refused unless the provider allows it (local.allow_privileged).
+        (hostPID, hostIPC and hostNetwork mean the cell's namespaces, never the node's.)"""
+        if self.provider.features.privileged or not security.privileged:
             return
         raise FailedPrecondition(
-            f"{what} asks {asks}, and this provider's cells share the node's kernel: refused "
+            f"{what} asks to be privileged (it would be root on the node's kernel), and this "
+            "provider's cells share the node's kernel: refused "
             "(set local.allow_privileged = true to allow it on a node that runs trusted pods only)")
 
     def shape(self, sb: Sandbox) -> CellShape:

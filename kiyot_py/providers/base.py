@@ -75,9 +75,8 @@ class CellFeatures:
     # `rro` mounts: the cell's OCI runtime knows the option and its kernel has mount_setattr.
     recursive_read_only_mounts: bool = False
     user_namespaces: bool = False
-    # Whether a container may be privileged, or hostPID: inside a VM of its own, it is so
-    # in that VM only; a local cell shares the node's kernel and PID namespace, so there
-    # only if the config says.
+    # Whether a container may be privileged: inside a VM of its own, it is so in that VM
+    # only; a local cell shares the node's kernel, so there only if the config says.
     privileged: bool = False
 
 

@@ -1,11 +1,13 @@
-"""Local cells: a network namespace per pod, with its own IP on a bridge.
+"""Local cells: namespaces of its own per pod (network, with its own IP on a bridge;
+IPC; PID; mounts), the nearest a shared kernel comes to a VM.
 
 Each cell is a directory `<state>/cells/<cell-id>/` holding `cell.json` (this
-provider's "cloud API": address, tags, the agent supervisor's pid), the agent's TLS
-identity (`tls/`: its key and certificate from the node's CA) and its state. The agent
-runs inside the namespace under `kiyot-cell supervise`, which restarts it if it dies, as
-systemd would inside a VM. Containers are held by conmon, so
-they outlive both the agent and `kiyot-py serve`.
+provider's "cloud API": address, tags, the pid of the process that leads the cell), the
+agent's TLS identity (`tls/`: its key and certificate from the node's CA), its runtime
+state (`runc/`) and the agent's state. The agent runs in those namespaces under
+`kiyot-cell supervise`, the cell's pid 1, which restarts it if it dies, as systemd would
+inside a VM. Containers are held by conmon, so they outlive both the agent and
+`kiyot-py serve`; a cell ends when its pid 1 does, with everything in it.
 """
 
 from __future__ import annotations
@@ -501,11 +503,19 @@ class LocalProvider:
 
     async def _start_agent(self, cell: _CellFile) -> None:
         cell_dir = self._dir / cell.id
-        # An IPC namespace of the cell's own: a hostIPC container (no IPC namespace in its
-        # spec, so runc leaves it in the agent's) shares the cell's, never the node's.
-        # Neither nsenter nor unshare forks: the pid is the supervisor's, its cmdline ours.
+        # The cell is the pod's host, as in a VM: namespaces of its own for IPC, PIDs and
+        # mounts (with its own /proc), so that hostIPC and hostPID containers (no such
+        # namespace in their spec: runc leaves them in the agent's) share the cell's,
+        # never the node's. Mounts made in the cell stay there (`slave`: the node's new
+        # mounts, such as the kubelet's volumes, still reach it) and go with it. `unshare`
+        # forks the supervisor as the namespace's pid 1 and kills it when it dies itself;
+        # the whole namespace dies with pid 1. `setsid --fork` makes the cell no child of
+        # this service (asyncio kills the children it still has when its loop ends; a VM
+        # outlives the node's service) and a session of its own. Its command line is ours
+        # (setsid and nsenter exec), how the node finds a cell's processes.
         argv = [
-            "nsenter", f"--net={NETNS_DIR / cell.netns}", "--", "unshare", "--ipc", "--",
+            "setsid", "--fork", "nsenter", f"--net={NETNS_DIR / cell.netns}", "--",
+            "unshare", "--ipc", "--pid", "--kill-child", "--mount-proc", "--propagation", "slave", "--",
             sys.executable, "-m", "kiyot_cell.cli", "supervise",
             "--listen", f"{cell.address}:{self._settings.agent_port}",
             "--tls-dir", str(cell_dir / "tls"),
@@ -513,16 +523,17 @@ class LocalProvider:
             "--netns", str(NETNS_DIR / cell.netns),
             "--cgroup-parent", f"kiyot/{cell.id}",
             "--runtime", self._settings.runtime,
+            # The runtime's state lives with the cell (its pids are the cell's), never in
+            # the node's /run/runc: nothing on the node mistakes a cell's pid for its own.
+            "--runtime-root", str(cell_dir / "runc"),
             "--log-max-size", str(self._settings.log_max_size),
         ]
         with open(cell_dir / "agent.log", "ab") as out:  # noqa: ASYNC230 - only opened (for the child), never read
-            # A session of its own: the cell outlives `kiyot-py serve`.
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                start_new_session=True,
-            )
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out)
+        if await proc.wait() != 0:
+            raise ProviderUnavailable(f"cell {cell.id}: its agent could not be started (see {cell_dir / 'agent.log'})")
         crash_point("cell-supervisor-spawned")  # its pid not saved yet
-        cell.supervisor_pid = proc.pid
+        cell.supervisor_pid = await _session_leader(cell_dir)
         self._write(cell)
 
     def _unrecorded_dirs(self) -> list[str]:
@@ -541,13 +552,17 @@ class LocalProvider:
         for pgid in {_pgid(pid) for pid in agent_processes(cell_dir)} - {0}:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
-        for _ in range(200):  # bounded: 10 s
-            if not agent_processes(cell_dir):
+        # The supervisor was the cell's pid 1: with it every process of the cell dies,
+        # containers included, as with a VM's power cut.
+        for _ in range(1000):  # bounded: 10 s
+            if not agent_processes(cell_dir) and not _cgroup_processes(f"kiyot/{cell_id}"):
                 break
             await asyncio.sleep(0.01)
-        await self._delete_containers(cell_dir)
+        await self._delete_containers(cell_dir)  # a cell made before cells had a PID namespace
         crash_point("cell-containers-killed")
-        for mount in mounts_under(cell_dir):  # e.g. the pod's IPC namespace, bound on a file
+        # A cell's own mounts go with its mount namespace; a cell made before cells had one
+        # left its mounts (the pod's IPC namespace, bound on a file) on the node.
+        for mount in mounts_under(cell_dir):
             await _run("umount", "--lazy", mount, check=False)
         # Named after the cell (its token): a cell without its record is found too.
         netns, veth = (cell.netns, cell.veth) if cell is not None else (f"kiyot-{cell_id[1:]}", f"kv{cell_id[1:]}")
@@ -564,7 +579,9 @@ class LocalProvider:
         log.info("cell deleted", cell=cell_id)
 
     async def _delete_containers(self, cell_dir: Path) -> None:
-        """Containers whose bundle lives in this cell: conmon holds them, so kill them here."""
+        """Containers of this cell in the node's own runtime state: those of a cell made
+        before cells had PID namespaces of their own (and runtime state of their own), whose
+        containers outlive their agent. A cell made since keeps none there."""
         runtime = self._settings.runtime  # the cells' own runtime (runc or crun), not always runc
         out = await _run(runtime, "list", "--format", "json", check=False)
         for ctr in json.loads(out or "null") or []:
@@ -631,6 +648,30 @@ def mounts_under(directory: Path) -> list[str]:
             if (point + "/").startswith(prefix):
                 found.append(point)
     return sorted(found, key=lambda p: p.count("/"), reverse=True)
+
+
+async def _session_leader(cell_dir: Path) -> int:
+    """The pid of the process that leads a cell's session (`unshare`, the parent of its pid
+    1), once it shows: 0 if it never does (the cell's agent died at once; its log says why)."""
+    for _ in range(100):  # bounded: 1 s
+        for pid in agent_processes(cell_dir):
+            with contextlib.suppress(ProcessLookupError):
+                if os.getsid(pid) == pid:
+                    return pid
+        await asyncio.sleep(0.01)
+    return 0
+
+
+def _cgroup_processes(relative: str) -> bool:
+    """Whether any process is left in the cgroup `relative` (or below), in any hierarchy."""
+    for hierarchy in Path("/sys/fs/cgroup").glob("*"):
+        path = hierarchy / relative
+        if path.is_dir():
+            for procs in path.rglob("cgroup.procs"):
+                with contextlib.suppress(OSError):
+                    if procs.read_text().strip():
+                        return True
+    return False
 
 
 def _remove_cgroups(relative: str) -> None:

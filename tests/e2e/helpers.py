@@ -107,10 +107,46 @@ def log_lines(path: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def runc_status(container_id: str) -> str:
-    """What runc on this host says of a container: running, stopped, ... or gone."""
-    out = subprocess.run(["runc", "state", container_id], check=False, capture_output=True, text=True)
+def cell_init(its_dir: Path) -> int:
+    """The node's pid of a cell's pid 1 (its supervisor, which `unshare` forked), or 0."""
+    try:
+        unshare = json.loads((its_dir / "cell.json").read_text())["supervisor_pid"]
+        children = Path(f"/proc/{unshare}/task/{unshare}/children").read_text().split()
+    except (OSError, ValueError, KeyError):
+        return 0
+    return int(children[0]) if children else 0
+
+
+def cell_runc(its_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`runc` inside a cell (its PID and mount namespaces, its own runtime state), as its
+    agent runs it: runc on the node knows nothing of a cell's containers."""
+    init = cell_init(its_dir)
+    assert init, f"the cell in {its_dir} is not running"
+    return subprocess.run(["nsenter", "-t", str(init), "-p", "-m", "runc", "--root", str(its_dir / "runc"), *args],
+                          check=check, capture_output=True, text=True)
+
+
+def runc_status(its_dir: Path, container_id: str) -> str:
+    """What runc in the cell says of a container: running, stopped, ... or gone (the
+    cell is gone, or it knows no such container)."""
+    if not cell_init(its_dir):
+        return "gone"
+    out = cell_runc(its_dir, "state", container_id, check=False)
     return json.loads(out.stdout)["status"] if out.returncode == 0 else "gone"
+
+
+def processes_naming(text: str) -> list[int]:
+    """Every process on the node whose command line holds `text` (a container id: its
+    conmon; a cell directory: its agent)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text.encode() in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
 
 
 def cell_dir(state_dir: Path, sandbox_id: str) -> Path:

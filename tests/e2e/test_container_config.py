@@ -9,7 +9,7 @@ import pytest
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 
-from .helpers import container_config, create, log_lines, start, wait_for, wait_state
+from .helpers import container_config, create, log_lines, new_pod, pod_name, remove_pod, start, wait_for, wait_state
 
 
 def exec_out(cri, cid, *cmd) -> str:
@@ -159,11 +159,42 @@ def test_status_advertises_what_the_cells_can_do(cri):
     assert handler.features.recursive_read_only_mounts  # runc 1.1 and kernel >= 5.12 here
 
 
-def test_recursive_read_only_mount(cri, img, pod, test_images, tmp_path):
+def test_a_mount_the_node_makes_later_under_a_shared_mount_reaches_the_cell(cri, img, test_images, tmp_path, request):
+    """A local cell's mount namespace is its own (for its own /proc) and a slave of the
+    node's: a mount the node makes after the cell came up reaches it under a mount that is
+    shared on the node (what the kubelet makes of its root directory)."""
+    root = tmp_path / "kubelet-root"
+    root.mkdir()
+    subprocess.run(["mount", "--bind", str(root), str(root)], check=True)
+    subprocess.run(["mount", "--make-rshared", str(root)], check=True)
+    volume = root / "pods" / "vol"
+    (volume / "tmpfs").mkdir(parents=True)
+    pod = new_pod(cri, pod_name(request.node.name), tmp_path)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "none", str(volume / "tmpfs")], check=True)  # the cell is up
+        (volume / "tmpfs" / "marker").write_text("made on the node later\n")
+        ref = test_images["busybox"].ref
+        pull(img, ref)
+        config = container_config("later", ref, command=["sleep", "3600"],
+                                  mounts=[pb.Mount(container_path="/mnt", host_path=str(volume))])
+        cid = start(cri, pod, config)
+        wait_state(cri, cid, pb.CONTAINER_RUNNING)
+        assert exec_out(cri, cid, "cat", "/mnt/tmpfs/marker") == "made on the node later\n"
+    finally:
+        remove_pod(cri, pod[0])
+        subprocess.run(["umount", "--lazy", str(volume / "tmpfs")], check=False)
+        subprocess.run(["umount", "--lazy", str(root)], check=False)
+
+
+def test_recursive_read_only_mount(cri, img, test_images, tmp_path, request):
     # A tmpfs under the volume: a plain read-only bind leaves it writable, rro does not.
+    # Mounted before the pod's cell comes up, as the kubelet mounts a pod's volumes (a
+    # cell sees the node's mounts as they were then, and later ones only under a shared
+    # mount, such as the kubelet's rshared root directory).
     volume = tmp_path / "vol"
     (volume / "tmpfs").mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "none", str(volume / "tmpfs")], check=True)
+    pod = new_pod(cri, pod_name(request.node.name), tmp_path)
     try:
         ref = test_images["busybox"].ref
         pull(img, ref)
@@ -182,6 +213,7 @@ def test_recursive_read_only_mount(cri, img, pod, test_images, tmp_path):
             cri.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=0))
             cri.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
     finally:
+        remove_pod(cri, pod[0])
         subprocess.run(["umount", "--lazy", str(volume / "tmpfs")], check=False)
 
 

@@ -20,7 +20,7 @@ from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from kiyot_py.pods.cells import launch_token
 from kiyot_py.providers.local import agent_processes, mounts_under
 
-from .helpers import cell_dir, new_pod, pod_name, run, sandbox_config, wait_state
+from .helpers import cell_dir, new_pod, pod_name, processes_naming, run, sandbox_config, wait_state
 
 CREATION = ["cell-dir-made", "cell-recorded", "cell-network-built", "cell-supervisor-spawned",
             "cell-agent-answering"]
@@ -45,19 +45,6 @@ def _crash_at(service, step: str, call) -> None:
     service.start()
 
 
-def _processes_naming(path: Path) -> list[int]:
-    """Every process whose command line names `path` (agents, conmon, runc)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if str(path).encode() in (proc / "cmdline").read_bytes():
-                    found.append(int(proc.name))
-            except OSError:
-                continue
-    return found
-
-
 def _parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
@@ -69,7 +56,7 @@ def _assert_nothing_left(service, token: str) -> None:
     netns = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
     assert f"kiyot-{short}" not in netns, "its network namespace is left"
     assert not Path(f"/sys/class/net/kv{short}").exists(), "its veth is left"
-    assert _processes_naming(its_dir) == [], "a process of the cell is left"
+    assert processes_naming(str(its_dir)) == [], "a process of the cell is left"
     assert mounts_under(its_dir) == [], "a mount of the cell is left"
     assert list(Path("/sys/fs/cgroup").glob(f"*/kiyot/c{short}")) == [], "its cgroup is left (with processes in it)"
 

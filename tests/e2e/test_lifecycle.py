@@ -15,7 +15,17 @@ import pytest
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 
-from .helpers import cell_dir, container_config, log_lines, new_pod, run, sandbox_config, wait_for, wait_state
+from .helpers import (
+    cell_dir,
+    container_config,
+    log_lines,
+    new_pod,
+    processes_naming,
+    run,
+    sandbox_config,
+    wait_for,
+    wait_state,
+)
 
 
 @pytest.fixture
@@ -292,8 +302,7 @@ def test_stop_and_remove_sandbox_tear_down_the_cell(cri, service, tmp_path, pull
     assert status.state == pb.SANDBOX_NOTREADY
     assert cri.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status.state == pb.CONTAINER_EXITED
     assert netns not in subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
-    runc = subprocess.run(["runc", "list", "-q"], check=False, capture_output=True, text=True).stdout
-    assert cid not in runc
+    assert processes_naming(cid) == [] and not its_dir.exists()  # its conmon, its cell: gone
     cri.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox_id))  # idempotent
     cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
     cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))

@@ -11,7 +11,7 @@ from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from kiyot_py.providers.local import fence_chain
 
 from .conftest import new_service
-from .helpers import cell_dir, new_pod, run, runc_status, wait_state
+from .helpers import cell_dir, new_pod, processes_naming, run, runc_status, wait_state
 
 BRIDGE = "kiyott1"  # apart from the session's service
 SUBNET = "10.125.0.0/24"
@@ -27,20 +27,21 @@ def test_reset_takes_cells_bridge_fence_and_state_away(tmp_path, registry, test_
         pod = new_pod(svc.runtime, "doomed", tmp_path)
         cid = run(svc.runtime, pod, "sleeper", ref, ["sleep", "3600"])
         wait_state(svc.runtime, cid, pb.CONTAINER_RUNNING)
-        cell = json.loads((cell_dir(svc.state_dir, pod[0]) / "cell.json").read_text())
+        its_dir = cell_dir(svc.state_dir, pod[0])
+        cell = json.loads((its_dir / "cell.json").read_text())
 
         asked = subprocess.run(reset, check=False, capture_output=True, text=True)
         assert asked.returncode == 2 and "--yes" in asked.stderr
         under_service = subprocess.run([*reset, "--yes"], check=False, capture_output=True, text=True)
         assert under_service.returncode == 2 and "running" in under_service.stderr
-        assert runc_status(cid) == "running"
+        assert runc_status(its_dir, cid) == "running"
 
         assert svc.stop() == 0  # the cells outlive the service...
-        assert runc_status(cid) == "running"
+        assert runc_status(its_dir, cid) == "running"
         done = subprocess.run([*reset, "--yes"], check=False, capture_output=True, text=True)
         assert done.returncode == 0 and "deleted 1 cell" in done.stdout, done.stderr
         # ...but not a reset.
-        assert runc_status(cid) == "gone"
+        assert runc_status(its_dir, cid) == "gone" and processes_naming(cid) == []
         assert not Path(f"/run/netns/{cell['netns']}").exists()
         assert not Path(f"/sys/class/net/{BRIDGE}").exists()
         chain = subprocess.run(["iptables", "-n", "-L", fence_chain(BRIDGE)], check=False, capture_output=True)

@@ -20,9 +20,23 @@ import pytest
 
 from kiyot_py.config import LocalCellSettings
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
+from kiyot_py.providers.local import agent_processes
 
 from .conftest import LOG_MAX_SIZE
-from .helpers import cell_dir, log_lines, pod_name, remove_pod, run, runc_status, sandbox_config, wait_for, wait_state
+from .helpers import (
+    cell_dir,
+    cell_init,
+    cell_runc,
+    log_lines,
+    pod_name,
+    processes_naming,
+    remove_pod,
+    run,
+    runc_status,
+    sandbox_config,
+    wait_for,
+    wait_state,
+)
 
 
 @pytest.fixture
@@ -67,6 +81,13 @@ def test_kill9_of_the_service_loses_nothing(service, pod, busybox):
     remove_pod(cri, sandbox_id)
 
 
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
+
+
 def test_kill9_of_the_agent_loses_nothing(service, pod, busybox):
     cri, ref, sandbox_id = service.runtime, busybox, pod[0]
     long_runner = run(cri, pod, "long", ref, ["sleep", "3600"])
@@ -74,27 +95,29 @@ def test_kill9_of_the_agent_loses_nothing(service, pod, busybox):
     for cid in (long_runner, exits_later):
         wait_state(cri, cid, pb.CONTAINER_RUNNING)
 
-    cell = json.loads((cell_dir(service.state_dir, sandbox_id) / "cell.json").read_text())
-    supervisor = cell["supervisor_pid"]
-    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
-    assert len(children) == 1
-    agent = int(children[0])
+    its_dir = cell_dir(service.state_dir, sandbox_id)
+    supervisor = cell_init(its_dir)  # the cell's pid 1: its agent, and conmons it adopted
+    agents = set(agent_processes(its_dir))
+    children = [int(p) for p in Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()]
+    assert len([p for p in children if p in agents]) == 1
+    agent = next(p for p in children if p in agents)
     # Hold the supervisor so that the agent stays down while a container exits.
     os.kill(supervisor, signal.SIGSTOP)
     try:
         os.kill(agent, signal.SIGKILL)
-        subprocess.run(["runc", "kill", exits_later, "KILL"], check=True)
-        assert wait_for(lambda: runc_status(exits_later) == "stopped")
+        cell_runc(its_dir, "kill", exits_later, "KILL")
+        assert wait_for(lambda: runc_status(its_dir, exits_later) == "stopped")
     finally:
         os.kill(supervisor, signal.SIGCONT)
     # The supervisor brings the agent back; it reports what happened while it was down.
     status = wait_state(cri, exits_later, pb.CONTAINER_EXITED)
     assert (status.state, status.exit_code) == (pb.CONTAINER_EXITED, 137)
-    assert runc_status(long_runner) == "running"
+    assert runc_status(its_dir, long_runner) == "running"
     assert cri.ContainerStatus(pb.ContainerStatusRequest(container_id=long_runner)).status.state \
         == pb.CONTAINER_RUNNING
-    new_children = wait_for(lambda: Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split())
-    assert new_children and int(new_children[0]) != agent
+    revived = wait_for(lambda: [p for p in agent_processes(its_dir) if p not in (supervisor, agent)
+                                and _parent(p) == supervisor])
+    assert revived and agent not in revived
     r = cri.ExecSync(pb.ExecSyncRequest(container_id=long_runner, cmd=["echo", "still here"], timeout=10))
     assert r.stdout == b"still here\n"
     remove_pod(cri, sandbox_id)
@@ -107,13 +130,14 @@ def test_sigterm_shuts_down_cleanly_and_leaves_cells_running(service, pod, busyb
     cri, ref, sandbox_id = service.runtime, busybox, pod[0]
     cid = run(cri, pod, "keeps", ref, ["sleep", "3600"])
     wait_state(cri, cid, pb.CONTAINER_RUNNING)
+    its_dir = cell_dir(service.state_dir, sandbox_id)
     assert service.stop() == 0
-    assert runc_status(cid) == "running"
+    assert runc_status(its_dir, cid) == "running"
     service.start()
     cri = service.runtime
     assert cri.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status.state == pb.CONTAINER_RUNNING
     remove_pod(cri, sandbox_id)
-    assert runc_status(cid) == "gone"
+    assert runc_status(its_dir, cid) == "gone" and processes_naming(cid) == []
 
 
 def test_a_cell_lost_while_the_service_was_down_is_reported(service, pod, busybox):
@@ -124,8 +148,8 @@ def test_a_cell_lost_while_the_service_was_down_is_reported(service, pod, busybo
     service.kill9()
     its_dir = cell_dir(service.state_dir, sandbox_id)
     cell = json.loads((its_dir / "cell.json").read_text())
-    os.killpg(cell["supervisor_pid"], signal.SIGKILL)
-    subprocess.run(["runc", "delete", "--force", cid], check=True)
+    os.killpg(cell["supervisor_pid"], signal.SIGKILL)  # the cell's pid 1 and all in it with it
+    assert wait_for(lambda: processes_naming(cid) == [])
     subprocess.run(["ip", "netns", "del", cell["netns"]], check=True)
     service.start()
     cri = service.runtime
@@ -166,16 +190,17 @@ def test_a_container_the_node_never_recorded_is_removed(service, pod, busybox):
         "spec": {"process": {"args": ["sleep", "3600"], "env": ["PATH=/bin:/usr/bin"]}}})
     assert status == 201
     assert _agent_call(service, sandbox_id, "POST", f"/v1/containers/{stray}/start")[0] == 200
-    assert runc_status(stray) == "running"
+    its_dir = cell_dir(service.state_dir, sandbox_id)
+    assert runc_status(its_dir, stray) == "running"
 
     service.kill9()
     service.start()
     cri = service.runtime
     assert wait_for(lambda: _agent_call(service, sandbox_id, "GET", f"/v1/containers/{stray}")[0] == 404)
-    assert runc_status(stray) == "gone"
+    assert runc_status(its_dir, stray) == "gone"
     listed = cri.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(pod_sandbox_id=sandbox_id)))
     assert [c.id for c in listed.containers] == [known]
-    assert runc_status(known) == "running"
+    assert runc_status(its_dir, known) == "running"
 
 
 def test_a_log_cut_in_the_cell_while_the_service_was_down_leaves_one_gap(service, pod, busybox):
@@ -248,8 +273,6 @@ def _netns_list() -> str:
 
 def _agent_groups(its_dir) -> set[int]:
     """Process groups of a cell's agent (supervisor and its serve), by command line."""
-    from kiyot_py.providers.local import agent_processes
-
     groups = set()
     for pid in agent_processes(its_dir):
         with contextlib.suppress(ProcessLookupError):

@@ -15,7 +15,18 @@ from kiyot_py.config import LocalCellSettings
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from tests.support.hostnet import Canary
 
-from .helpers import cell_dir, container_config, pod_name, run, sandbox_config, wait_state
+from .helpers import (
+    cell_dir,
+    cell_init,
+    container_config,
+    pod_name,
+    remove_pod,
+    run,
+    sandbox_config,
+    start,
+    wait_for,
+    wait_state,
+)
 
 CAPTURE = Path(__file__).resolve().parents[1] / "support" / "capture.py"
 PROBE = Path(__file__).resolve().parents[1] / "support" / "pull_probe.py"
@@ -31,6 +42,11 @@ def busybox(service, test_images) -> str:
         image=pb.ImageSpec(image=ref),
         auth=pb.AuthConfig(username="puller", password=CANARY_PASSWORD, server_address=ref.split("/", 1)[0])))
     return ref
+
+
+def _zombies_under(pid: int) -> list[int]:
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(k) for k in kids if Path(f"/proc/{k}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"]
 
 
 def _manifest(state_dir: Path, digest: str) -> dict:
@@ -129,7 +145,44 @@ def test_the_agent_channel_on_the_pods_interface_is_tls_only(service, pod, busyb
         assert 20 <= first[0] <= 23 and first[1] == 3, first[:5].hex()
 
 
-def test_privileged_and_host_pid_pods_are_refused_on_local_cells_by_default(service, pod, busybox, tmp_path, request):
+def test_host_pid_and_host_ipc_pods_see_their_cell_only(service, busybox, tmp_path, request):
+    """hostPID and hostIPC mean the cell's namespaces, as in a VM: a hostPID container sees
+    the cell's agent and none of the node's processes (a marker process started here, the
+    node's own service); a hostIPC one sees none of the node's shared memory."""
+    cri = service.runtime
+    config = sandbox_config(pod_name(request.node.name), tmp_path)
+    config.linux.security_context.namespace_options.pid = pb.NODE
+    config.linux.security_context.namespace_options.ipc = pb.NODE
+    sandbox_id = cri.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    marker = subprocess.Popen(["sleep", "31415.9"])
+    shm = subprocess.run(["ipcmk", "-M", "4096"], check=True, capture_output=True, text=True).stdout.split()[-1]
+    try:
+        ctr = container_config("looker", busybox, ["sleep", "3600"])
+        ctr.linux.security_context.namespace_options.pid = pb.NODE
+        ctr.linux.security_context.namespace_options.ipc = pb.NODE
+        cid = start(cri, (sandbox_id, config), ctr)
+        wait_state(cri, cid, pb.CONTAINER_RUNNING)
+        seen = cri.ExecSync(pb.ExecSyncRequest(container_id=cid, timeout=30, cmd=[
+            "sh", "-c", "for p in /proc/[0-9]*; do cat $p/cmdline; echo; done"])).stdout
+        assert b"kiyot_cell.cli" in seen  # the cell's own agent: the cell's namespace, not a private one
+        assert b"31415.9" not in seen and b"kiyot_py.cli" not in seen  # nothing of the node's
+        assert f"/proc/{marker.pid}/".encode() not in seen
+        segments = cri.ExecSync(pb.ExecSyncRequest(container_id=cid, timeout=30,
+                                                   cmd=["cat", "/proc/sysvipc/shm"])).stdout.decode()
+        assert all(line.split()[1] != shm for line in segments.splitlines()[1:]), segments
+        assert any(line.split()[1] == shm for line in Path("/proc/sysvipc/shm").read_text().splitlines()[1:])
+        # The cell's pid 1 reaps what the cell orphans, as init does: a container's conmon
+        # daemonizes, and when the container ends it is no zombie.
+        wait_state(cri, run(cri, (sandbox_id, config), "brief", busybox, ["true"]), pb.CONTAINER_EXITED)
+        init = cell_init(cell_dir(service.state_dir, sandbox_id))
+        assert wait_for(lambda: not _zombies_under(init)), _zombies_under(init)
+    finally:
+        marker.kill()
+        subprocess.run(["ipcrm", "-m", shm], check=False)
+        remove_pod(cri, sandbox_id)
+
+
+def test_privileged_pods_are_refused_on_local_cells_by_default(service, pod, busybox, tmp_path, request):
     """A local cell shares the node's kernel: privileged there is root on the node."""
     cri = service.runtime
     config = sandbox_config(pod_name(request.node.name), tmp_path)
@@ -139,12 +192,6 @@ def test_privileged_and_host_pid_pods_are_refused_on_local_cells_by_default(serv
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "privileged" in err.value.details() and "local.allow_privileged" in err.value.details()
     assert all(s.metadata.uid != config.metadata.uid for s in cri.ListPodSandbox(pb.ListPodSandboxRequest()).items)
-
-    host_pid = sandbox_config(pod_name(request.node.name) + "-pid", tmp_path)
-    host_pid.linux.security_context.namespace_options.pid = pb.NODE
-    with pytest.raises(grpc.RpcError) as err:
-        cri.RunPodSandbox(pb.RunPodSandboxRequest(config=host_pid))
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "hostPID" in err.value.details()
 
     sandbox_id, sandbox = pod
     ctr = container_config("root-on-the-node", busybox, ["sleep", "3600"])
