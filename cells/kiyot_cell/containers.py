@@ -123,6 +123,12 @@ class ContainerManager:
             self._changed.notify_all()
         _log.info("container", id=rec.id, name=rec.name, state=rec.state, exit_code=rec.exit_code, reason=rec.reason)
 
+    async def wait_changed(self, timeout: float) -> None:
+        """Until some container's record changes, or `timeout` seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+
     async def _wait_not_live(self, cid: str, timeout: float) -> bool:
         def done() -> bool:
             r = self.store.get(cid)

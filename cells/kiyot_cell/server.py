@@ -188,7 +188,9 @@ async def container_logs(request: web.Request) -> web.StreamResponse:
             data = await _log_bytes_at(mgr, cid, pos)
         if not follow or finished:
             break
-        await asyncio.sleep(LOG_POLL)
+        # New lines show by the next look; an exit at once, so that a reader (the node,
+        # before it reports the exit) never waits a whole look for the end of the log.
+        await mgr.wait_changed(LOG_POLL)
         data = await _log_bytes_at(mgr, cid, pos)
     await resp.write_eof()
     return resp
