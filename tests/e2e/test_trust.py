@@ -167,6 +167,11 @@ def test_host_pid_and_host_ipc_pods_see_their_cell_only(service, busybox, tmp_pa
         assert b"kiyot_cell.cli" in seen  # the cell's own agent: the cell's namespace, not a private one
         assert b"31415.9" not in seen and b"kiyot_py.cli" not in seen  # nothing of the node's
         assert f"/proc/{marker.pid}/".encode() not in seen
+        # The cell's pid 1 (its supervisor) is in sight, but not its environment, memory or
+        # root: the container lacks CAP_SYS_PTRACE and the supervisor's capabilities.
+        for peek in ("cat /proc/1/environ", "head -c 1 /proc/1/mem", "ls /proc/1/root/"):
+            r = cri.ExecSync(pb.ExecSyncRequest(container_id=cid, timeout=30, cmd=["sh", "-c", f"{peek} 2>&1"]))
+            assert r.exit_code != 0 and b"denied" in r.stderr + r.stdout, (peek, r)
         segments = cri.ExecSync(pb.ExecSyncRequest(container_id=cid, timeout=30,
                                                    cmd=["cat", "/proc/sysvipc/shm"])).stdout.decode()
         assert all(line.split()[1] != shm for line in segments.splitlines()[1:]), segments
