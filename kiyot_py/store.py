@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 from kiyot_py.model import Container, Image, Sandbox, from_json, to_json
 
-SCHEMA_VERSION = 1
+# 1: the tables. 2: image records keep no credentials (version 1 kept the last pull's).
+SCHEMA_VERSION = 2
 KINDS: dict[type, str] = {Sandbox: "sandboxes", Container: "containers", Image: "images"}
 
 T = TypeVar("T", Sandbox, Container, Image)
@@ -29,14 +30,14 @@ class StoreError(RuntimeError):
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # The database holds registry credentials and cell tokens: owner only.
+        # The database holds the node's records of pods and cells: owner only.
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
         os.close(fd)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        # Deleted and overwritten rows are zeroed, not left in free pages: credentials that
-        # an older version kept on image records do not outlive their rewrite.
+        # Deleted and overwritten rows are zeroed, not left in free pages: the credentials
+        # that schema 1 kept on image records do not outlive their rewrite.
         self._db.execute("PRAGMA secure_delete=ON")
         self._migrate()
 
@@ -46,13 +47,18 @@ class Store:
             raise StoreError(
                 f"state database has schema {version}, newer than this kiyot-py ({SCHEMA_VERSION})"
             )
-        if version == 0:
-            with self._db:
-                for table in KINDS.values():
-                    self._db.execute(
-                        f"CREATE TABLE IF NOT EXISTS {table} (id TEXT PRIMARY KEY, data TEXT NOT NULL)"
-                    )
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if version == SCHEMA_VERSION:
+            return
+        with self._db:
+            self._db.execute("BEGIN")
+            for table in KINDS.values():
+                self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} (id TEXT PRIMARY KEY, data TEXT NOT NULL)")
+            if version == 1:
+                for image_id, data in self._db.execute("SELECT id, data FROM images").fetchall():
+                    doc = json.loads(data)
+                    if doc.pop("auth", None) is not None:
+                        self._db.execute("UPDATE images SET data = ? WHERE id = ?", (json.dumps(doc), image_id))
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def load(self, cls: type[T]) -> list[T]:
         rows = self._db.execute(f"SELECT data FROM {KINDS[cls]}").fetchall()  # noqa: S608 - table from fixed KINDS

@@ -61,9 +61,6 @@ class ImageManager:
         self.content = content
         self.default_platform = default_platform
         self._images: dict[str, Image] = {img.id: img for img in store.load(Image)}
-        # Written back as loaded: what older versions kept on the records (the last pull's
-        # credentials, in clear) is dropped from the file too.
-        store.put_all(list(self._images.values()))
         self._resolving: dict[tuple[str, str], asyncio.Lock] = {}
         self._fetches = 0  # fetches writing the content store; collection waits for none
         self._collect_due = False

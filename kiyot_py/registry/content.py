@@ -105,15 +105,6 @@ class ContentStore:
             log.info("content store collected", freed=freed)
         return freed
 
-    def usage(self) -> tuple[int, int]:
-        """(bytes, inodes) the store's blobs take."""
-        total = count = 0
-        for blob in self._blobs.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                total += blob.stat().st_blocks * 512
-                count += 1
-        return total, count
-
     @contextlib.contextmanager
     def _ingesting(self, digest: str, size: int) -> Iterator[tuple[BinaryIO, Any]]:
         final = self.path(digest)

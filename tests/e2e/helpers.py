@@ -135,6 +135,14 @@ def runc_status(its_dir: Path, container_id: str) -> str:
     return json.loads(out.stdout)["status"] if out.returncode == 0 else "gone"
 
 
+def parent_of(pid: int) -> int:
+    """The parent pid of `pid` on the node, or 0 when it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
+
+
 def processes_naming(text: str) -> list[int]:
     """Every process on the node whose command line holds `text` (a container id: its
     conmon; a cell directory: its agent)."""

@@ -20,7 +20,7 @@ from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from kiyot_py.pods.cells import launch_token
 from kiyot_py.providers.local import agent_processes, mounts_under
 
-from .helpers import cell_dir, new_pod, pod_name, processes_naming, run, sandbox_config, wait_state
+from .helpers import cell_dir, new_pod, parent_of, pod_name, processes_naming, run, sandbox_config, wait_state
 
 CREATION = ["cell-dir-made", "cell-recorded", "cell-network-built", "cell-supervisor-spawned",
             "cell-agent-answering"]
@@ -43,10 +43,6 @@ def _crash_at(service, step: str, call) -> None:
     assert service.proc.wait(timeout=60) == -signal.SIGKILL, f"the service did not reach {step}"
     service.channel.close()
     service.start()
-
-
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def _assert_nothing_left(service, token: str) -> None:
@@ -75,7 +71,7 @@ def test_kill9_at_each_step_of_bringing_a_cell_up(service, busybox, tmp_path, re
     its_dir = cell_dir(service.state_dir, sandbox_id)
     assert its_dir.name == f"c{token[:12]}"
     agents = agent_processes(its_dir)  # a supervisor and the agent it forked, same command line
-    supervisors = [pid for pid in agents if _parent(pid) not in agents]
+    supervisors = [pid for pid in agents if parent_of(pid) not in agents]
     assert len(supervisors) == 1, "no supervisor, or a second one"
     cid = run(cri, (sandbox_id, config), "alive", busybox, ["sleep", "3600"])
     wait_state(cri, cid, pb.CONTAINER_RUNNING)

@@ -28,6 +28,7 @@ from .helpers import (
     cell_init,
     cell_runc,
     log_lines,
+    parent_of,
     pod_name,
     processes_naming,
     remove_pod,
@@ -81,13 +82,6 @@ def test_kill9_of_the_service_loses_nothing(service, pod, busybox):
     remove_pod(cri, sandbox_id)
 
 
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return 0
-
-
 def test_kill9_of_the_agent_loses_nothing(service, pod, busybox):
     cri, ref, sandbox_id = service.runtime, busybox, pod[0]
     long_runner = run(cri, pod, "long", ref, ["sleep", "3600"])
@@ -116,7 +110,7 @@ def test_kill9_of_the_agent_loses_nothing(service, pod, busybox):
     assert cri.ContainerStatus(pb.ContainerStatusRequest(container_id=long_runner)).status.state \
         == pb.CONTAINER_RUNNING
     revived = wait_for(lambda: [p for p in agent_processes(its_dir) if p not in (supervisor, agent)
-                                and _parent(p) == supervisor])
+                                and parent_of(p) == supervisor])
     assert revived and agent not in revived
     r = cri.ExecSync(pb.ExecSyncRequest(container_id=long_runner, cmd=["echo", "still here"], timeout=10))
     assert r.stdout == b"still here\n"

@@ -91,22 +91,21 @@ def test_the_example_config_names_only_real_settings():
 
 
 def test_credentials_an_older_version_kept_are_scrubbed_from_the_file(tmp_path):
-    """Before the content store, an image record kept its last pull's password in clear."""
+    """Schema 1 (before the content store) kept an image's last pull's password in clear;
+    opening such a database moves it to schema 2, which keeps none."""
     import json
 
     from kiyot_py.model import to_json
-    from kiyot_py.pods.images import ImageManager
-    from kiyot_py.registry.client import RegistryClient
-    from kiyot_py.registry.config import RegistriesConfig
-    from kiyot_py.registry.content import ContentStore
 
-    store = Store(tmp_path / "state.db")
+    db = sqlite3.connect(tmp_path / "state.db")  # a database as schema 1 wrote it
+    db.execute("CREATE TABLE images (id TEXT PRIMARY KEY, data TEXT NOT NULL)")
     old = to_json(Image(id="sha256:" + "1" * 64, repo_tags=["a:1"]))
     old["auth"] = {"a": {"username": "u", "password": "old-s3cr3t-in-clear"}}
-    store._db.execute("INSERT INTO images (id, data) VALUES (?, ?)", (old["id"], json.dumps(old)))
-    store._db.commit()
-    ImageManager(store, RegistryClient(), RegistriesConfig(), ContentStore(tmp_path / "content"))
-    store.close()  # a checkpoint: the WAL's frames land in the file
+    db.execute("INSERT INTO images (id, data) VALUES (?, ?)", (old["id"], json.dumps(old)))
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    Store(tmp_path / "state.db").close()  # the migration, then a checkpoint: the WAL lands in the file
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("state.db*"))
     assert b"old-s3cr3t-in-clear" not in raw
     assert Store(tmp_path / "state.db").load(Image)[0].repo_tags == ["a:1"]
