@@ -123,9 +123,15 @@ class AgentClient:
     async def put_pod(self, pod: dict) -> dict:
         return await self._call("PUT", "/v1/pod", pod)
 
-    async def pull(self, ref: str, digest: str) -> dict:
-        """Have the cell fetch manifest `digest` from the node's pull path (`ref` names it there)."""
-        return await self._call("POST", "/v1/images/pull", {"ref": ref, "digest": digest}, timeout=None)
+    async def pull(self, digest: str, ref: str = "", sources: list[dict] | None = None) -> dict:
+        """Have the cell fetch manifest `digest`: from the node's pull path (`ref` names it
+        there), or (a cell that pulls for itself) from `sources`, registries in order."""
+        body: dict[str, Any] = {"digest": digest}
+        if sources is not None:
+            body["sources"] = sources
+        else:
+            body["ref"] = ref
+        return await self._call("POST", "/v1/images/pull", body, timeout=None)
 
     async def remove_image(self, digest: str) -> None:
         await self._call("DELETE", f"/v1/images/{digest}")

@@ -33,6 +33,29 @@ class LocalCellSettings:
 
 
 @dataclass
+class AwsSettings:
+    """EC2 cells (provider = "aws"). Credentials come from boto3's usual chain."""
+
+    region: str = ""
+    endpoint_url: str = ""  # "" = AWS's own; set for an EC2-compatible API (the simulator)
+    subnets: str = ""  # comma-separated subnet ids, in the node's VPC: where cells are launched
+    security_groups: str = ""  # comma-separated group ids for the cells
+    # The cell image: an AMI id (ami-...) or the name of an SSM parameter that holds one.
+    image: str = ""
+    instance_profile: str = ""  # the cells' instance profile (name); "" = none
+    root_volume_gib: int = 0  # the cells' root volume; 0 = the image's own size
+    # The instance types a pod may get (comma-separated types or families, e.g.
+    # "t3,m5.large"); "" = every type with a known price.
+    instance_types: str = ""
+    # What the cell's OS and agent take, on top of the pod's requests.
+    headroom_cpu_millis: int = 100
+    headroom_memory_mib: int = 256
+    agent_port: int = 9276
+    max_concurrent_calls: int = 8  # EC2 API calls in flight at once
+    catalog_max_age: float = 3600.0  # seconds before instance types and offerings are fetched again
+
+
+@dataclass
 class Settings:
     socket: Path = Path("/run/kiyot-py/kiyot.sock")
     state_dir: Path = Path("/var/lib/kiyot-py")
@@ -41,11 +64,21 @@ class Settings:
     registries_conf: Path | None = None
     log_level: str = "info"
     cell_boot_timeout: float = 60.0
+    # How often cells of this node that no sandbox owns are looked for (terminated once
+    # seen twice in a row).
+    gc_interval: float = 60.0
     local: LocalCellSettings = field(default_factory=LocalCellSettings)
+    aws: AwsSettings = field(default_factory=AwsSettings)
 
     def validate(self) -> None:
-        if self.provider != "local":
-            raise ConfigError(f"provider {self.provider!r} is not available yet (only 'local')")
+        if self.provider not in ("local", "aws"):
+            raise ConfigError(f"provider {self.provider!r} is not one of 'local', 'aws'")
+        if self.provider == "aws":
+            missing = [name for name in ("region", "subnets", "image") if not getattr(self.aws, name).strip()]
+            if missing:
+                raise ConfigError(f"provider 'aws' needs aws.{', aws.'.join(missing)}")
+            if self.aws.max_concurrent_calls < 1:
+                raise ConfigError("aws.max_concurrent_calls must be at least 1")
         try:
             net = ipaddress.ip_network(self.local.subnet)
         except ValueError as exc:
@@ -121,8 +154,8 @@ def load_settings(path: Path | None, env: dict[str, str], overrides: dict) -> Se
         if not key.startswith("KIYOT_") or key == "KIYOT_CONFIG":
             continue
         parts = key[len("KIYOT_"):].lower().split("_", 1)
-        if parts[0] == "local" and len(parts) == 2:
-            from_env.setdefault("local", {})[parts[1]] = value
+        if parts[0] in ("local", "aws") and len(parts) == 2:
+            from_env.setdefault(parts[0], {})[parts[1]] = value
         else:
             from_env["_".join(parts)] = value
     _apply(settings, from_env, "environment")

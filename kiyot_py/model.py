@@ -69,6 +69,12 @@ class Cell:
     # The cell's own host name: a pod that names none (hostNetwork) gets it, as a pod on
     # a node gets the node's. At most 64 bytes, like every host name.
     hostname: str = ""
+    # How the cell gets its TLS identity: "" (the provider gave it one, as local cells
+    # get theirs on the node's disk) or "console" (it makes its own key and shows the
+    # key's fingerprint on its console; the node enrolls it: kiyot_py/enrollment.py).
+    enrollment: str = ""
+    # What the provider chose for the cell (EC2: instance type, zone, hourly price).
+    offering: dict[str, str] = field(default_factory=dict)
     # Learned from the agent once it answers; None until then.
     facts: CellFacts | None = None
 

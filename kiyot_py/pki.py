@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -75,6 +76,7 @@ class NodePKI:
         self.ca_pem = self._ca_cert.public_bytes(serialization.Encoding.PEM)
         self._ensure_node_cert()
         self._client_context: ssl.SSLContext | None = None
+        self._enrollment_context: ssl.SSLContext | None = None
 
     @property
     def node_cert_path(self) -> Path:
@@ -103,6 +105,42 @@ class NodePKI:
             cert_pem=cert.public_bytes(serialization.Encoding.PEM),
             ca_pem=self.ca_pem,
         )
+
+    def issue_for_key(self, cell_id: str, public_key: object) -> bytes:
+        """A certificate (PEM) for a key a cell made itself (enrollment.py), for that cell's name."""
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise ValueError("a cell's key must be an EC key")
+        name = cell_server_name(cell_id)
+        cert = self._sign(
+            public_key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]),
+            x509.SubjectAlternativeName([x509.DNSName(name)]),
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    def issued_for(self, cert: x509.Certificate, server_name: str) -> bool:
+        """Whether this CA signed `cert` for the one name `server_name`."""
+        if cert.issuer != self._ca_cert.subject:
+            return False
+        try:
+            hash_alg = cert.signature_hash_algorithm
+            assert hash_alg is not None
+            self._ca_key.public_key().verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hash_alg))
+            names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except (InvalidSignature, AssertionError, x509.ExtensionNotFound):
+            return False
+        return names.get_values_for_type(x509.DNSName) == [server_name]
+
+    def enrollment_context(self) -> ssl.SSLContext:
+        """The node's certificate, and no check of the cell's: for looking at the key a cell
+        that is not enrolled yet presents (enrollment.py compares it with its console)."""
+        if self._enrollment_context is None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            ctx.load_cert_chain(str(self.node_cert_path), str(self.node_key_path))
+            self._enrollment_context = ctx
+        return self._enrollment_context
 
     def client_context(self) -> ssl.SSLContext:
         """The node's side: present the node's certificate, trust only this CA, check the

@@ -7,14 +7,18 @@ import fcntl
 import shutil
 import signal
 import sys
+import urllib.parse
+from collections.abc import Awaitable
 from typing import IO
 
 import aiohttp
 import structlog
 
+from kiyot_py import enrollment
 from kiyot_py.agent_client import AgentClient
 from kiyot_py.config import ConfigError, Settings
 from kiyot_py.cri.server import start_server
+from kiyot_py.model import Cell
 from kiyot_py.pki import NodePKI
 from kiyot_py.platforms import Platform
 from kiyot_py.pods.images import ImageManager
@@ -75,7 +79,11 @@ async def serve(settings: Settings) -> None:
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     images = ImageManager(store, registry, registries, content,
                           default_platform=Platform("linux", provider.default_architecture))
-    runtime = PodRuntime(settings, store, provider, images, grants=grants,
+    def enroll(cell: Cell, fingerprint: str) -> Awaitable[None]:
+        url = urllib.parse.urlsplit(cell.agent_url)
+        return enrollment.enroll(http, url.hostname or cell.address, url.port or 443, pki, cell.id, fingerprint)
+
+    runtime = PodRuntime(settings, store, provider, images, grants=grants, enroll=enroll,
                          agents=lambda cell: AgentClient(http, cell.agent_url, pki.client_context(), cell.server_name))
     await runtime.start()
     server = await start_server(settings.socket, runtime, settings.state_dir)

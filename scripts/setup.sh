@@ -25,6 +25,7 @@ declare -A WANT=(
     [iproute2]=/sbin/ip
     [iptables]=/usr/sbin/iptables
     [sqlite3]=/usr/bin/sqlite3
+    [socat]=/usr/bin/socat
     [ca-certificates]=/etc/ssl/certs/ca-certificates.crt
 )
 declare -A ALT=(  # other places the same tool may live

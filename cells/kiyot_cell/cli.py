@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from . import __version__, log, tls
+from .boot import DEFAULT_IMDS, DEFAULT_ROOT, BootError, boot
 from .config import DEFAULT_SECCOMP_PROFILE, AgentConfig
 from .runtime import die_with_parent
 
@@ -26,6 +27,7 @@ certificate and answers only a client whose certificate the node's CA signed for
 
   kiyot-cell serve     --listen 10.89.0.2:7070 --tls-dir /etc/kiyot/tls --state-dir /var/lib/kiyot-cell
   kiyot-cell supervise <same arguments>   # runs `serve` and restarts it when it dies
+  kiyot-cell boot [--root /var/lib/kiyot-cell]   # a VM's cell: settings from its user data
 
 Containers are held by conmon and outlive the agent: a restarted agent re-attaches to
 them from the records in --state-dir.
@@ -54,6 +56,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seccomp-profile", type=Path, default=DEFAULT_SECCOMP_PROFILE, metavar="FILE",
                    help="the cell's RuntimeDefault seccomp profile (JSON), reported in GET /v1/facts; "
                         f"absent: none (default {DEFAULT_SECCOMP_PROFILE}, from containers-common)")
+    p.add_argument("--direct-pulls", action="store_true",
+                   help="pull from registries (the node names them and sends the pod's credentials) instead "
+                        "of the node's pull path only: for a cell that is a VM of its own")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
@@ -69,6 +74,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Run `serve` as a child and restart it (short backoff) whenever it dies, as "
                     "systemd's Restart=always would in a VM. SIGTERM stops the agent and exits; "
                     "the containers, held by conmon, keep running."))
+    b = sub.add_parser(
+        "boot", help="boot a cell that is a VM of its own: read the user data, make the key, supervise",
+        description="Read the instance's user data from the metadata service (IMDSv2), make the cell's "
+                    "own key at first boot and print its fingerprint on the console for the node, then "
+                    "run the agent under `supervise` on the instance's private address (cells/API.md, Boot).")
+    b.add_argument("--root", type=Path, default=DEFAULT_ROOT, metavar="DIR",
+                   help=f"the cell's disk: its key, its agent's state (default {DEFAULT_ROOT})")
+    b.add_argument("--imds", default=DEFAULT_IMDS, metavar="URL",
+                   help=f"the instance metadata service (default {DEFAULT_IMDS})")
+    b.add_argument("--runtime-root", type=Path, default=None, metavar="DIR",
+                   help="the runtime's --root (default: the runtime's own, /run/runc)")
+    b.add_argument("--cgroup-parent", default="kiyot-cell", metavar="PATH",
+                   help="cgroup under which each container gets <PATH>/<id> (default: kiyot-cell)")
+    b.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return ap.parse_args(argv)
 
 
@@ -77,6 +96,8 @@ def _config(ns: argparse.Namespace) -> AgentConfig:
     if not sep or not port.isdigit():
         sys.exit(f"kiyot-cell: --listen must be HOST:PORT, got {ns.listen!r}")
     missing = [name for name in tls.FILES if not (ns.tls_dir / name).is_file()]
+    if not (ns.tls_dir / "cell.crt").is_file() and not (ns.tls_dir / "provisional.crt").is_file():
+        missing.append("cell.crt")
     if missing:
         sys.exit(f"kiyot-cell: --tls-dir {ns.tls_dir} lacks {', '.join(missing)}")
     key_mode = (ns.tls_dir / "cell.key").stat().st_mode
@@ -90,7 +111,7 @@ def _config(ns: argparse.Namespace) -> AgentConfig:
         catatonit_path=shutil.which("catatonit") or "/usr/bin/catatonit",
         skopeo_path=shutil.which("skopeo") or "skopeo", umoci_path=shutil.which("umoci") or "umoci",
         runtime_root=ns.runtime_root.resolve() if ns.runtime_root else None,
-        log_max_size=ns.log_max_size, seccomp_profile=ns.seccomp_profile,
+        log_max_size=ns.log_max_size, seccomp_profile=ns.seccomp_profile, direct_pulls=ns.direct_pulls,
     )
     if key_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.get("cli").warning("key_file_mode", path=str(ns.tls_dir / "cell.key"), mode=oct(key_mode & 0o777),
@@ -103,10 +124,11 @@ async def _serve(cfg: AgentConfig) -> None:
 
     from .server import build_app
 
-    app = build_app(cfg)
+    context = tls.server_context(cfg.tls_dir)
+    app = build_app(cfg, context)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True, ssl_context=tls.server_context(cfg.tls_dir))
+    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True, ssl_context=context)
     await site.start()
     log.get("cli").info("serving", listen=f"{cfg.host}:{cfg.port}", state_dir=str(cfg.state_dir),
                         runtime=cfg.runtime, netns=cfg.netns, pid=os.getpid())
@@ -196,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = parse_args(argv)
     log.setup(ns.log_level)
+    if ns.command == "boot":
+        try:
+            ns = parse_args([*boot(ns.root, ns.imds, ns.runtime_root, ns.cgroup_parent), "--log-level", ns.log_level])
+        except BootError as e:
+            sys.exit(f"kiyot-cell boot: {e}")
     cfg = _config(ns)  # under supervise too: bad arguments fail once, not on every restart
     if ns.command == "supervise":
         return _supervise(cfg)

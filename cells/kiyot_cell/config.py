@@ -32,6 +32,9 @@ class AgentConfig:
     runtime_root: Path | None = None
     # The cell's RuntimeDefault seccomp profile, reported in GET /v1/facts (containers-common's).
     seccomp_profile: Path | None = DEFAULT_SECCOMP_PROFILE
+    # A cell that is a VM of its own pulls from the registries (with the pod's credentials
+    # when the node sends them); a local cell fetches from the node's pull path only.
+    direct_pulls: bool = False
 
     # Layout of the state directory, in one place.
     @property

@@ -16,6 +16,7 @@ it is killed, so a stuck one never keeps the image locks.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -83,6 +84,69 @@ def split_ref(ref: str, digest: str) -> str:
     if not REF_NAME_RE.match(name):
         raise invalid(f"malformed image reference {ref!r} (want host[:port]/path[:tag][@digest])")
     return f"{name}@{digest}"
+
+
+MAX_SOURCES = 8
+
+
+@dataclass(frozen=True)
+class Source:
+    """One place a pull may fetch from: the node's pull path, or (a cell that pulls for
+    itself) a registry or mirror, with the pod's credentials for it if it needs any."""
+
+    ref: str  # host[:port]/path@digest
+    direct: bool = False
+    tls_verify: bool = True
+    auth: dict[str, str] | None = field(default=None, repr=False)  # as in an auth.json entry
+
+    @property
+    def host(self) -> str:
+        return self.ref.split("/", 1)[0]
+
+
+def _sources(body: dict[str, Any], digest: str, direct_pulls: bool) -> list[Source]:
+    """The pull's sources: `ref` (the node's pull path), or `sources` (registries; only a
+    cell started with --direct-pulls takes them, and credentials only there)."""
+    if "sources" not in body:
+        ref = body.get("ref")
+        if not isinstance(ref, str) or not ref:
+            raise invalid("'ref' (or 'sources') is required")
+        if "auth" in body:
+            raise invalid("credentials never reach a cell that fetches from the node: the node fetched the image")
+        return [Source(split_ref(ref, digest))]
+    if not direct_pulls:
+        raise invalid("this cell fetches images from the node's pull path only ('ref'), never from a registry")
+    given = body["sources"]
+    if not isinstance(given, list) or not 1 <= len(given) <= MAX_SOURCES:
+        raise invalid(f"'sources' must be a list of 1 to {MAX_SOURCES} sources")
+    sources = []
+    for s in given:
+        if not isinstance(s, dict) or not isinstance(s.get("ref"), str):
+            raise invalid("each source needs a 'ref'")
+        tls_verify = s.get("tls_verify", True)
+        if not isinstance(tls_verify, bool):
+            raise invalid("'tls_verify' must be true or false")
+        auth = s.get("auth")
+        entry: dict[str, str] | None = None
+        if auth is not None:
+            if not isinstance(auth, dict):
+                raise invalid("'auth' must be an object")
+            if isinstance(auth.get("identity_token"), str) and auth["identity_token"]:
+                entry = {"identitytoken": auth["identity_token"]}
+            elif isinstance(auth.get("username"), str) and isinstance(auth.get("password"), str):
+                entry = {"auth": base64.b64encode(f"{auth['username']}:{auth['password']}".encode()).decode()}
+            else:
+                raise invalid("'auth' needs username and password, or identity_token")
+        sources.append(Source(split_ref(s["ref"], digest), direct=True, tls_verify=tls_verify, auth=entry))
+    return sources
+
+
+def _memory_file(data: bytes) -> int:
+    """A file in memory only (memfd) holding `data`, at offset 0; the caller closes it."""
+    fd = os.memfd_create("kiyot-pull-auth", 0)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 @dataclass
@@ -160,38 +224,58 @@ class ImageStore:
     # --- pull -----------------------------------------------------------------------------
 
     async def pull(self, body: dict[str, Any]) -> dict[str, Any]:
-        ref = body.get("ref")
         digest = body.get("digest")
-        if not isinstance(ref, str) or not ref:
-            raise invalid("'ref' is required")
         if not isinstance(digest, str) or not DIGEST_RE.match(digest):
             raise invalid("'digest' must be sha256:<64 hex>")
-        if "auth" in body:
-            raise invalid("credentials never reach a cell: the node fetches images with them")
-        src = split_ref(ref, digest)
+        sources = _sources(body, digest, self.cfg.direct_pulls)
 
         async with self._pull_lock:  # one pull at a time per cell
             if digest in self.images:
                 return {"digest": digest, "size": self.images[digest]["size"]}
             await self.lock.acquire_write()
             try:
-                return await self._pull_locked(src, digest)
+                failures: list[str] = []
+                for source in sources:  # mirrors first, as the node listed them
+                    try:
+                        return await self._pull_locked(source, digest)
+                    except ApiError as e:
+                        if e.code != "pull_failed" or source is sources[-1]:
+                            if failures:
+                                raise ApiError(e.code, "; ".join([*failures, e.message])) from None
+                            raise
+                        failures.append(e.message)
+                raise AssertionError("unreachable: sources is never empty")
             finally:
                 await self.lock.release_write()
 
-    async def _pull_locked(self, src: str, digest: str) -> dict[str, Any]:
+    async def _pull_locked(self, source: Source, digest: str) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         tag = self.tag(digest)
         blobs_before = self._blob_names()
-        argv = [
-            self.cfg.skopeo_path, "--policy", str(self._policy_file),
-            "--registries-conf", str(self._registries_file),
-            "copy", "--quiet", "--src-no-creds", "--src-cert-dir", str(self._certs_dir),
-            f"docker://{src}", f"oci:{self.layout}:{tag}",
-        ]
+        src = source.ref
+        argv = [self.cfg.skopeo_path, "--policy", str(self._policy_file),
+                "--registries-conf", str(self._registries_file), "copy", "--quiet"]
+        pass_fds: tuple[int, ...] = ()
+        if source.direct:
+            # A cell of its own (a VM) at the registry: the pod's credentials, if any, in
+            # a memory file skopeo reads by its descriptor (never in argv, never on disk).
+            if not source.tls_verify:
+                argv.append("--src-tls-verify=false")
+            if source.auth is not None:
+                pass_fds = (_memory_file(json.dumps({"auths": {source.host: source.auth}}).encode()),)
+                argv += ["--src-authfile", f"/dev/fd/{pass_fds[0]}"]
+            else:
+                argv.append("--src-no-creds")
+        else:
+            argv += ["--src-no-creds", "--src-cert-dir", str(self._certs_dir)]
+        argv += [f"docker://{src}", f"oci:{self.layout}:{tag}"]
         env = dict(os.environ, TMPDIR=str(self.cfg.tmp_dir))
-        rc, out, err = await _run(argv, self.cfg.pull_timeout, env=env)
+        try:
+            rc, out, err = await _run(argv, self.cfg.pull_timeout, env=env, pass_fds=pass_fds)
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
         if rc is None:
             await self._undo(tag, blobs_before)
             _log.warning("pull_timeout", src=src, seconds=self.cfg.pull_timeout)
@@ -351,12 +435,13 @@ class ImageStore:
         return final
 
 
-async def _run(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int | None, bytes, bytes]:
+async def _run(argv: list[str], timeout: float, env: dict[str, str] | None = None,
+               pass_fds: tuple[int, ...] = ()) -> tuple[int | None, bytes, bytes]:
     """(exit code, stdout, stderr) of a helper; (None, ...) when it ran past `timeout` and
     was killed (and reaped). A cancelled caller kills it too: no helper outlives its request."""
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=env, preexec_fn=die_with_parent)
+        stderr=asyncio.subprocess.PIPE, env=env, preexec_fn=die_with_parent, pass_fds=pass_fds)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:

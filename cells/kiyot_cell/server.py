@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from . import API_VERSION, __version__, log, tls
+from . import API_VERSION, __version__, identity, log, tls
 from .config import AgentConfig
 from .containers import ContainerManager
 from .errors import ApiError, invalid
@@ -31,6 +32,9 @@ IMAGES: web.AppKey[ImageStore] = web.AppKey("images", ImageStore)
 POD: web.AppKey[Pod] = web.AppKey("pod", Pod)
 HUB: web.AppKey[EventHub] = web.AppKey("hub", EventHub)
 FACTS: web.AppKey[CellFactsCache] = web.AppKey("facts", CellFactsCache)
+TLS: web.AppKey[ssl.SSLContext] = web.AppKey("tls", ssl.SSLContext)
+# What a cell that has no certificate from the node yet answers (see identity.py).
+BEFORE_ENROLLMENT = frozenset({"/v1/health", "/v1/identity"})
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -69,6 +73,8 @@ async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
     transport = request.transport
     if tls.node_of(transport.get_extra_info("peercert") if transport is not None else None) is None:
         return _error(401, "unauthorized", "the client certificate does not name a node")
+    if request.path not in BEFORE_ENROLLMENT and not identity.enrolled(request.app[CFG].tls_dir):
+        return _error(503, "not_enrolled", "the cell has no certificate from the node yet (PUT /v1/identity)")
     return await handler(request)
 
 
@@ -94,7 +100,26 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 
 async def health(request: web.Request) -> web.Response:
     cfg = request.app[CFG]
-    return web.json_response({"version": __version__, "api": API_VERSION, "ready": True, "runtime": cfg.runtime})
+    return web.json_response({"version": __version__, "api": API_VERSION, "ready": True, "runtime": cfg.runtime,
+                              "enrolled": identity.enrolled(cfg.tls_dir)})
+
+
+async def put_identity(request: web.Request) -> web.Response:
+    """The node's certificate for this cell's own key: kept, and served from the next
+    handshake on (the live context loads it; connections open now keep theirs)."""
+    body = await read_json(request)
+    cert = body.get("certificate")
+    if not isinstance(cert, str):
+        raise invalid("certificate (PEM) is required")
+    tls_dir = request.app[CFG].tls_dir
+    try:
+        name = identity.accept(tls_dir, cert.encode())
+    except identity.IdentityRefused as e:
+        raise invalid(f"certificate refused: {e}") from None
+    if TLS in request.app:
+        request.app[TLS].load_cert_chain(str(tls_dir / identity.CERT), str(tls_dir / identity.KEY))
+    _log.info("enrolled", name=name)
+    return web.json_response({"name": name})
 
 
 async def facts(request: web.Request) -> web.Response:
@@ -228,8 +253,10 @@ async def events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def build_app(cfg: AgentConfig) -> web.Application:
+def build_app(cfg: AgentConfig, tls_context: ssl.SSLContext | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_mw, auth_mw], client_max_size=cfg.max_body)
+    if tls_context is not None:
+        app[TLS] = tls_context
     hub = EventHub()
     images = ImageStore(cfg)
     pod = Pod(cfg.pod_dir, cfg.catatonit_path)
@@ -257,6 +284,7 @@ def build_app(cfg: AgentConfig) -> web.Application:
     app.on_cleanup.append(on_cleanup)
     r = app.router
     r.add_get("/v1/health", health)
+    r.add_put("/v1/identity", put_identity)
     r.add_get("/v1/facts", facts)
     r.add_put("/v1/pod", put_pod)
     r.add_post("/v1/images/pull", pull)

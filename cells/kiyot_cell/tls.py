@@ -13,14 +13,18 @@ from pathlib import Path
 from typing import Any
 
 NODE_URI_PREFIX = "kiyot:node:"
-FILES = ("cell.key", "cell.crt", "ca.crt")
+FILES = ("cell.key", "ca.crt")  # and cell.crt, or (a cell not enrolled yet) provisional.crt
 
 
 def server_context(tls_dir: Path) -> ssl.SSLContext:
+    """Serve with the cell's certificate, or its provisional one until the node enrolls it."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls_dir / "ca.crt"))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_cert_chain(str(tls_dir / "cell.crt"), str(tls_dir / "cell.key"))
+    cert = tls_dir / "cell.crt"
+    if not cert.is_file():
+        cert = tls_dir / "provisional.crt"
+    ctx.load_cert_chain(str(cert), str(tls_dir / "cell.key"))
     return ctx
 
 

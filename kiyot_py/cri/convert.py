@@ -66,7 +66,7 @@ def sandbox_info(sb: Sandbox) -> dict[str, str]:
         "phase": sb.phase,
         "cell": None if cell is None else {
             "id": cell.id, "address": cell.address, "agent": cell.agent_url,
-            "state": cell.state, "tags": cell.tags,
+            "state": cell.state, "tags": cell.tags, "offering": cell.offering,
         },
     }
     return {"info": json.dumps(info)}

@@ -43,9 +43,10 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
         # The kubelet names the pod it pulls for: fetch its cell's platform at once too,
         # while the credentials are at hand (they are kept nowhere after this call).
         facts = self._rt.facts_of_pod(request.sandbox_config) if request.HasField("sandbox_config") else None
-        record = await self._images.pull(
-            request.image.image, credentials(request.auth), timeout=context.time_remaining(), for_facts=facts,
-        )
+        auth = credentials(request.auth)
+        record = await self._images.pull(request.image.image, auth, timeout=context.time_remaining(), for_facts=facts)
+        if request.HasField("sandbox_config"):
+            await self._rt.pull_into_pod_cell(request.sandbox_config, record, auth)
         return pb.PullImageResponse(image_ref=record.id)
 
     def _list(self, f: pb.ImageFilter) -> list[pb.Image]:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
-from kiyot_py.agent_client import AgentClient, AgentError
+from kiyot_py.agent_client import AgentClient, AgentError, AgentUnreachable
 from kiyot_py.config import Settings
 from kiyot_py.crashpoints import crash_point
 from kiyot_py.errors import DeadlineExceeded, FailedPrecondition
@@ -25,6 +25,8 @@ from kiyot_py.providers.base import (
     ROLE_POD,
     TAG_NODE,
     TAG_POD,
+    TAG_POD_ATTEMPT,
+    TAG_POD_UID,
     TAG_ROLE,
     TAG_SANDBOX,
     CellShape,
@@ -36,6 +38,9 @@ log = structlog.get_logger("kiyot.pods.cells")
 
 # Makes the agent client for a cell; tests give a fake agent here.
 AgentFactory = Callable[[Cell], AgentClient]
+# Gives a cell that made its own key the node's certificate for it, if the key is the one
+# the fingerprint (from the cell's console) names: kiyot_py.enrollment.enroll.
+Enroller = Callable[[Cell, str], Awaitable[None]]
 
 
 def launch_token(node_name: str, pod_uid: str, attempt: int) -> str:
@@ -55,25 +60,28 @@ def pod_resources(config: api_pb2.PodSandboxConfig) -> tuple[int, int]:
         return 0, 0
     cpu = memory = 0
     for r in (config.linux.resources, config.linux.overhead):
-        if r.cpu_quota > 0 and r.cpu_period > 0:
-            cpu += -(-r.cpu_quota * 1000 // r.cpu_period)  # rounded up
-        elif r.cpu_shares > 2:  # 2 is the kubelet's "no request"
-            cpu += -(-r.cpu_shares * 1000 // 1024)
+        # The larger of the request (shares) and the limit (quota per period): a pod may
+        # burst to its limit, and is owed at least its request. Rounded up.
+        limit = -(-r.cpu_quota * 1000 // r.cpu_period) if r.cpu_quota > 0 and r.cpu_period > 0 else 0
+        request = -(-r.cpu_shares * 1000 // 1024) if r.cpu_shares > 2 else 0  # 2: the kubelet's "none"
+        cpu += max(limit, request)
         memory += max(r.memory_limit_in_bytes, 0)
     return cpu, memory
 
 
 class Cells:
     def __init__(self, settings: Settings, provider: Provider, agents: AgentFactory,
-                 grants: PullGrants | None = None) -> None:
+                 grants: PullGrants | None = None, enroll: Enroller | None = None) -> None:
         self._settings = settings
         self.provider = provider
         self._agents = agents
+        self._enroll = enroll
         self.grants = grants if grants is not None else PullGrants()  # what each cell may fetch
 
     async def terminate(self, cell_id: str) -> None:
         """Take the cell down (idempotent), and with it what it may fetch from the node."""
         self.grants.revoke(cell_id)
+        crash_point("cell-terminating")
         await self.provider.terminate(cell_id)
 
     def agent(self, sb: Sandbox) -> AgentClient:
@@ -99,10 +107,12 @@ class Cells:
             TAG_SANDBOX: sb.id,
             TAG_POD: f"{sb.namespace}/{sb.name}",
             TAG_ROLE: ROLE_POD,
+            TAG_POD_UID: sb.uid,
+            TAG_POD_ATTEMPT: str(sb.attempt),
         })
         cpu_millis, memory_bytes = pod_resources(api_pb2.PodSandboxConfig.FromString(sb.config))
         return CellShape(cpu_millis=cpu_millis, memory_bytes=memory_bytes,
-                         runtime_handler=sb.runtime_handler, tags=tags)
+                         runtime_handler=sb.runtime_handler, tags=tags, annotations=dict(sb.annotations))
 
     async def launch(self, sb: Sandbox, save: Callable[[Sandbox], None]) -> AgentClient:
         """Bring the sandbox's cell up until its agent answers and its facts are known."""
@@ -110,6 +120,8 @@ class Cells:
         save(sb)  # the cell is recorded before the long waits: a restart finds it
         sb.cell = await self.provider.wait_running(sb.cell.id, self._settings.cell_boot_timeout)
         save(sb)
+        if sb.cell.enrollment == "console":
+            await self._enroll_cell(sb.cell)
         agent = self.agent(sb)
         await self._wait_for_agent(agent)
         crash_point("cell-agent-answering")
@@ -124,6 +136,26 @@ class Cells:
             log.info("cell facts", sandbox=sb.id, architecture=sb.cell.facts.architecture,
                      kernel=sb.cell.facts.kernel)
         return sb.cell.facts
+
+    async def _enroll_cell(self, cell: Cell) -> None:
+        """A cell that made its own key: enroll that key, once the cell's console shows it
+        and its agent listens (both within the boot timeout)."""
+        if self._enroll is None:
+            raise FailedPrecondition(f"cell {cell.id} needs enrolling, and this node cannot enroll cells")
+        timeout = self._settings.cell_boot_timeout
+        fingerprint = await self.provider.identity_fingerprint(cell.id, timeout)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while True:
+            try:
+                await self._enroll(cell, fingerprint)
+                log.info("cell enrolled", cell=cell.id, fingerprint=fingerprint[:16])
+                return
+            except AgentUnreachable as exc:  # its agent is not listening yet
+                if loop.time() - started > timeout:
+                    raise DeadlineExceeded(f"the cell's agent did not answer within {timeout:.0f}s: "
+                                           f"{exc.message}") from None
+            await asyncio.sleep(0.05 if loop.time() - started < 2.0 else 0.25)
 
     async def _wait_for_agent(self, agent: AgentClient) -> None:
         loop = asyncio.get_running_loop()

@@ -25,7 +25,7 @@ from kiyot_py.model import (
     new_id,
 )
 from kiyot_py.pods.cells import Cells
-from kiyot_py.pods.images import ImageManager, cell_pull
+from kiyot_py.pods.images import ImageManager
 from kiyot_py.pods.index import Index
 from kiyot_py.pods.spec import SpecError, build_container_spec
 from kiyot_py.pods.sync import CellSync
@@ -74,7 +74,8 @@ class Containers:
             # The cell's platform's manifest, in the node's store: the cell may fetch it, and
             # only it, from the pull path.
             chosen = await self._images.for_cell(image, facts)
-            self._cells.grants.grant(sb.cell.id, self._images.content.manifest_blobs(chosen.platform_digest))
+            if sb.cell.pull_path:
+                self._cells.grants.grant(sb.cell.id, self._images.content.manifest_blobs(chosen.platform_digest))
             try:
                 spec = build_container_spec(config, sandbox_config, chosen.config.get("config") or {}, facts,
                                             hostname=sb.hostname or None)
@@ -93,7 +94,7 @@ class Containers:
             self._reserved_names.add(name_key)
             self._sync.in_flight.add(container.id)
             try:
-                await agent.pull(**cell_pull(image, sb.cell, chosen.platform_digest))
+                await agent.pull(**self._images.cell_pull(image, sb.cell, chosen.platform_digest))
                 record = await agent.create_container({
                     "id": container.id, "name": md.name, "image_digest": chosen.platform_digest,
                     "spec": spec.spec, "user": spec.user, "groups_policy": spec.groups_policy,

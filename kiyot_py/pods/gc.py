@@ -20,7 +20,8 @@ GC_INTERVAL = 60.0
 
 
 class OrphanCollector:
-    def __init__(self, index: Index, provider: Provider, node_name: str) -> None:
+    def __init__(self, index: Index, provider: Provider, node_name: str, interval: float = GC_INTERVAL) -> None:
+        self._interval = interval
         self._index = index
         self._provider = provider
         self._node = node_name
@@ -41,7 +42,7 @@ class OrphanCollector:
                 await self.collect()
             except Exception:
                 log.exception("cell garbage collection failed")
-            await asyncio.sleep(GC_INTERVAL)
+            await asyncio.sleep(self._interval)
 
     async def collect(self) -> None:
         sandboxes = self._index.sandboxes.values()

@@ -7,24 +7,35 @@ behind an amd64 node) gets its own manifest of the same index, fetched once and 
 the record (`for_cell`); when the kubelet names the pod it pulls for, and that pod's cell
 is of another platform, its manifest is fetched in the same PullImage.
 
-Credentials serve the one PullImage that brought them and are never kept: everything
-a cell runs is in the store by then, and cells fetch it from the node's pull path by
-digest (`cell_pull`, `ContentStore.manifest_blobs`), so no cell sees a registry or a password. A fetch
-that needs content the store lacks later on (an image recorded before the store
-existed, a platform no PullImage asked for) goes to the registry without credentials.
+Credentials serve the one PullImage that brought them and are never kept. A local cell
+fetches what it runs from the node's pull path by digest (`ImageManager.cell_pull`,
+`ContentStore.manifest_blobs`), so it never sees a registry or a password. A cell that
+is a VM of its own pulls from the registries itself: the pod's credentials go to it over
+the agent channel during the PullImage that brought them (the kubelet names the pod),
+and a CreateContainer that finds the image missing there pulls without credentials. A
+fetch that needs content the node's store lacks later on (an image recorded before the
+store existed, a platform no PullImage asked for) goes to the registry without credentials.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 
 import structlog
 
 from kiyot_py.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from kiyot_py.model import Cell, CellFacts, Credentials, Image, PlatformImage
 from kiyot_py.platforms import Platform
-from kiyot_py.registry.client import ImageNotFound, PlatformNotFound, RegistryClient, RegistryError, ResolvedImage
+from kiyot_py.registry.client import (
+    ImageNotFound,
+    PlatformNotFound,
+    RegistryClient,
+    RegistryError,
+    ResolvedImage,
+    auth_for,
+)
 from kiyot_py.registry.config import RegistriesConfig
 from kiyot_py.registry.content import ContentStore
 from kiyot_py.registry.reference import InvalidReference, Reference, parse_reference
@@ -235,13 +246,29 @@ class ImageManager:
             self._collect_when_idle()
 
 
-def cell_pull(record: Image, cell: Cell, platform_digest: str) -> dict[str, str]:
-    """What a cell's agent pulls for this image's manifest `platform_digest`: the node's
-    pull path, by digest (the repository name is only for the agent's logs)."""
-    if not cell.pull_path:
-        raise FailedPrecondition(f"cell {cell.id} has no pull path to fetch images from")
-    name = parse_reference(record.repo_digests[0]).repository if record.repo_digests else "image"
-    return {"ref": f"{cell.pull_path}/{name}@{platform_digest}", "digest": platform_digest}
+    def cell_pull(self, record: Image, cell: Cell, platform_digest: str,
+                  auth: Credentials | None = None) -> dict[str, Any]:
+        """What a cell's agent pulls for this image's manifest `platform_digest`, by digest.
+
+        A cell with a pull path fetches from the node (the repository name is only for the
+        agent's logs; never credentials). A cell that pulls for itself (a VM of its own)
+        gets the registries to try, mirrors first as the node's registries.conf lists
+        them, and `auth` only with the one its `server_address` names."""
+        if cell.pull_path:
+            name = parse_reference(record.repo_digests[0]).repository if record.repo_digests else "image"
+            return {"ref": f"{cell.pull_path}/{name}@{platform_digest}", "digest": platform_digest}
+        if not record.repo_digests:
+            raise FailedPrecondition(f"image {record.id} names no repository for cell {cell.id} to pull from")
+        ref = parse_reference(record.repo_digests[0].split("@", 1)[0] + "@" + platform_digest)
+        sources: list[dict[str, Any]] = []
+        for endpoint in self._config.endpoints(ref):
+            source: dict[str, Any] = {"ref": f"{endpoint.host}/{endpoint.repository(ref)}@{platform_digest}",
+                                      "tls_verify": not endpoint.insecure}
+            given = auth_for(endpoint, ref, auth)
+            if given is not None:
+                source["auth"] = {"username": given.username, "password": given.password}
+            sources.append(source)
+        return {"digest": platform_digest, "sources": sources}
 
 
 def _parse(image: str) -> Reference:

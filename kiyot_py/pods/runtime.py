@@ -17,9 +17,9 @@ from __future__ import annotations
 from kiyot_py.config import Settings
 from kiyot_py.gen.runtime.v1 import api_pb2
 from kiyot_py.hostports import HostPorts
-from kiyot_py.model import CellFacts
+from kiyot_py.model import CellFacts, Credentials, Image, Sandbox
 from kiyot_py.pods.cell_images import CellImages
-from kiyot_py.pods.cells import AgentFactory, Cells
+from kiyot_py.pods.cells import AgentFactory, Cells, Enroller
 from kiyot_py.pods.containers import Containers
 from kiyot_py.pods.gc import OrphanCollector
 from kiyot_py.pods.images import ImageManager
@@ -34,10 +34,10 @@ from kiyot_py.store import Store
 
 class PodRuntime:
     def __init__(self, settings: Settings, store: Store, provider: Provider, images: ImageManager,
-                 agents: AgentFactory, grants: PullGrants | None = None) -> None:
+                 agents: AgentFactory, grants: PullGrants | None = None, enroll: Enroller | None = None) -> None:
         self.index = Index(store)
         self._provider = provider
-        cells = Cells(settings, provider, agents, grants)
+        cells = Cells(settings, provider, agents, grants, enroll)
         self.cells = cells
         self._hostports = HostPorts()
         self.sync = CellSync(self.index, cells)
@@ -45,7 +45,7 @@ class PodRuntime:
         self.containers = Containers(self.index, cells, images, self.sync)
         self.images = images
         self.cell_images = CellImages(self.index, cells, images)
-        self.gc = OrphanCollector(self.index, provider, settings.node_name)
+        self.gc = OrphanCollector(self.index, provider, settings.node_name, settings.gc_interval)
 
     async def start(self) -> None:
         """Recover what the records name, then start collecting orphan cells."""
@@ -58,15 +58,30 @@ class PodRuntime:
         await self.sync.close()
         await self._hostports.close_all()
 
-    def facts_of_pod(self, config: api_pb2.PodSandboxConfig) -> CellFacts | None:
-        """The facts of the ready cell of the pod `config` names (its latest attempt), if any."""
+    def _sandbox_of_pod(self, config: api_pb2.PodSandboxConfig) -> Sandbox | None:
+        """The ready sandbox (with its cell) of the pod `config` names, its latest attempt."""
         md = config.metadata
         mine = [sb for sb in self.index.ready_sandboxes()
                 if (sb.uid, sb.name, sb.namespace) == (md.uid, md.name, md.namespace) and sb.cell is not None]
         if not mine or not md.uid:
             return None
-        cell = max(mine, key=lambda sb: sb.attempt).cell
-        return cell.facts if cell is not None else None
+        return max(mine, key=lambda sb: sb.attempt)
+
+    def facts_of_pod(self, config: api_pb2.PodSandboxConfig) -> CellFacts | None:
+        """The facts of the ready cell of the pod `config` names (its latest attempt), if any."""
+        sb = self._sandbox_of_pod(config)
+        return sb.cell.facts if sb is not None and sb.cell is not None else None
+
+    async def pull_into_pod_cell(self, config: api_pb2.PodSandboxConfig, record: Image,
+                                 auth: Credentials | None) -> None:
+        """For a cell that pulls for itself (no pull path): the image goes into the pod's
+        cell during the PullImage that brought the credentials, which then go nowhere else."""
+        sb = self._sandbox_of_pod(config)
+        if sb is None or sb.cell is None or sb.cell.pull_path:
+            return
+        agent = self.cells.agent(sb)
+        chosen = await self.images.for_cell(record, await self.cells.learn_facts(sb, agent))
+        await agent.pull(**self.images.cell_pull(record, sb.cell, chosen.platform_digest, auth))
 
     @property
     def cell_features(self) -> CellFeatures:

@@ -12,7 +12,10 @@ def make_provider(settings: Settings, pki: NodePKI) -> Provider:
     if settings.provider == "local":
         from kiyot_py.providers.local import LocalProvider
         return LocalProvider(settings.state_dir, settings.local, pki)
-    raise ConfigError(f"provider {settings.provider!r} is not available (only 'local')")
+    if settings.provider == "aws":
+        from kiyot_py.providers.ec2 import Ec2Provider
+        return Ec2Provider(settings.aws, pki, settings.node_name)
+    raise ConfigError(f"provider {settings.provider!r} is not available (only 'local' and 'aws')")
 
 
 __all__ = ["Provider", "ProviderError", "make_provider"]

@@ -24,6 +24,8 @@ TAG_POD = "kiyot-pod"
 # What a cell is for: a pod's (ROLE_POD) or a standby cell waiting for one; the
 # orphan collector only ever reaps pod cells.
 TAG_ROLE = "kiyot-role"
+TAG_POD_UID = "kiyot-pod-uid"
+TAG_POD_ATTEMPT = "kiyot-pod-attempt"
 ROLE_POD = "pod"
 POD_LABEL_TAG_PREFIX = "pod-label:"
 
@@ -66,6 +68,8 @@ class CellShape:
     market: str = "on-demand"  # on-demand | spot
     runtime_handler: str = ""
     tags: dict[str, str] = field(default_factory=dict)
+    # The pod's annotations: a provider may read its own (an explicit instance type).
+    annotations: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,10 @@ class Provider(Protocol):
 
     async def wait_running(self, cell_id: str, timeout: float) -> Cell:
         """Wait until the cell runs and has its address; CellNotFound when it is gone."""
+
+    async def identity_fingerprint(self, cell_id: str, timeout: float) -> str:
+        """For cells that make their own key (`Cell.enrollment == "console"`): the key's
+        fingerprint as the cell showed it on its console, read through the provider's API."""
 
     async def terminate(self, cell_id: str) -> None:
         """Release a cell and everything it holds. Unknown cells are already terminated."""

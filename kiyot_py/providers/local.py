@@ -437,6 +437,9 @@ class LocalProvider:
             raise CellNotFound(f"cell {cell_id} does not exist (or its launch was cut short)")
         return self._cell(cell)
 
+    async def identity_fingerprint(self, cell_id: str, timeout: float) -> str:
+        raise ProviderConfigError("a local cell's identity comes from the node: there is nothing to enroll")
+
     async def terminate(self, cell_id: str) -> None:
         async with self._lock:
             await self._teardown(cell_id)

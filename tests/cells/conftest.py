@@ -122,7 +122,7 @@ class Agent:
     def log_file(self) -> Path:
         return self.workdir / "agent.log"
 
-    def start(self) -> Agent:
+    def start(self, wait: bool = True) -> Agent:
         env = dict(os.environ, PYTHONPATH=str(CELLS) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with open(self.log_file, "ab") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
@@ -130,7 +130,8 @@ class Agent:
                  "--tls-dir", str(self.tls_dir), "--state-dir", str(self.state_dir),
                  "--cgroup-parent", f"kiyot-cell-tests/{self.workdir.name}", *self.extra_args],
                 stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        self.wait_healthy()
+        if wait:
+            self.wait_healthy()
         return self
 
     def wait_healthy(self) -> None:

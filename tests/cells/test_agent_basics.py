@@ -75,7 +75,7 @@ def test_only_the_node_is_answered_and_nothing_changes(agent, cell_images, tmp_p
 
 def test_health(agent):
     h = agent.ok("GET", "/v1/health")
-    assert h == {"version": "0.1.0", "api": "v1", "ready": True, "runtime": "runc"}
+    assert h == {"version": "0.1.0", "api": "v1", "ready": True, "runtime": "runc", "enrolled": True}
 
 
 def test_every_route_in_api_md_exists(agent):

@@ -267,6 +267,7 @@ class _Cfg:
     skopeo_path: str = "skopeo"
     umoci_path: str = "umoci"
     pull_timeout: float = 120.0
+    direct_pulls: bool = False
 
     @property
     def images_dir(self) -> Path:

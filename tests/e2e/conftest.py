@@ -33,6 +33,7 @@ class Service:
     socket: Path
     config: Path
     log_file: Path
+    env: dict[str, str] | None = None  # on top of the tests' own environment
     proc: subprocess.Popen | None = None
     channel: grpc.Channel | None = None
     runtime: api_pb2_grpc.RuntimeServiceStub | None = None
@@ -40,7 +41,9 @@ class Service:
 
     def start(self, crash_at: str = "") -> None:
         """Start the service; with `crash_at`, it kills itself at that crash point."""
-        env = dict(os.environ, KIYOTPY_CRASH_AT=crash_at) if crash_at else None
+        env = dict(os.environ, **(self.env or {}))
+        if crash_at:
+            env["KIYOTPY_CRASH_AT"] = crash_at
         with open(self.log_file, "ab") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kiyot_py.cli", "serve", "--config", str(self.config)],

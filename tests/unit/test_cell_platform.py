@@ -13,7 +13,7 @@ from kiyot_py.errors import FailedPrecondition
 from kiyot_py.gen.runtime.v1 import api_pb2 as cri
 from kiyot_py.model import Cell, CellFacts, Image, PlatformImage, from_json, to_json
 from kiyot_py.platforms import Platform, arch, normalize_arch
-from kiyot_py.pods.images import ImageManager, cell_pull
+from kiyot_py.pods.images import ImageManager
 from kiyot_py.pods.spec import SpecError, build_container_spec
 from kiyot_py.pods.spec.process import normalize_signal
 from kiyot_py.pods.spec.security import ALL_CAPABILITIES, DEFAULT_CAPABILITIES
@@ -225,7 +225,7 @@ async def test_arm64_cell_gets_the_arm64_manifest(fake, manager):
 
     cell = Cell(id="c1", sandbox_id="s1", address="10.0.0.2", agent_url="https://x",
                 pull_path="10.89.0.1:5380")
-    pull = cell_pull(record, cell, got.platform_digest)
+    pull = images.cell_pull(record, cell, got.platform_digest)
     assert pull == {"ref": f"10.89.0.1:5380/multi/app@{arm_manifest}", "digest": arm_manifest}
 
     # The spec for that cell: the arm64 image's config and an arm64 seccomp profile.

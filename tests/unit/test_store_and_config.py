@@ -57,7 +57,7 @@ def test_settings_layering(tmp_path):
 @pytest.mark.parametrize("text,message", [
     ("nope = 1", "unknown setting 'nope'"),
     ('[local]\nsubnet = "banana"', "local.subnet"),
-    ('provider = "gcp"', "only 'local'"),
+    ('provider = "gcp"', "not one of 'local', 'aws'"),
     ("[local]\nagent_port = 'x'", "not a valid int"),
     ("= broken", "k.toml"),
 ])

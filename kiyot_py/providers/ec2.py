@@ -1,0 +1,401 @@
+"""EC2 cells: every pod its own instance, launched from the cell image with boto3.
+
+- **One instance per pod attempt.** A launch first looks the attempt's token up in the
+  instances' tags (so that a crash between a launch and its record never makes a second
+  one, even after EC2 has forgotten the token), then calls RunInstances with that token as
+  its `ClientToken` (so that a retry returns the same reservation). An instance that the
+  token names but that was terminated meanwhile is launched again under a token derived
+  from it: deterministic, so a restart derives the same one.
+- **Tagged on create**, instance and volume alike: the node, the sandbox, the pod, the
+  launch token, the pod's labels (shortened deterministically past EC2's limits; at most
+  50 tags). IMDSv2 required with a hop limit of 1; the root volume goes with the instance.
+- **The cheapest type that fits** (`ec2_catalog.py`), from DescribeInstanceTypes and the
+  offerings in the subnets' zones (cached), priced from the packaged snapshot.
+- **The node reaches a cell at its private address only**, in the configured subnets.
+- **boto3 off the event loop**: at most `max_concurrent_calls` calls in threads at once,
+  standard retry mode; every AWS error keeps AWS's code and message, as a typed error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import structlog
+
+from kiyot_cell.boot import UserData
+from kiyot_py import errors
+from kiyot_py.config import AwsSettings
+from kiyot_py.crashpoints import crash_point
+from kiyot_py.enrollment import console_fingerprint
+from kiyot_py.model import Cell
+from kiyot_py.pki import NodePKI, cell_server_name
+from kiyot_py.providers.base import (
+    TAG_NODE,
+    TAG_SANDBOX,
+    CapacityError,
+    CellFeatures,
+    CellNotFound,
+    CellShape,
+    ProviderConfigError,
+    ProviderError,
+    ProviderPermissionDenied,
+    ProviderUnavailable,
+    QuotaError,
+)
+from kiyot_py.providers.ec2_catalog import Catalog, PriceSnapshot, choose
+
+log = structlog.get_logger("kiyot.providers.ec2")
+
+TAG_TOKEN = "kiyot-launch-token"  # noqa: S105 - a tag name, not a secret
+MAX_TAGS = 50
+MAX_KEY, MAX_VALUE = 128, 256
+DEFAULT_ROOT_VOLUME_GIB = 8  # an image that names no size for its root volume
+LIVE_STATES = ("pending", "running", "stopping", "stopped")
+# Pod annotations that steer the choice.
+ANNOTATION_INSTANCE_TYPE = "kiyot-py.io/instance-type"
+ANNOTATION_ARCHITECTURE = "kiyot-py.io/architecture"
+
+_CAPACITY = {"InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity",
+             "InsufficientFreeAddressesInSubnet", "Unsupported", "MaxSpotInstanceCountExceeded",
+             "SpotMaxPriceTooLow"}
+_QUOTA = {"VcpuLimitExceeded", "InstanceLimitExceeded", "RequestLimitExceeded"}
+_PERMISSION = {"AuthFailure", "UnauthorizedOperation", "AccessDenied", "AccessDeniedException",
+               "InvalidClientTokenId", "SignatureDoesNotMatch", "OptInRequired", "Blocked",
+               "UnrecognizedClientException", "InvalidSignatureException", "ExpiredTokenException"}
+_TRANSIENT = {"RequestLimitExceeded", "Throttling", "ThrottlingException", "InternalError", "InternalFailure",
+              "ServiceUnavailable", "Unavailable"}
+
+
+def aws_error(exc: Exception, what: str) -> ProviderError:
+    """An AWS failure as one of the typed errors, with AWS's own code and message."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        code, message = str(err.get("Code", "")), str(err.get("Message", ""))
+        text = f"{what}: {code}: {message}"
+        if code in _TRANSIENT:
+            return ProviderUnavailable(text)
+        if code in _CAPACITY:
+            return CapacityError(text)
+        if code in _QUOTA:
+            return QuotaError(text)
+        if code in _PERMISSION:
+            return ProviderPermissionDenied(text)
+        if code.endswith(".NotFound") and code.startswith("InvalidInstanceID"):
+            return CellNotFound(text)
+        return ProviderConfigError(text)  # InvalidAMIID.*, InvalidSubnetID.*, InvalidParameterValue, ...
+    if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
+        return ProviderPermissionDenied(f"{what}: {exc}")
+    return ProviderUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def ec2_tags(tags: dict[str, str]) -> list[dict[str, str]]:
+    """The cell's tags as EC2 takes them: ours first, then the pod's labels, at most 50.
+
+    A key past 128 characters (or a value past 256) is cut and given a digest of the whole,
+    so that two long labels never collide; `aws:` keys are EC2's own and skipped."""
+    def fit(text: str, limit: int) -> str:
+        if len(text) <= limit:
+            return text
+        return text[: limit - 13] + "~" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    ours = sorted((k, v) for k, v in tags.items() if k.startswith("kiyot-"))
+    labels = sorted((k, v) for k, v in tags.items() if not k.startswith("kiyot-"))
+    out: list[dict[str, str]] = []
+    for key, value in ours + labels:
+        if key.lower().startswith("aws:") or len(out) == MAX_TAGS:
+            continue
+        out.append({"Key": fit(key, MAX_KEY), "Value": fit(value, MAX_VALUE)})
+    return out
+
+
+class Ec2Provider:
+    name = "aws"
+
+    def __init__(self, settings: AwsSettings, pki: NodePKI, node_name: str,
+                 session_factory: Callable[[], Any] | None = None) -> None:
+        self._s = settings
+        self._pki = pki
+        self._node = node_name
+        self._session_factory = session_factory or (lambda: boto3.session.Session(region_name=settings.region))
+        self._calls = asyncio.Semaphore(settings.max_concurrent_calls)
+        self._ec2: Any = None
+        self._ssm: Any = None
+        self._image = ""
+        self._root_device = ""
+        self._root_volume_gib = DEFAULT_ROOT_VOLUME_GIB
+        self._zones: dict[str, str] = {}  # subnet id -> zone
+        self._catalog: Catalog | None = None
+        self._prices = PriceSnapshot.packaged()
+        self._readying = asyncio.Lock()
+
+    # -- the interface -------------------------------------------------------------------
+
+    @property
+    def features(self) -> CellFeatures:
+        # A VM of its own: a privileged container is so in that VM only.
+        return CellFeatures(privileged=True)
+
+    @property
+    def default_architecture(self) -> str:
+        return "amd64"
+
+    @property
+    def pull_path(self) -> None:
+        return None  # EC2 cells pull from the registries themselves
+
+    @property
+    def reserved_ports(self) -> frozenset[int]:
+        return frozenset({self._s.agent_port})
+
+    async def start(self) -> None:
+        """Make the clients and learn the image, subnets and types. An AWS failure here
+        (wrong credentials, an unknown image) does not stop the node: it is logged, and
+        every launch tries again and fails with AWS's answer until it succeeds."""
+        try:
+            await self._ready()
+        except ProviderError as exc:
+            log.error("the EC2 provider is not ready; launches will try again", error=str(exc))
+
+    async def _ready(self) -> None:
+        async with self._readying:
+            if self._catalog is None:
+                await self._prepare()
+
+    async def _prepare(self) -> None:
+        config = botocore.config.Config(retries={"mode": "standard", "max_attempts": 5},
+                                        connect_timeout=5, read_timeout=30,
+                                        max_pool_connections=self._s.max_concurrent_calls)
+        session = self._session_factory()
+        endpoint = self._s.endpoint_url or None
+        self._ec2 = session.client("ec2", endpoint_url=endpoint, config=config)
+        self._ssm = session.client("ssm", endpoint_url=endpoint, config=config)
+        self._image = await self._resolve_image()
+        images = (await self._call("describing the cell image", self._ec2.describe_images,
+                                   ImageIds=[self._image]))["Images"]
+        if not images:
+            raise ProviderConfigError(f"the cell image {self._image} does not exist")
+        self._root_device = images[0].get("RootDeviceName") or "/dev/xvda"
+        # The root volume: the image's size unless the config asks for more (gp3, deleted
+        # with the instance). EC2 takes the size from the image's snapshot when none is
+        # named; naming it keeps the request complete for every EC2-compatible API.
+        image_size = max([int(m.get("Ebs", {}).get("VolumeSize") or 0) for m in images[0].get("BlockDeviceMappings", [])
+                          if m.get("DeviceName") == self._root_device] or [0])
+        self._root_volume_gib = max(self._s.root_volume_gib, image_size) or DEFAULT_ROOT_VOLUME_GIB
+        subnet_ids = [s.strip() for s in self._s.subnets.split(",") if s.strip()]
+        subnets = (await self._call("describing the subnets", self._ec2.describe_subnets,
+                                    SubnetIds=subnet_ids))["Subnets"]
+        self._zones = {s["SubnetId"]: s["AvailabilityZone"] for s in subnets}
+        await self._refresh_catalog()
+        log.info("ec2 provider ready", region=self._s.region, image=self._image,
+                 zones=sorted(set(self._zones.values())), types=len(self._catalog.types) if self._catalog else 0)
+
+    async def close(self) -> None:
+        pass
+
+    async def launch(self, shape: CellShape, token: str) -> Cell:
+        await self._ready()
+        existing = await self._by_token(token)
+        if existing is not None:
+            log.info("instance found by its launch token", instance=existing.id, token=token[:12])
+            return existing
+        choice, subnet = await self._choose(shape)
+        tags = ec2_tags({**shape.tags, TAG_TOKEN: token})
+        user_data = UserData(node=self._node, ca=self._pki.ca_pem.decode(), agent_port=self._s.agent_port).encode()
+        request: dict[str, Any] = {
+            "ImageId": self._image, "InstanceType": choice.instance_type.name, "MinCount": 1, "MaxCount": 1,
+            "UserData": user_data.decode(),
+            "NetworkInterfaces": [{
+                "DeviceIndex": 0, "SubnetId": subnet, "AssociatePublicIpAddress": False,
+                # The pod's own address: the agent keeps the primary one (cells/API.md, Boot).
+                "SecondaryPrivateIpAddressCount": 1, "DeleteOnTermination": True,
+                **({"Groups": self._groups()} if self._groups() else {}),
+            }],
+            "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1, "HttpEndpoint": "enabled"},
+            "BlockDeviceMappings": [{"DeviceName": self._root_device, "Ebs": {
+                "DeleteOnTermination": True, "VolumeSize": self._root_volume_gib, "VolumeType": "gp3"}}],
+            "InstanceInitiatedShutdownBehavior": "terminate",
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": tags}, {"ResourceType": "volume", "Tags": tags}],
+        }
+        if self._s.instance_profile:
+            request["IamInstanceProfile"] = {"Name": self._s.instance_profile}
+        client_token = token
+        for _ in range(3):  # bounded: each terminated instance gives the next token
+            reservation = await self._call("launching the cell", self._ec2.run_instances,
+                                           ClientToken=client_token, **request)
+            instance = reservation["Instances"][0]
+            crash_point("instance-launched")  # launched, not recorded on the sandbox yet
+            if instance["State"]["Name"] not in ("shutting-down", "terminated"):
+                break
+            # The token's instance is gone (its earlier boot failed): the next one's token
+            # is derived from it, the same after any restart.
+            client_token = hashlib.sha256(f"{client_token}/{instance['InstanceId']}".encode()).hexdigest()[:32]
+        else:
+            raise CellNotFound("every instance launched for this pod attempt was terminated")
+        cell = self._cell(instance)
+        log.info("instance launched", instance=cell.id, type=choice.instance_type.name, zone=self._zones[subnet],
+                 address=cell.address, price_per_hour=choice.price_per_hour)
+        return cell
+
+    async def wait_running(self, cell_id: str, timeout: float) -> Cell:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.2
+        while True:
+            found = await self._describe_instances([{"Name": "instance-id", "Values": [cell_id]}])
+            if not found:
+                raise CellNotFound(f"instance {cell_id} does not exist")
+            instance = found[0]
+            state = instance["State"]["Name"]
+            if state == "running" and instance.get("PrivateIpAddress"):
+                return self._cell(instance)
+            if state in ("shutting-down", "terminated", "stopping", "stopped"):
+                reason = instance.get("StateReason", {}).get("Message", "")
+                raise CellNotFound(f"instance {cell_id} is {state}" + (f": {reason}" if reason else ""))
+            if loop.time() + delay > deadline:
+                raise errors.DeadlineExceeded(f"instance {cell_id} was still {state} after {timeout:.0f}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 2.0)
+
+    async def identity_fingerprint(self, cell_id: str, timeout: float) -> str:
+        """The fingerprint of the key the cell made itself, from its console (boot contract)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            answer = await self._call("reading the cell's console", self._ec2.get_console_output,
+                                      InstanceId=cell_id, Latest=True)
+            found = console_fingerprint(answer.get("Output") or "")
+            if found is not None:
+                return found
+            if loop.time() > deadline:
+                raise errors.DeadlineExceeded(f"instance {cell_id} showed no identity on its console in {timeout:.0f}s")
+            await asyncio.sleep(0.5)
+
+    async def terminate(self, cell_id: str) -> None:
+        try:
+            await self._call("terminating the cell", self._ec2.terminate_instances, InstanceIds=[cell_id])
+        except CellNotFound:
+            return  # already gone
+        except ProviderConfigError as exc:
+            if "InvalidInstanceID" in str(exc):
+                return
+            raise
+        log.info("instance terminated", instance=cell_id)
+
+    async def describe(self, cell_ids: list[str]) -> dict[str, Cell]:
+        cells: dict[str, Cell] = {}
+        for start in range(0, len(cell_ids), 200):
+            chunk = cell_ids[start:start + 200]
+            for instance in await self._describe_instances([{"Name": "instance-id", "Values": chunk}]):
+                cells[instance["InstanceId"]] = self._cell(instance)
+        return cells
+
+    async def list_cells(self, tags: dict[str, str]) -> list[Cell]:
+        filters = [{"Name": f"tag:{k}", "Values": [v]} for k, v in tags.items()]
+        filters.append({"Name": "instance-state-name", "Values": list(LIVE_STATES)})
+        return [self._cell(i) for i in await self._describe_instances(filters)]
+
+    async def reset(self) -> int:
+        cells = await self.list_cells({TAG_NODE: self._node})
+        for cell in cells:
+            await self.terminate(cell.id)
+        return len(cells)
+
+    # -- pieces -------------------------------------------------------------------------
+
+    async def _call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        async with self._calls:
+            try:
+                return await asyncio.to_thread(fn, **kwargs)
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+                raise aws_error(exc, what) from None
+
+    async def _describe_instances(self, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        def pages() -> list[dict[str, Any]]:
+            paginator = self._ec2.get_paginator("describe_instances")
+            return [i for page in paginator.paginate(Filters=filters)
+                    for r in page["Reservations"] for i in r["Instances"]]
+        result: list[dict[str, Any]] = await self._call("describing instances", pages)
+        return result
+
+    async def _by_token(self, token: str) -> Cell | None:
+        found = await self._describe_instances([{"Name": f"tag:{TAG_TOKEN}", "Values": [token]},
+                                                {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
+        return self._cell(found[0]) if found else None
+
+    async def _resolve_image(self) -> str:
+        image = self._s.image.strip()
+        if image.startswith("ami-"):
+            return image
+        name = image.removeprefix("resolve:ssm:")
+        answer = await self._call(f"reading the cell image's SSM parameter {name}", self._ssm.get_parameter, Name=name)
+        value = str(answer["Parameter"]["Value"])
+        if not value.startswith("ami-"):
+            raise ProviderConfigError(f"SSM parameter {name} holds {value!r}, not an AMI id")
+        return value
+
+    async def _refresh_catalog(self) -> None:
+        zones = sorted(set(self._zones.values()))
+
+        def fetch() -> Catalog:
+            types = list(self._ec2.get_paginator("describe_instance_types").paginate())
+            offers = list(self._ec2.get_paginator("describe_instance_type_offerings").paginate(
+                LocationType="availability-zone", Filters=[{"Name": "location", "Values": zones}]))
+            return Catalog.from_pages(types, offers, time.time())
+        self._catalog = await self._call("describing instance types", fetch)
+
+    async def _choose(self, shape: CellShape) -> tuple[Any, str]:
+        if self._catalog is None or self._catalog.stale(time.time(), self._s.catalog_max_age):
+            await self._refresh_catalog()
+        assert self._catalog is not None
+        annotations = shape.annotations
+        choices = choose(
+            cpu_millis=shape.cpu_millis, memory_bytes=shape.memory_bytes,
+            architecture=annotations.get(ANNOTATION_ARCHITECTURE, shape.architecture),
+            explicit_type=annotations.get(ANNOTATION_INSTANCE_TYPE, ""),
+            allowed=[t.strip() for t in self._s.instance_types.split(",") if t.strip()],
+            headroom_cpu_millis=self._s.headroom_cpu_millis, headroom_memory_mib=self._s.headroom_memory_mib,
+            types=self._catalog.types, offered=self._catalog.offered, zones=set(self._zones.values()),
+            prices=self._prices, region=self._s.region)
+        best = choices[0]
+        subnet = next(s for s, zone in self._zones.items() if zone in best.zones)
+        return best, subnet
+
+    def _groups(self) -> list[str]:
+        return [g.strip() for g in self._s.security_groups.split(",") if g.strip()]
+
+    def _cell(self, instance: dict[str, Any]) -> Cell:
+        tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+        primary = instance.get("PrivateIpAddress", "")
+        # The pod IP: the primary interface's second address (the pod's network in the
+        # cell), the agent on the primary one.
+        interfaces = [n for n in instance.get("NetworkInterfaces", [])
+                      if n.get("Attachment", {}).get("DeviceIndex", 0) == 0]
+        secondary = [a["PrivateIpAddress"] for n in interfaces for a in n.get("PrivateIpAddresses", [])
+                     if not a.get("Primary") and a.get("PrivateIpAddress")]
+        address = secondary[0] if secondary else primary
+        state = instance["State"]["Name"]
+        instance_type = instance.get("InstanceType", "")
+        price = self._prices.price(self._s.region, instance_type)
+        offering = {
+            "instance_type": instance_type, "zone": instance.get("Placement", {}).get("AvailabilityZone", ""),
+            "market": "spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand",
+            "price_per_hour": "" if price is None else f"{price:.4f}",  # USD, on-demand
+            "price_snapshot": self._prices.date,
+        }
+        return Cell(
+            offering=offering,
+            id=instance["InstanceId"], sandbox_id=tags.get(TAG_SANDBOX, ""), address=address,
+            agent_url=f"https://{primary}:{self._s.agent_port}", server_name=cell_server_name(instance["InstanceId"]),
+            state={"pending": "pending", "running": "running"}.get(state, "terminated"),
+            tags=tags, pull_path="", enrollment="console",
+            # The cell's own host name, as EC2 names its instances (ip-10-0-1-5).
+            hostname=("ip-" + primary.replace(".", "-")) if primary else instance["InstanceId"],
+        )
+
