@@ -67,6 +67,7 @@ class Settings:
     # How often cells of this node that no sandbox owns are looked for (terminated once
     # seen twice in a row).
     gc_interval: float = 60.0
+    gc_grace: float = 120.0  # and left alone for this long after their launch
     local: LocalCellSettings = field(default_factory=LocalCellSettings)
     aws: AwsSettings = field(default_factory=AwsSettings)
 

@@ -73,6 +73,7 @@ class Cell:
     # get theirs on the node's disk) or "console" (it makes its own key and shows the
     # key's fingerprint on its console; the node enrolls it: kiyot_py/enrollment.py).
     enrollment: str = ""
+    launched_at: int = 0  # ns since the epoch, as the provider says; 0: unknown (old enough)
     # What the provider chose for the cell (EC2: instance type, zone, hourly price).
     offering: dict[str, str] = field(default_factory=dict)
     # Learned from the agent once it answers; None until then.

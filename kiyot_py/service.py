@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import os
 import shutil
 import signal
 import sys
@@ -44,6 +45,7 @@ def _reap_with_pidfds() -> None:
 
 
 STORE_FILE = "state.db"
+NODE_ID_FILE = "node-id"  # the node's id: the cells' tags and launch tokens name it
 PKI_DIR = "pki"  # the node's CA and client certificate (keys 0600)
 CONTENT_DIR = "content"  # every image's blobs, served to the cells by the pull path
 
@@ -60,9 +62,30 @@ def _lock_state_dir(settings: Settings) -> IO[str]:
     return lock
 
 
+def persisted_node_id(settings: Settings) -> str:
+    """The node's id, kept in the state directory from the first start on: the cells' tags
+    and launch tokens carry it, so that a node renamed later still knows its own cells (and
+    collects their orphans) and never launches a second cell for a pod it launched before."""
+    path = settings.state_dir / NODE_ID_FILE
+    try:
+        kept = path.read_text().strip()
+    except FileNotFoundError:
+        kept = ""
+    if not kept:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(settings.node_name + "\n")
+        os.replace(tmp, path)
+        return settings.node_name
+    if kept != settings.node_name:
+        log.warning("node_name differs from the node id this state directory was made with; keeping the id",
+                    node_name=settings.node_name, node_id=kept, file=str(path))
+    return kept
+
+
 async def serve(settings: Settings) -> None:
     _reap_with_pidfds()
     lock = _lock_state_dir(settings)
+    settings.node_name = persisted_node_id(settings)
     store = Store(settings.state_dir / STORE_FILE)
     pki = NodePKI(settings.state_dir / PKI_DIR, settings.node_name)
     provider = make_provider(settings, pki)
@@ -113,6 +136,8 @@ async def reset(settings: Settings) -> int:
     set up on the host, and forget every sandbox, container and image; the number of cells."""
     lock = _lock_state_dir(settings)
     try:
+        if (settings.state_dir / NODE_ID_FILE).exists():
+            settings.node_name = persisted_node_id(settings)
         cells = await make_provider(settings, NodePKI(settings.state_dir / PKI_DIR, settings.node_name)).reset()
         for suffix in ("", "-wal", "-shm"):
             (settings.state_dir / f"{STORE_FILE}{suffix}").unlink(missing_ok=True)

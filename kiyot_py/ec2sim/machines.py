@@ -32,7 +32,7 @@ from typing import Protocol
 import structlog
 from aiohttp import web
 
-from kiyot_py.providers.local import _cgroup_processes, _pgid, _remove_cgroups, _run
+from kiyot_py.providers.hostcell import cgroup_busy, process_group, remove_cgroups, run
 
 log = structlog.get_logger("kiyot.ec2sim.machines")
 
@@ -244,19 +244,19 @@ class Machines:
     async def _build_network(self, spec: MachineSpec) -> None:
         ns = spec.netns
         prefix = ipaddress.ip_network(spec.network).prefixlen
-        await _run("ip", "netns", "add", ns)
-        await _run("ip", "link", "add", spec.veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        await run("ip", "netns", "add", ns)
+        await run("ip", "link", "add", spec.veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
                    *(("address", spec.mac) if spec.mac else ()))
-        await _run("ip", "link", "set", spec.veth, "master", self._bridge, "up")
-        await _run("ip", "-n", ns, "addr", "add", f"{spec.address}/{prefix}", "dev", "eth0")
-        await _run("ip", "-n", ns, "link", "set", "eth0", "up")
-        await _run("ip", "-n", ns, "link", "set", "lo", "up")
-        await _run("ip", "-n", ns, "route", "add", "default", "via", spec.gateway)
+        await run("ip", "link", "set", spec.veth, "master", self._bridge, "up")
+        await run("ip", "-n", ns, "addr", "add", f"{spec.address}/{prefix}", "dev", "eth0")
+        await run("ip", "-n", ns, "link", "set", "eth0", "up")
+        await run("ip", "-n", ns, "link", "set", "lo", "up")
+        await run("ip", "-n", ns, "route", "add", "default", "via", spec.gateway)
         # The instance's own metadata service, on its loopback: 169.254.169.254 is never
         # an address of this host, nor of anything but this instance.
-        await _run("ip", "-n", ns, "addr", "add", f"{IMDS_ADDRESS}/32", "dev", "lo")
+        await run("ip", "-n", ns, "addr", "add", f"{IMDS_ADDRESS}/32", "dev", "lo")
         for address in (spec.address, *spec.secondary):
-            await _run("ip", "neigh", "flush", "to", address, "dev", self._bridge, check=False)
+            await run("ip", "neigh", "flush", "to", address, "dev", self._bridge, check=False)
 
     async def _start_init(self, machine: Machine) -> None:
         spec = machine.spec
@@ -286,19 +286,19 @@ class Machines:
         log.info("instance powered off", instance=instance_id)
 
     async def _teardown(self, spec: MachineSpec, directory: Path) -> None:
-        for pgid in {_pgid(pid) for pid in machine_processes(directory)} - {0}:
+        for pgid in {process_group(pid) for pid in machine_processes(directory)} - {0}:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
         cgroup = f"kiyotsim/{spec.instance_id}"
         for _ in range(1000):  # bounded: 10 s
-            if not machine_processes(directory) and not _cgroup_processes(cgroup):
+            if not machine_processes(directory) and not cgroup_busy(cgroup):
                 break
             await asyncio.sleep(0.01)
         if (NETNS_DIR / spec.netns).exists():
-            await _run("ip", "netns", "del", spec.netns, check=False)
+            await run("ip", "netns", "del", spec.netns, check=False)
         if Path(f"/sys/class/net/{spec.veth}").exists():  # noqa: ASYNC240 - a sysfs stat, never blocks
-            await _run("ip", "link", "del", spec.veth, check=False)
-        _remove_cgroups(cgroup)
+            await run("ip", "link", "del", spec.veth, check=False)
+        remove_cgroups(cgroup)
         # The disk goes with the instance (DeleteOnTermination); the console stays readable.
         shutil.rmtree(directory / "disk", ignore_errors=True)
         shutil.rmtree(directory / "runc", ignore_errors=True)

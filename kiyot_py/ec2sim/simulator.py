@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 
 from kiyot_py.ec2sim.machines import Machines, MachineSpec
-from kiyot_py.providers.local import _run
+from kiyot_py.providers.hostcell import run
 
 log = structlog.get_logger("kiyot.ec2sim")
 
@@ -154,26 +154,26 @@ class Simulator:
     async def _network_up(self) -> None:
         s = self.settings
         if not Path(f"/sys/class/net/{s.bridge}").exists():  # noqa: ASYNC240 - a sysfs stat
-            await _run("ip", "link", "add", s.bridge, "type", "bridge")
-        addrs = await _run("ip", "-o", "addr", "show", "dev", s.bridge)
+            await run("ip", "link", "add", s.bridge, "type", "bridge")
+        addrs = await run("ip", "-o", "addr", "show", "dev", s.bridge)
         for net in self._networks:
             gateway = f"{next(net.hosts())}/{net.prefixlen}"
             if f" {gateway} " not in addrs:
-                await _run("ip", "addr", "add", gateway, "dev", s.bridge)
-        await _run("ip", "link", "set", s.bridge, "up")
+                await run("ip", "addr", "add", gateway, "dev", s.bridge)
+        await run("ip", "link", "set", s.bridge, "up")
         # What a simulated instance sends stays on this machine: only to the bridge (the
         # VPC) and the node on it, never forwarded beyond.
         rule = ["FORWARD", "-i", s.bridge, "!", "-o", s.bridge, "-j", "DROP"]
         if not await _ok("iptables", "-C", *rule):
-            await _run("iptables", "-I", *rule)
+            await run("iptables", "-I", *rule)
         if not await _ok("ip", "route", "show", "type", "blackhole", MOTO_PUBLIC_RANGE, expect_output=True):
-            await _run("ip", "route", "add", "blackhole", MOTO_PUBLIC_RANGE, check=False)
+            await run("ip", "route", "add", "blackhole", MOTO_PUBLIC_RANGE, check=False)
 
     async def _network_down(self) -> None:
         s = self.settings
-        await _run("iptables", "-D", "FORWARD", "-i", s.bridge, "!", "-o", s.bridge, "-j", "DROP", check=False)
-        await _run("ip", "route", "del", "blackhole", MOTO_PUBLIC_RANGE, check=False)
-        await _run("ip", "link", "del", s.bridge, check=False)
+        await run("iptables", "-D", "FORWARD", "-i", s.bridge, "!", "-o", s.bridge, "-j", "DROP", check=False)
+        await run("ip", "route", "del", "blackhole", MOTO_PUBLIC_RANGE, check=False)
+        await run("ip", "link", "del", s.bridge, check=False)
 
     def _lay_out(self, vpc: ipaddress.IPv4Network) -> dict[str, Any]:
         from moto.iam.models import iam_backends
@@ -211,8 +211,12 @@ class Simulator:
             fh.write(f"[default]\naws_access_key_id = {lay['access_key_id']}\n"
                      f"aws_secret_access_key = {lay['secret_access_key']}\n")
         os.replace(d / "credentials.tmp", d / "credentials")
+        # The registries forwarded onto the VPC's gateways are plain HTTP (a test registry).
+        forwarded = [f"{g}:{port}" for port, _, _ in self.settings.forwards for g in lay["gateways"]]
+        (d / "registries.conf").write_text("".join(
+            f'[[registry]]\nprefix = "{r}"\nlocation = "{r}"\ninsecure = true\n\n' for r in forwarded))
         (d / "node.toml").write_text(
-            'provider = "aws"\n\n[aws]\n'
+            f'provider = "aws"\nregistries_conf = "{d / "registries.conf"}"\n\n[aws]\n'
             f'region = "{lay["region"]}"\nendpoint_url = "{lay["endpoint_url"]}"\n'
             f'subnets = "{",".join(lay["subnets"])}"\nsecurity_groups = "{lay["security_group"]}"\n'
             f'image = "{lay["image_parameter"]}"\ninstance_profile = "{lay["instance_profile"]}"\n')

@@ -45,12 +45,21 @@ class PodRuntime:
         self.containers = Containers(self.index, cells, images, self.sync)
         self.images = images
         self.cell_images = CellImages(self.index, cells, images)
-        self.gc = OrphanCollector(self.index, provider, settings.node_name, settings.gc_interval)
+        self.gc = OrphanCollector(self.index, provider, settings.node_name, settings.gc_interval,
+                                  settings.gc_grace, lost=self._cell_lost)
 
     async def start(self) -> None:
         """Recover what the records name, then start collecting orphan cells."""
         await recover(self.index, self.cells, self.sync, self.sandboxes, self._hostports)
         self.gc.start()
+
+    async def _cell_lost(self, sb: Sandbox) -> None:
+        """A ready sandbox's cell vanished: not ready, nothing in it running; the kubelet
+        then makes a new sandbox."""
+        async with self.index.gate(sb.id).exclusive():
+            await self.sync.unwatch(sb.id)
+            await self._hostports.close(sb.id)
+            self.sync.cell_lost(sb)
 
     async def close(self) -> None:
         """Stop watching, shipping and collecting; cells and containers keep running."""

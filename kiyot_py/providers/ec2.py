@@ -389,8 +389,9 @@ class Ec2Provider:
             "price_per_hour": "" if price is None else f"{price:.4f}",  # USD, on-demand
             "price_snapshot": self._prices.date,
         }
+        launched = instance.get("LaunchTime")
         return Cell(
-            offering=offering,
+            offering=offering, launched_at=int(launched.timestamp() * 1e9) if launched is not None else 0,
             id=instance["InstanceId"], sandbox_id=tags.get(TAG_SANDBOX, ""), address=address,
             agent_url=f"https://{primary}:{self._s.agent_port}", server_name=cell_server_name(instance["InstanceId"]),
             state={"pending": "pending", "running": "running"}.get(state, "terminated"),

@@ -43,6 +43,7 @@ from kiyot_py.providers.base import (
     ProviderUnavailable,
     PullEndpoint,
 )
+from kiyot_py.providers.hostcell import cgroup_busy, mounts_under, process_group, remove_cgroups, run
 
 log = structlog.get_logger("kiyot.providers.local")
 
@@ -62,16 +63,6 @@ class _CellFile:
     # "pending" from the moment the address is claimed until the agent's supervisor runs:
     # a cell still pending when no launch is under way was cut short (kill -9).
     state: str = "running"
-
-
-async def _run(*argv: str, check: bool = True) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await proc.communicate()
-    if check and proc.returncode != 0:
-        raise ProviderUnavailable(f"{' '.join(argv)}: {err.decode().strip() or proc.returncode}")
-    return out.decode()
 
 
 def fence_chain(bridge: str) -> str:
@@ -233,13 +224,13 @@ async def remove_host_network(bridge: str) -> None:
     for tool, family in _fence_tools():
         chains = fence.v4 if family == "v4" else fence.v6
         for chain in chains:
-            listing = await _run(tool, "-t", chain.table, "-S", chain.hook, check=False)
+            listing = await run(tool, "-t", chain.table, "-S", chain.hook, check=False)
             for rule in jumps_in(listing, [chain.name]):
-                await _run(tool, "-t", chain.table, "-D", *rule.split()[1:], check=False)
+                await run(tool, "-t", chain.table, "-D", *rule.split()[1:], check=False)
         for chain in chains:
-            await _run(tool, "-t", chain.table, "-F", chain.name, check=False)
-            await _run(tool, "-t", chain.table, "-X", chain.name, check=False)
-    await _run("ip", "link", "del", bridge, check=False)
+            await run(tool, "-t", chain.table, "-F", chain.name, check=False)
+            await run(tool, "-t", chain.table, "-X", chain.name, check=False)
+    await run("ip", "link", "del", bridge, check=False)
 
 
 async def _run_input(argv: Sequence[str], data: str) -> tuple[int, str]:
@@ -291,11 +282,11 @@ class LocalProvider:
         self._dir.mkdir(parents=True, exist_ok=True)
         bridge = self._settings.bridge
         if not Path(f"/sys/class/net/{bridge}").exists():  # noqa: ASYNC240 - a sysfs stat, never blocks
-            await _run("ip", "link", "add", bridge, "type", "bridge")
-        addrs = await _run("ip", "-o", "addr", "show", "dev", bridge)
+            await run("ip", "link", "add", bridge, "type", "bridge")
+        addrs = await run("ip", "-o", "addr", "show", "dev", bridge)
         if f" {self._gateway}/" not in addrs:
-            await _run("ip", "addr", "add", f"{self._gateway}/{self._net.prefixlen}", "dev", bridge)
-        await _run("ip", "link", "set", bridge, "up")
+            await run("ip", "addr", "add", f"{self._gateway}/{self._net.prefixlen}", "dev", bridge)
+        await run("ip", "link", "set", bridge, "up")
         await self._fence_host()
         self._features = await self._probe_features()
         # A launch cut short right after making the cell's directory left no record: the
@@ -329,7 +320,7 @@ class LocalProvider:
     async def _probe_features(self) -> CellFeatures:
         """A local cell runs this host's OCI runtime on this host's kernel: ask the runtime."""
         try:
-            features = json.loads(await _run(self._settings.runtime, "features"))
+            features = json.loads(await run(self._settings.runtime, "features"))
         except (ProviderUnavailable, ValueError, OSError) as exc:
             log.warning("the OCI runtime cannot list its features", runtime=self._settings.runtime, error=str(exc))
             return CellFeatures(privileged=self._settings.allow_privileged)
@@ -361,7 +352,7 @@ class LocalProvider:
             for _ in range(3):  # bounded: a rule deleted meanwhile fails the transaction; list again
                 stale = []
                 for table, hook in dict.fromkeys((c.table, c.hook) for c in chains):
-                    listing = await _run(tool, "-t", table, "-S", hook)
+                    listing = await run(tool, "-t", table, "-S", hook)
                     stale += [(table, r) for r in jumps_in(listing, [c.name for c in chains])]
                 code, error = await _run_input([f"{tool}-restore", "--noflush"], fence_restore(chains, stale))
                 if code == 0:
@@ -378,10 +369,10 @@ class LocalProvider:
         if not Path("/proc/sys/net/ipv6").exists():  # noqa: ASYNC240 - a procfs stat, never blocks
             return
         in_cell = ["nsenter", f"--net={NETNS_DIR / cell.netns}", "--", "sysctl", "-q", "-w"]
-        await _run(*in_cell, "net.ipv6.conf.default.disable_ipv6=1", check=check)
+        await run(*in_cell, "net.ipv6.conf.default.disable_ipv6=1", check=check)
         if Path(f"/sys/class/net/{cell.veth}").exists():  # noqa: ASYNC240 - a sysfs stat, never blocks
-            await _run("sysctl", "-q", "-w", f"net.ipv6.conf.{cell.veth}.disable_ipv6=1", check=check)
-        await _run(*in_cell, "net.ipv6.conf.eth0.disable_ipv6=1", check=False)  # eth0 once it exists
+            await run("sysctl", "-q", "-w", f"net.ipv6.conf.{cell.veth}.disable_ipv6=1", check=check)
+        await run(*in_cell, "net.ipv6.conf.eth0.disable_ipv6=1", check=False)  # eth0 once it exists
 
     # -- cells ------------------------------------------------------------------
 
@@ -482,18 +473,18 @@ class LocalProvider:
 
     async def _build_network(self, cell: _CellFile) -> None:
         ns = cell.netns
-        await _run("ip", "netns", "add", ns)
+        await run("ip", "netns", "add", ns)
         await self._ipv6_off(cell)  # before the veth exists: eth0 is born without IPv6
-        await _run("ip", "link", "add", cell.veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        await run("ip", "link", "add", cell.veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
         await self._ipv6_off(cell)  # and the host end, before it comes up
-        await _run("ip", "link", "set", cell.veth, "master", self._settings.bridge, "up")
-        await _run("ip", "-n", ns, "addr", "add", f"{cell.address}/{self._net.prefixlen}", "dev", "eth0")
-        await _run("ip", "-n", ns, "link", "set", "eth0", "up")
-        await _run("ip", "-n", ns, "link", "set", "lo", "up")
-        await _run("ip", "-n", ns, "route", "add", "default", "via", self._gateway)
+        await run("ip", "link", "set", cell.veth, "master", self._settings.bridge, "up")
+        await run("ip", "-n", ns, "addr", "add", f"{cell.address}/{self._net.prefixlen}", "dev", "eth0")
+        await run("ip", "-n", ns, "link", "set", "eth0", "up")
+        await run("ip", "-n", ns, "link", "set", "lo", "up")
+        await run("ip", "-n", ns, "route", "add", "default", "via", self._gateway)
         await self._forget_neighbour(cell.address)
         # The agent's port answers the node only, not the pod's own containers.
-        await _run("nsenter", f"--net={NETNS_DIR / ns}", "iptables", "-A", "INPUT", "-p", "tcp",
+        await run("nsenter", f"--net={NETNS_DIR / ns}", "iptables", "-A", "INPUT", "-p", "tcp",
                    "--dport", str(self._settings.agent_port), "!", "-s", self._gateway, "-j", "DROP")
 
     async def _forget_neighbour(self, address: str) -> None:
@@ -502,7 +493,7 @@ class LocalProvider:
         A reused address would otherwise go to the old cell's MAC for as long as the
         kernel deems that entry reachable (15-45 s): the new agent looks dead that long.
         """
-        await _run("ip", "neigh", "flush", "to", address, "dev", self._settings.bridge, check=False)
+        await run("ip", "neigh", "flush", "to", address, "dev", self._settings.bridge, check=False)
 
     async def _start_agent(self, cell: _CellFile) -> None:
         cell_dir = self._dir / cell.id
@@ -552,13 +543,13 @@ class LocalProvider:
         # Found by their command line, not by the pid on record: the node may have died
         # between spawning a supervisor and saving its pid. Like terminating a VM: no
         # grace; the containers go next, by the runtime.
-        for pgid in {_pgid(pid) for pid in agent_processes(cell_dir)} - {0}:
+        for pgid in {process_group(pid) for pid in agent_processes(cell_dir)} - {0}:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
         # The supervisor was the cell's pid 1: with it every process of the cell dies,
         # containers included, as with a VM's power cut.
         for _ in range(1000):  # bounded: 10 s
-            if not agent_processes(cell_dir) and not _cgroup_processes(f"kiyot/{cell_id}"):
+            if not agent_processes(cell_dir) and not cgroup_busy(f"kiyot/{cell_id}"):
                 break
             await asyncio.sleep(0.01)
         await self._delete_containers(cell_dir)  # a cell made before cells had a PID namespace
@@ -566,17 +557,17 @@ class LocalProvider:
         # A cell's own mounts go with its mount namespace; a cell made before cells had one
         # left its mounts (the pod's IPC namespace, bound on a file) on the node.
         for mount in mounts_under(cell_dir):
-            await _run("umount", "--lazy", mount, check=False)
+            await run("umount", "--lazy", mount, check=False)
         # Named after the cell (its token): a cell without its record is found too.
         netns, veth = (cell.netns, cell.veth) if cell is not None else (f"kiyot-{cell_id[1:]}", f"kv{cell_id[1:]}")
         if Path(NETNS_DIR / netns).exists():  # noqa: ASYNC240 - a stat of /run/netns, never blocks
-            await _run("ip", "netns", "del", netns, check=False)
+            await run("ip", "netns", "del", netns, check=False)
         crash_point("cell-netns-gone")
         if Path(f"/sys/class/net/{veth}").exists():  # noqa: ASYNC240 - a sysfs stat, never blocks
-            await _run("ip", "link", "del", veth, check=False)
+            await run("ip", "link", "del", veth, check=False)
         if cell is not None:
             await self._forget_neighbour(cell.address)
-        _remove_cgroups(f"kiyot/{cell_id}")
+        remove_cgroups(f"kiyot/{cell_id}")
         shutil.rmtree(cell_dir, ignore_errors=True)
         crash_point("cell-record-gone")  # the sandbox still names it
         log.info("cell deleted", cell=cell_id)
@@ -586,10 +577,10 @@ class LocalProvider:
         before cells had PID namespaces of their own (and runtime state of their own), whose
         containers outlive their agent. A cell made since keeps none there."""
         runtime = self._settings.runtime  # the cells' own runtime (runc or crun), not always runc
-        out = await _run(runtime, "list", "--format", "json", check=False)
+        out = await run(runtime, "list", "--format", "json", check=False)
         for ctr in json.loads(out or "null") or []:
             if str(ctr.get("bundle", "")).startswith(str(cell_dir) + "/"):
-                await _run(runtime, "delete", "--force", ctr["id"], check=False)
+                await run(runtime, "delete", "--force", ctr["id"], check=False)
 
     def _read(self, cell_id: str) -> _CellFile | None:
         try:
@@ -632,27 +623,6 @@ def running_agents() -> dict[str, list[int]]:
     return found
 
 
-def _pgid(pid: int) -> int:
-    """The process group of `pid`, or 0 when it is gone already."""
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return 0
-
-
-def mounts_under(directory: Path) -> list[str]:
-    """Mount points at or below `directory`, deepest first (the order to unmount them in)."""
-    prefix = str(directory).rstrip("/") + "/"
-    found = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            # Field 5 is the mount point; space, tab, newline and backslash come octal-escaped.
-            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), line.split()[4]).decode()
-            if (point + "/").startswith(prefix):
-                found.append(point)
-    return sorted(found, key=lambda p: p.count("/"), reverse=True)
-
-
 async def _session_leader(cell_dir: Path) -> int:
     """The pid of the process that leads a cell's session (`unshare`, the parent of its pid
     1), once it shows: 0 if it never does (the cell's agent died at once; its log says why)."""
@@ -663,29 +633,3 @@ async def _session_leader(cell_dir: Path) -> int:
                     return pid
         await asyncio.sleep(0.01)
     return 0
-
-
-def _cgroup_processes(relative: str) -> bool:
-    """Whether any process is left in the cgroup `relative` (or below), in any hierarchy."""
-    for hierarchy in Path("/sys/fs/cgroup").glob("*"):
-        path = hierarchy / relative
-        if path.is_dir():
-            for procs in path.rglob("cgroup.procs"):
-                with contextlib.suppress(OSError):
-                    if procs.read_text().strip():
-                        return True
-    return False
-
-
-def _remove_cgroups(relative: str) -> None:
-    root = Path("/sys/fs/cgroup")
-    for hierarchy in root.iterdir() if root.exists() else []:
-        path = hierarchy / relative
-        if path.is_dir():
-            # Children first; a cgroup directory is removed with rmdir, never rm -r.
-            for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-                if sub.is_dir():
-                    with contextlib.suppress(OSError):
-                        sub.rmdir()
-            with contextlib.suppress(OSError):
-                path.rmdir()

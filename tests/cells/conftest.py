@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from kiyot_py.pki import cell_server_name
-from kiyot_py.providers.local import mounts_under
+from kiyot_py.providers.hostcell import mounts_under
 from tests.support.pullnode import PullNode
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,7 +18,8 @@ import pytest
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from kiyot_py.pods.cells import launch_token
-from kiyot_py.providers.local import agent_processes, mounts_under
+from kiyot_py.providers.hostcell import mounts_under
+from kiyot_py.providers.local import agent_processes
 
 from .helpers import cell_dir, new_pod, parent_of, pod_name, processes_naming, run, sandbox_config, wait_state
 

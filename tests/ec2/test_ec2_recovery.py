@@ -100,7 +100,7 @@ def test_kill9_during_stop_then_the_retry_terminates(node, sim, tmp_path):
 
 
 def test_orphans_of_this_node_go_after_two_passes_and_other_nodes_stay(tmp_path, sim):
-    svc = new_ec2_service(tmp_path / "gc", sim, node="gc-node", gc_interval=0.5)
+    svc = new_ec2_service(tmp_path / "gc", sim, node="gc-node", gc_interval=0.5, gc_grace=1.0)
     lay = sim.layout
     ec2 = sim.client()
 
@@ -128,6 +128,53 @@ def test_orphans_of_this_node_go_after_two_passes_and_other_nodes_stay(tmp_path,
         ec2.terminate_instances(InstanceIds=[theirs])
         if svc.proc is not None and svc.proc.poll() is None:
             svc.stop()
+
+
+def test_a_sandbox_whose_instance_vanished_turns_not_ready(tmp_path, sim, test_images):
+    from tests.e2e.helpers import container_config, start, wait_state
+
+    from .test_ec2_cells import busybox
+
+    svc = new_ec2_service(tmp_path / "lost", sim, node="lost-node", gc_interval=0.5)
+    svc.start()
+    try:
+        config = sized_pod("vanishing", tmp_path, GiB)
+        sandbox_id = run_pod(svc.runtime, config)
+        image = busybox(test_images)
+        svc.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image), sandbox_config=config))
+        cid = start(svc.runtime, (sandbox_id, config), container_config("sleeper", image, ["sleep", "3600"]))
+        assert wait_state(svc.runtime, cid, pb.CONTAINER_RUNNING).state == pb.CONTAINER_RUNNING
+        (instance,) = sim.live(**{"kiyot-sandbox": sandbox_id})
+        sim.client().terminate_instances(InstanceIds=[instance["InstanceId"]])  # behind the node's back
+
+        def status():
+            return svc.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)).status
+        assert wait_for(lambda: status().state == pb.SANDBOX_NOTREADY, seconds=30)
+        container = svc.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status
+        assert container.state != pb.CONTAINER_RUNNING and container.reason == "CellLost"
+        _finish(svc, sandbox_id)
+    finally:
+        cleanup(svc)
+        svc.stop()
+
+
+def test_an_instance_past_the_boot_timeout_is_terminated_and_run_fails(tmp_path, sim):
+    svc = new_ec2_service(tmp_path / "slow", sim, node="slow-node", boot_timeout=2.0)
+    config = sized_pod("slow", tmp_path, GiB)
+    sim.set_boot_delay(6.0)
+    try:
+        svc.start()
+        with pytest.raises(grpc.RpcError) as failed:
+            run_pod(svc.runtime, config)
+    finally:
+        sim.set_boot_delay(0.0)
+    try:
+        assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "still pending after 2s" in failed.value.details()
+        assert [i["State"]["Name"] for i in _uid_instances(sim, config)] == ["terminated"]
+        assert list(svc.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items) == []
+    finally:
+        svc.stop()
 
 
 @pytest.mark.parametrize(("what", "code", "grpc_code"), [

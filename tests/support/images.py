@@ -22,6 +22,7 @@ no two repositories share an image id (config digest) except the two busybox tag
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -324,13 +325,16 @@ def manifest_body(config: bytes, layers: list[Layer], docker: bool) -> tuple[byt
 class Pusher:
     """Blob and manifest pushes over the registry's plain-HTTP API (no auth)."""
 
-    def __init__(self, registry: str):
+    def __init__(self, registry: str, user: tuple[str, str] | None = None):
         self.registry = registry
+        self._auth = "Basic " + base64.b64encode(f"{user[0]}:{user[1]}".encode()).decode() if user else ""
         self.base = f"http://{registry}"
         self._present: set[tuple[str, str]] = set()  # (repo, digest)
         self._where: dict[str, str] = {}  # digest -> a repo that has it (for mounts)
 
     def _open(self, req: urllib.request.Request, timeout: float = 60):
+        if self._auth:
+            req.add_header("Authorization", self._auth)
         return urllib.request.urlopen(req, timeout=timeout)
 
     def has_blob(self, repo: str, digest: str) -> bool:
@@ -418,6 +422,12 @@ APP_CONFIG = {
     "StopSignal": "SIGUSR1",
     "Labels": {"org.kiyot.test.role": "app", "org.opencontainers.image.title": "kiyot test app"},
 }
+
+
+def push_busybox(registry: str, user: tuple[str, str] | None = None, repo: str = f"{NAMESPACE}/busybox") -> TestImage:
+    """Only the test busybox, to REGISTRY (with `user`'s Basic auth, if it wants one)."""
+    return Pusher(registry, user).push_image(repo, ["latest"], host_arch(), [make_layer(busybox_rootfs_entries())],
+                                             BUSYBOX_CONFIG, "busybox", docker=True)
 
 
 def push_test_images(registry: str, namespace: str = NAMESPACE) -> dict[str, TestImage]:

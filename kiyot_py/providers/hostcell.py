@@ -1,0 +1,69 @@
+"""A cell on this host, as local cells and the EC2 simulator's machines are made of it:
+the commands that build and end one, its process groups, its cgroups, its mounts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+from pathlib import Path
+
+from kiyot_py.providers.base import ProviderUnavailable
+
+
+async def run(*argv: str, check: bool = True) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if check and proc.returncode != 0:
+        raise ProviderUnavailable(f"{' '.join(argv)}: {err.decode().strip() or proc.returncode}")
+    return out.decode()
+
+
+def process_group(pid: int) -> int:
+    """The process group of `pid`, or 0 when it is gone already."""
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return 0
+
+
+def cgroup_busy(relative: str) -> bool:
+    """Whether any process is left in the cgroup `relative` (or below), in any hierarchy."""
+    for hierarchy in Path("/sys/fs/cgroup").glob("*"):
+        path = hierarchy / relative
+        if path.is_dir():
+            for procs in path.rglob("cgroup.procs"):
+                with contextlib.suppress(OSError):
+                    if procs.read_text().strip():
+                        return True
+    return False
+
+
+def remove_cgroups(relative: str) -> None:
+    root = Path("/sys/fs/cgroup")
+    for hierarchy in root.iterdir() if root.exists() else []:
+        path = hierarchy / relative
+        if path.is_dir():
+            # Children first; a cgroup directory is removed with rmdir, never rm -r.
+            for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                if sub.is_dir():
+                    with contextlib.suppress(OSError):
+                        sub.rmdir()
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+def mounts_under(directory: Path) -> list[str]:
+    """Mount points at or below `directory`, deepest first (the order to unmount them in)."""
+    prefix = str(directory).rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            # Field 5 is the mount point; space, tab, newline and backslash come octal-escaped.
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), line.split()[4]).decode()
+            if (point + "/").startswith(prefix):
+                found.append(point)
+    return sorted(found, key=lambda p: p.count("/"), reverse=True)
