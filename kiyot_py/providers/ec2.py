@@ -56,6 +56,8 @@ log = structlog.get_logger("kiyot.providers.ec2")
 TAG_TOKEN = "kiyot-launch-token"  # noqa: S105 - a tag name, not a secret
 MAX_TAGS = 50
 MAX_KEY, MAX_VALUE = 128, 256
+POLL_INTERVAL = 0.25  # seconds between describes of the instances being waited for (all in one call)
+CONSOLE_INTERVAL = 0.25  # seconds between reads of a booting cell's console
 DEFAULT_ROOT_VOLUME_GIB = 8  # an image that names no size for its root volume
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 # Pod annotations that steer the choice.
@@ -134,6 +136,8 @@ class Ec2Provider:
         self._catalog: Catalog | None = None
         self._prices = PriceSnapshot.packaged()
         self._readying = asyncio.Lock()
+        self._observers: dict[str, list[asyncio.Future[dict[str, Any] | None]]] = {}
+        self._poller: asyncio.Task[None] | None = None
 
     # -- the interface -------------------------------------------------------------------
 
@@ -244,24 +248,51 @@ class Ec2Provider:
         return cell
 
     async def wait_running(self, cell_id: str, timeout: float) -> Cell:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        delay = 0.2
-        while True:
-            found = await self._describe_instances([{"Name": "instance-id", "Values": [cell_id]}])
-            if not found:
-                raise CellNotFound(f"instance {cell_id} does not exist")
-            instance = found[0]
-            state = instance["State"]["Name"]
-            if state == "running" and instance.get("PrivateIpAddress"):
-                return self._cell(instance)
-            if state in ("shutting-down", "terminated", "stopping", "stopped"):
-                reason = instance.get("StateReason", {}).get("Message", "")
-                raise CellNotFound(f"instance {cell_id} is {state}" + (f": {reason}" if reason else ""))
-            if loop.time() + delay > deadline:
-                raise errors.DeadlineExceeded(f"instance {cell_id} was still {state} after {timeout:.0f}s")
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 2.0)
+        state = "pending"
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    instance = await self._observe(cell_id)
+                    if instance is None:
+                        raise CellNotFound(f"instance {cell_id} does not exist")
+                    state = instance["State"]["Name"]
+                    if state == "running" and instance.get("PrivateIpAddress"):
+                        return self._cell(instance)
+                    if state in ("shutting-down", "terminated", "stopping", "stopped"):
+                        reason = instance.get("StateReason", {}).get("Message", "")
+                        raise CellNotFound(f"instance {cell_id} is {state}" + (f": {reason}" if reason else ""))
+        except TimeoutError:
+            raise errors.DeadlineExceeded(f"instance {cell_id} was still {state} after {timeout:.0f}s") from None
+
+    async def _observe(self, cell_id: str) -> dict[str, Any] | None:
+        """The instance as the next round of the shared poll sees it (None: it does not exist).
+
+        Every instance being waited for is described in one call per round (200 a call),
+        every POLL_INTERVAL: a burst of launches costs the API one call a round, not one per
+        instance, and no instance waits longer than a round once it runs."""
+        future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        self._observers.setdefault(cell_id, []).append(future)
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll(), name="ec2-instance-poll")
+        return await future
+
+    async def _poll(self) -> None:
+        while self._observers:
+            await asyncio.sleep(POLL_INTERVAL)
+            batch, self._observers = self._observers, {}
+            ids = list(batch)
+            try:
+                found = await self._describe_by_id(ids)
+            except ProviderError as exc:
+                for futures in batch.values():
+                    for f in futures:
+                        if not f.done():
+                            f.set_exception(exc)
+                continue
+            for cell_id, futures in batch.items():
+                for f in futures:
+                    if not f.done():
+                        f.set_result(found.get(cell_id))
 
     async def identity_fingerprint(self, cell_id: str, timeout: float) -> str:
         """The fingerprint of the key the cell made itself, from its console (boot contract)."""
@@ -275,7 +306,7 @@ class Ec2Provider:
                 return found
             if loop.time() > deadline:
                 raise errors.DeadlineExceeded(f"instance {cell_id} showed no identity on its console in {timeout:.0f}s")
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(CONSOLE_INTERVAL)
 
     async def terminate(self, cell_id: str) -> None:
         try:
@@ -289,12 +320,7 @@ class Ec2Provider:
         log.info("instance terminated", instance=cell_id)
 
     async def describe(self, cell_ids: list[str]) -> dict[str, Cell]:
-        cells: dict[str, Cell] = {}
-        for start in range(0, len(cell_ids), 200):
-            chunk = cell_ids[start:start + 200]
-            for instance in await self._describe_instances([{"Name": "instance-id", "Values": chunk}]):
-                cells[instance["InstanceId"]] = self._cell(instance)
-        return cells
+        return {i: self._cell(instance) for i, instance in (await self._describe_by_id(cell_ids)).items()}
 
     async def list_cells(self, tags: dict[str, str]) -> list[Cell]:
         filters = [{"Name": f"tag:{k}", "Values": [v]} for k, v in tags.items()]
@@ -323,6 +349,15 @@ class Ec2Provider:
                     for r in page["Reservations"] for i in r["Instances"]]
         result: list[dict[str, Any]] = await self._call("describing instances", pages)
         return result
+
+    async def _describe_by_id(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The instances that exist of `ids` (by a filter, 200 a call: an id EC2 no longer
+        knows is left out instead of failing the call)."""
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(ids), 200):
+            for instance in await self._describe_instances([{"Name": "instance-id", "Values": ids[start:start + 200]}]):
+                found[instance["InstanceId"]] = instance
+        return found
 
     async def _by_token(self, token: str) -> Cell | None:
         found = await self._describe_instances([{"Name": f"tag:{TAG_TOKEN}", "Values": [token]},
