@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -72,15 +73,20 @@ async def presented(host: str, port: int, pki: NodePKI, server_name: str, timeou
 
 
 async def enroll(session: aiohttp.ClientSession, host: str, port: int, pki: NodePKI, cell_id: str,
-                 console_says: str) -> None:
+                 console: Callable[[], Awaitable[str]]) -> None:
     """Give the cell at host:port the node's certificate for its key, if that key is the one
-    its console showed (`console_says`); otherwise refuse, and give it nothing."""
+    its console shows (`console()` reads it); otherwise refuse, and give it nothing.
+
+    AgentUnreachable while the agent does not listen yet. The console is read only once it
+    does: the cell prints its key's fingerprint before its agent listens, so one read of
+    the console (one cloud API call) is enough."""
     from kiyot_py.pki import cell_server_name
 
     name = cell_server_name(cell_id)
     seen = await presented(host, port, pki, name)
     if seen.enrolled:
         return  # done before (the node restarted after enrolling it)
+    console_says = await console()
     if spki_fingerprint(seen.certificate) != console_says:
         raise AgentFailed(
             f"cell {cell_id} at {host}:{port} presents a key whose fingerprint "

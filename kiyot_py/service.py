@@ -9,7 +9,7 @@ import shutil
 import signal
 import sys
 import urllib.parse
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import IO
 
 import aiohttp
@@ -102,9 +102,9 @@ async def serve(settings: Settings) -> None:
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     images = ImageManager(store, registry, registries, content,
                           default_platform=Platform("linux", provider.default_architecture))
-    def enroll(cell: Cell, fingerprint: str) -> Awaitable[None]:
+    def enroll(cell: Cell, console: Callable[[], Awaitable[str]]) -> Awaitable[None]:
         url = urllib.parse.urlsplit(cell.agent_url)
-        return enrollment.enroll(http, url.hostname or cell.address, url.port or 443, pki, cell.id, fingerprint)
+        return enrollment.enroll(http, url.hostname or cell.address, url.port or 443, pki, cell.id, console)
 
     runtime = PodRuntime(settings, store, provider, images, grants=grants, enroll=enroll,
                          agents=lambda cell: AgentClient(http, cell.agent_url, pki.client_context(), cell.server_name))

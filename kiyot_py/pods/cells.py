@@ -39,8 +39,8 @@ log = structlog.get_logger("kiyot.pods.cells")
 # Makes the agent client for a cell; tests give a fake agent here.
 AgentFactory = Callable[[Cell], AgentClient]
 # Gives a cell that made its own key the node's certificate for it, if the key is the one
-# the fingerprint (from the cell's console) names: kiyot_py.enrollment.enroll.
-Enroller = Callable[[Cell, str], Awaitable[None]]
+# its console shows (the second argument reads the fingerprint there): kiyot_py.enrollment.enroll.
+Enroller = Callable[[Cell, Callable[[], Awaitable[str]]], Awaitable[None]]
 
 
 def launch_token(node_name: str, pod_uid: str, attempt: int) -> str:
@@ -143,19 +143,24 @@ class Cells:
         if self._enroll is None:
             raise FailedPrecondition(f"cell {cell.id} needs enrolling, and this node cannot enroll cells")
         timeout = self._settings.cell_boot_timeout
-        fingerprint = await self.provider.identity_fingerprint(cell.id, timeout)
         loop = asyncio.get_running_loop()
         started = loop.time()
+
+        async def console() -> str:
+            return await self.provider.identity_fingerprint(cell.id, max(1.0, timeout - (loop.time() - started)))
+
+        delay = 0.05
         while True:
             try:
-                await self._enroll(cell, fingerprint)
-                log.info("cell enrolled", cell=cell.id, fingerprint=fingerprint[:16])
+                await self._enroll(cell, console)
+                log.info("cell enrolled", cell=cell.id)
                 return
             except AgentUnreachable as exc:  # its agent is not listening yet
                 if loop.time() - started > timeout:
                     raise DeadlineExceeded(f"the cell's agent did not answer within {timeout:.0f}s: "
                                            f"{exc.message}") from None
-            await asyncio.sleep(0.05 if loop.time() - started < 2.0 else 0.25)
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.2, 0.25)
 
     async def _wait_for_agent(self, agent: AgentClient) -> None:
         loop = asyncio.get_running_loop()

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -133,6 +135,7 @@ class Ec2Provider:
         self._root_device = ""
         self._root_volume_gib = DEFAULT_ROOT_VOLUME_GIB
         self._zones: dict[str, str] = {}  # subnet id -> zone
+        self._networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []  # the subnets' CIDRs
         self._catalog: Catalog | None = None
         self._prices = PriceSnapshot.packaged()
         self._readying = asyncio.Lock()
@@ -196,6 +199,7 @@ class Ec2Provider:
         subnets = (await self._call("describing the subnets", self._ec2.describe_subnets,
                                     SubnetIds=subnet_ids))["Subnets"]
         self._zones = {s["SubnetId"]: s["AvailabilityZone"] for s in subnets}
+        self._networks = [ipaddress.ip_network(s["CidrBlock"]) for s in subnets]
         await self._refresh_catalog()
         log.info("ec2 provider ready", region=self._s.region, image=self._image,
                  zones=sorted(set(self._zones.values())), types=len(self._catalog.types) if self._catalog else 0)
@@ -257,7 +261,9 @@ class Ec2Provider:
                         raise CellNotFound(f"instance {cell_id} does not exist")
                     state = instance["State"]["Name"]
                     if state == "running" and instance.get("PrivateIpAddress"):
-                        return self._cell(instance)
+                        cell = self._cell(instance)
+                        self._check_private(cell)
+                        return cell
                     if state in ("shutting-down", "terminated", "stopping", "stopped"):
                         reason = instance.get("StateReason", {}).get("Message", "")
                         raise CellNotFound(f"instance {cell_id} is {state}" + (f": {reason}" if reason else ""))
@@ -328,6 +334,7 @@ class Ec2Provider:
         return [self._cell(i) for i in await self._describe_instances(filters)]
 
     async def reset(self) -> int:
+        await self._ready()
         cells = await self.list_cells({TAG_NODE: self._node})
         for cell in cells:
             await self.terminate(cell.id)
@@ -401,6 +408,15 @@ class Ec2Provider:
         best = choices[0]
         subnet = next(s for s, zone in self._zones.items() if zone in best.zones)
         return best, subnet
+
+    def _check_private(self, cell: Cell) -> None:
+        """The node talks to a cell at private addresses of its configured subnets only."""
+        agent = urllib.parse.urlsplit(cell.agent_url).hostname or ""
+        for address in (cell.address, agent):
+            if not any(ipaddress.ip_address(address) in net for net in self._networks):
+                raise ProviderConfigError(
+                    f"instance {cell.id} has address {address}, outside the configured subnets "
+                    f"({', '.join(map(str, self._networks))}): the node does not talk to it")
 
     def _groups(self) -> list[str]:
         return [g.strip() for g in self._s.security_groups.split(",") if g.strip()]

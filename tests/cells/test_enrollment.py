@@ -24,6 +24,12 @@ async def _until_listening(agent: Agent) -> enrollment.Presented:
     raise AssertionError(f"the agent never listened:\n{agent.log_file.read_text()[-2000:]}")
 
 
+def _says(fingerprint: str):
+    async def console() -> str:
+        return fingerprint
+    return console
+
+
 async def test_enrollment_takes_the_console_key_only(tmp_path):
     agent = Agent(tmp_path)
     for name in ("cell.crt", "cell.key"):  # a far cell: nothing from the node but the CA
@@ -44,13 +50,13 @@ async def test_enrollment_takes_the_console_key_only(tmp_path):
                 assert resp.status == 400
 
             with pytest.raises(AgentFailed, match="is not the one its console shows"):
-                await enrollment.enroll(http, "127.0.0.1", agent.port, agent.pki, agent.cell_id, "0" * 64)
+                await enrollment.enroll(http, "127.0.0.1", agent.port, agent.pki, agent.cell_id, _says("0" * 64))
             assert not (await enrollment.presented("127.0.0.1", agent.port, agent.pki, agent.server_name)).enrolled
 
-            await enrollment.enroll(http, "127.0.0.1", agent.port, agent.pki, agent.cell_id, console_says)
+            await enrollment.enroll(http, "127.0.0.1", agent.port, agent.pki, agent.cell_id, _says(console_says))
             assert (await enrollment.presented("127.0.0.1", agent.port, agent.pki, agent.server_name)).enrolled
             # Again (a node that restarted after enrolling): nothing to do, nothing breaks.
-            await enrollment.enroll(http, "127.0.0.1", agent.port, agent.pki, agent.cell_id, console_says)
+            await enrollment.enroll(http, "127.0.0.1", agent.port, agent.pki, agent.cell_id, _says(console_says))
         # The usual channel now: the cell's name pinned, the node's CA trusted.
         assert agent.ok("GET", "/v1/health")["enrolled"] is True
         assert agent.ok("GET", "/v1/facts")["os"] == "linux"

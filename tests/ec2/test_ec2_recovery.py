@@ -202,3 +202,21 @@ def test_aws_refusals_fail_run_with_aws_words_and_leave_nothing(tmp_path, sim, w
         assert list(svc.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items) == []
     finally:
         svc.stop()
+
+
+def test_reset_terminates_this_nodes_instances_only(tmp_path, sim):
+    import os
+    import subprocess
+    import sys
+
+    svc = new_ec2_service(tmp_path / "reset", sim, node="reset-node")
+    config = sized_pod("reset-me", tmp_path, GiB)
+    svc.start()
+    run_pod(svc.runtime, config)
+    assert svc.stop() == 0  # the service stops; its instance runs on, as a VM would
+    assert [i["State"]["Name"] for i in _uid_instances(sim, config)] == ["running"]
+    done = subprocess.run([sys.executable, "-m", "kiyot_py.cli", "reset", "--yes", "--config", str(svc.config)],
+                          env=dict(os.environ, **(svc.env or {})), capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert [i["State"]["Name"] for i in _uid_instances(sim, config)] == ["terminated"]
