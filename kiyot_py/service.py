@@ -92,11 +92,14 @@ async def serve(settings: Settings) -> None:
     await provider.start()
     registries = RegistriesConfig.load(settings.registries_conf)
     registry = RegistryClient()
-    content = ContentStore(settings.state_dir / CONTENT_DIR)
+    # The layers, for the cells' pull path; cells that pull from the registries (EC2) need
+    # none of them on the node.
+    content = ContentStore(settings.state_dir / CONTENT_DIR) if provider.pull_path is not None else None
     grants = PullGrants()
     pull_path: PullPath | None = None
     if provider.pull_path is not None:
         where = provider.pull_path
+        assert content is not None
         pull_path = PullPath(content, grants, pki.pull_path_context([where.host]))
         await pull_path.start(where.host, where.port)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))

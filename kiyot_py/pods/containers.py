@@ -75,6 +75,7 @@ class Containers:
             # only it, from the pull path.
             chosen = await self._images.for_cell(image, facts)
             if sb.cell.pull_path:
+                assert self._images.content is not None  # a provider with a pull path has a content store
                 self._cells.grants.grant(sb.cell.id, self._images.content.manifest_blobs(chosen.platform_digest))
             try:
                 spec = build_container_spec(config, sandbox_config, chosen.config.get("config") or {}, facts,

@@ -1,7 +1,8 @@
 """Images as the node knows them: one record per image config, reached by tags and digests.
 
 PullImage resolves the reference at the registry for the provider's default platform
-and fetches the image into the node's content store (manifest, config, layers); the
+and fetches the image into the node's content store (manifest, config, layers; only
+manifest and config for cells that pull from the registries themselves); the
 record's id is that platform's config digest. A cell of another platform (an arm64 VM
 behind an amd64 node) gets its own manifest of the same index, fetched once and kept in
 the record (`for_cell`); when the kubelet names the pod it pulls for, and that pod's cell
@@ -60,12 +61,14 @@ class ImageManager:
         store: Store,
         client: RegistryClient,
         config: RegistriesConfig,
-        content: ContentStore,
+        content: ContentStore | None,
         *,
         default_platform: Platform = DEFAULT_PLATFORM,
     ) -> None:
         """`default_platform` is what PullImage resolves for (the provider's cells' usual
-        platform); cells of other platforms get theirs through `for_cell`."""
+        platform); cells of other platforms get theirs through `for_cell`. `content` is
+        where the layers are kept for the cells' pull path; None when the cells pull from
+        the registries themselves (EC2): then the node resolves manifests and configs only."""
         self._store = store
         self._client = client
         self._config = config
@@ -151,7 +154,7 @@ class ImageManager:
         self._collect_when_idle()
 
     def _collect_when_idle(self) -> None:
-        if self._fetches or not self._collect_due:
+        if self._fetches or not self._collect_due or self.content is None:
             return
         self._collect_due = False
         keep: set[str] = set()
@@ -173,18 +176,18 @@ class ImageManager:
         own = Platform.from_image_config(record.config)
         if own is None or own.matches(wanted):
             chosen = PlatformImage(record.platform_digest, record.config)
-            if not self.content.has(chosen.platform_digest):
+            if not self._holds(chosen.platform_digest):
                 await self._fetch_again(record, chosen, timeout)
             return chosen
         key = str(wanted)
         cached = record.platforms.get(key)
-        if cached is not None and self.content.has(cached.platform_digest):
+        if cached is not None and self._holds(cached.platform_digest):
             return cached
         lock = self._resolving.setdefault((record.id, key), asyncio.Lock())
         try:
             async with lock:
                 cached = record.platforms.get(key)
-                if cached is None or not self.content.has(cached.platform_digest):
+                if cached is None or not self._holds(cached.platform_digest):
                     cached = await self._resolve_platform(record, wanted, timeout, auth)
                     record.platforms[key] = cached
                     if self._images.get(record.id) is record:
@@ -195,6 +198,11 @@ class ImageManager:
         finally:
             if not lock.locked():
                 self._resolving.pop((record.id, key), None)
+
+    def _holds(self, platform_digest: str) -> bool:
+        """Whether the node has what a cell fetches of this manifest (always, for cells that
+        fetch from the registries)."""
+        return self.content is None or self.content.has(platform_digest)
 
     async def _fetch_again(self, record: Image, chosen: PlatformImage, timeout: float | None) -> None:
         """The store lacks a recorded manifest (recorded before the store, or freed): fetch

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
+import json
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -235,8 +236,18 @@ class Ec2Provider:
             request["IamInstanceProfile"] = {"Name": self._s.instance_profile}
         client_token = token
         for _ in range(3):  # bounded: each terminated instance gives the next token
-            reservation = await self._call("launching the cell", self._ec2.run_instances,
-                                           ClientToken=client_token, **request)
+            try:
+                reservation = await self._call("launching the cell", self._ec2.run_instances,
+                                               ClientToken=client_token, **request)
+            except ProviderConfigError as exc:
+                if "IdempotentParameterMismatch" not in str(exc):
+                    raise
+                # The token launched with other parameters (the config or the price list
+                # changed since), and none of its instances lives (the tag lookup above):
+                # a token derived from this request, the same for any retry of it.
+                digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+                client_token = hashlib.sha256(f"{client_token}/{digest}".encode()).hexdigest()[:32]
+                continue
             instance = reservation["Instances"][0]
             crash_point("instance-launched")  # launched, not recorded on the sandbox yet
             if instance["State"]["Name"] not in ("shutting-down", "terminated"):
@@ -245,7 +256,8 @@ class Ec2Provider:
             # is derived from it, the same after any restart.
             client_token = hashlib.sha256(f"{client_token}/{instance['InstanceId']}".encode()).hexdigest()[:32]
         else:
-            raise CellNotFound("every instance launched for this pod attempt was terminated")
+            raise CellNotFound("every instance launched for this pod attempt was terminated (or its "
+                               "launch refused as another request's)")
         cell = self._cell(instance)
         log.info("instance launched", instance=cell.id, type=choice.instance_type.name, zone=self._zones[subnet],
                  address=cell.address, price_per_hour=choice.price_per_hour)

@@ -46,6 +46,10 @@ def test_the_pods_credentials_reach_its_cell_for_that_pull_only(sim, tmp_path, p
         log_path = f"{config.log_directory}/c/0.log"
         assert wait_for(lambda: any(t == "pulled with care" for _, _, t in log_lines(log_path)))
 
+        # The node resolved the image (manifest and config) and keeps none of its layers: the
+        # cells pull from the registry themselves.
+        assert not (svc.state_dir / "content").exists()
+
         # Another pod of the node, whose kubelet never sent credentials: its cell pulls
         # without any, and the registry refuses it.
         other = sized_pod("no-creds", tmp_path, GiB)
