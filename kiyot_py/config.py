@@ -63,6 +63,8 @@ class Settings:
     provider: str = "local"
     registries_conf: Path | None = None
     log_level: str = "info"
+    # The whole of a cell's start (running, enrolled, its agent answering): past it the cell
+    # is released and RunPodSandbox fails. Keep it under the kubelet's runtime request timeout.
     cell_boot_timeout: float = 60.0
     # How often cells of this node that no sandbox owns are looked for (terminated once
     # seen twice in a row).

@@ -118,12 +118,16 @@ class Cells:
         """Bring the sandbox's cell up until its agent answers and its facts are known."""
         sb.cell = await self.provider.launch(self.shape(sb), sb.launch_token)
         save(sb)  # the cell is recorded before the long waits: a restart finds it
-        sb.cell = await self.provider.wait_running(sb.cell.id, self._settings.cell_boot_timeout)
+        # One deadline for the whole start (running, enrolled, its agent answering), so that
+        # RunPodSandbox answers within the kubelet's runtime request timeout (2 minutes).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.cell_boot_timeout
+        sb.cell = await self.provider.wait_running(sb.cell.id, max(0.0, deadline - loop.time()))
         save(sb)
         if sb.cell.enrollment == "console":
-            await self._enroll_cell(sb.cell)
+            await self._enroll_cell(sb.cell, deadline)
         agent = self.agent(sb)
-        await self._wait_for_agent(agent)
+        await self._wait_for_agent(agent, deadline)
         crash_point("cell-agent-answering")
         await self.learn_facts(sb, agent)
         save(sb)
@@ -137,17 +141,16 @@ class Cells:
                      kernel=sb.cell.facts.kernel)
         return sb.cell.facts
 
-    async def _enroll_cell(self, cell: Cell) -> None:
+    async def _enroll_cell(self, cell: Cell, deadline: float) -> None:
         """A cell that made its own key: enroll that key, once the cell's console shows it
-        and its agent listens (both within the boot timeout)."""
+        and its agent listens (both by the start's deadline)."""
         if self._enroll is None:
             raise FailedPrecondition(f"cell {cell.id} needs enrolling, and this node cannot enroll cells")
         timeout = self._settings.cell_boot_timeout
         loop = asyncio.get_running_loop()
-        started = loop.time()
 
         async def console() -> str:
-            return await self.provider.identity_fingerprint(cell.id, max(1.0, timeout - (loop.time() - started)))
+            return await self.provider.identity_fingerprint(cell.id, max(1.0, deadline - loop.time()))
 
         delay = 0.05
         while True:
@@ -156,13 +159,13 @@ class Cells:
                 log.info("cell enrolled", cell=cell.id)
                 return
             except AgentUnreachable as exc:  # its agent is not listening yet
-                if loop.time() - started > timeout:
+                if loop.time() > deadline:
                     raise DeadlineExceeded(f"the cell's agent did not answer within {timeout:.0f}s: "
                                            f"{exc.message}") from None
             await asyncio.sleep(delay)
             delay = min(delay * 1.2, 0.25)
 
-    async def _wait_for_agent(self, agent: AgentClient) -> None:
+    async def _wait_for_agent(self, agent: AgentClient, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         delay = 0.01
@@ -171,7 +174,7 @@ class Cells:
                 await agent.health(timeout=2.0)
                 return
             except AgentError as exc:
-                if loop.time() - started > self._settings.cell_boot_timeout:
+                if loop.time() > deadline:
                     raise DeadlineExceeded(
                         f"the cell's agent did not answer within {self._settings.cell_boot_timeout:.0f}s: "
                         f"{exc.message}") from None
