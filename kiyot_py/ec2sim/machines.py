@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import ctypes
 import ipaddress
-import json
 import os
 import secrets
 import shutil
@@ -25,14 +24,14 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import structlog
 from aiohttp import web
 
-from kiyot_py.providers.hostcell import cgroup_busy, process_group, remove_cgroups, run
+from kiyot_py.providers.hostcell import cell_agent_processes, cgroup_busy, process_group, remove_cgroups, run
 
 log = structlog.get_logger("kiyot.ec2sim.machines")
 
@@ -73,7 +72,6 @@ class Machine:
     directory: Path
     boot: asyncio.Task[None] | None = None
     imds: web.AppRunner | None = None
-    spot_action: dict[str, str] | None = field(default=None)  # later: spot/instance-action
 
     @property
     def console_path(self) -> Path:
@@ -130,8 +128,6 @@ def metadata_app(machine: Machine) -> web.Application:
             f"{macs}/local-ipv4s": "\n".join((spec.address, *spec.secondary)),
             f"{macs}/subnet-ipv4-cidr-block": spec.network,
         }
-        if machine.spot_action is not None:
-            found["/latest/meta-data/spot/instance-action"] = json.dumps(machine.spot_action)
         out = {k: v.encode() for k, v in found.items()}
         if spec.user_data:
             out["/latest/user-data"] = spec.user_data
@@ -319,14 +315,4 @@ class Machines:
 def machine_processes(directory: Path) -> list[int]:
     """Pids of a machine's init (`kiyot-cell boot --root <dir>/disk`) and what it forked."""
     marker = str(directory / "disk").encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"kiyot_cell.cli" in args and marker in args:
-            found.append(int(entry.name))
-    return found
+    return [pid for pid, args in cell_agent_processes() if marker in args]

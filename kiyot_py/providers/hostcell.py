@@ -67,3 +67,19 @@ def mounts_under(directory: Path) -> list[str]:
             if (point + "/").startswith(prefix):
                 found.append(point)
     return sorted(found, key=lambda p: p.count("/"), reverse=True)
+
+
+def cell_agent_processes() -> list[tuple[int, list[bytes]]]:
+    """(pid, argv) of every cell agent process on this host (`kiyot_cell.cli` in its command
+    line): one pass over /proc. Callers pick theirs by an argument of the command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"kiyot_cell.cli" in args:
+            found.append((int(entry.name), args))
+    return found

@@ -43,7 +43,14 @@ from kiyot_py.providers.base import (
     ProviderUnavailable,
     PullEndpoint,
 )
-from kiyot_py.providers.hostcell import cgroup_busy, mounts_under, process_group, remove_cgroups, run
+from kiyot_py.providers.hostcell import (
+    cell_agent_processes,
+    cgroup_busy,
+    mounts_under,
+    process_group,
+    remove_cgroups,
+    run,
+)
 
 log = structlog.get_logger("kiyot.providers.local")
 
@@ -610,16 +617,10 @@ def agent_processes(cell_dir: Path) -> list[int]:
 def running_agents() -> dict[str, list[int]]:
     """Every cell agent process on this host, by its --state-dir: one pass over /proc."""
     found: dict[str, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"kiyot_cell.cli" in args and b"--state-dir" in args[:-1]:
+    for pid, args in cell_agent_processes():
+        if b"--state-dir" in args[:-1]:
             state_dir = args[args.index(b"--state-dir") + 1].decode(errors="replace")
-            found.setdefault(state_dir, []).append(int(entry.name))
+            found.setdefault(state_dir, []).append(pid)
     return found
 
 

@@ -78,7 +78,7 @@ class Service:
         return code
 
 
-def _cleanup(service: Service) -> None:
+def cleanup(service: Service) -> None:
     """Remove every cell the tests made, through the service itself where possible."""
     try:
         for sb in service.runtime.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=30).items:
@@ -115,7 +115,7 @@ def service(tmp_path_factory, registry) -> Service:
     svc = new_service(tmp_path_factory.mktemp("kiyot"))
     svc.start()
     yield svc
-    _cleanup(svc)
+    cleanup(svc)
     if svc.proc.poll() is None:
         svc.stop()
     remove_host_network(BRIDGE)

@@ -12,11 +12,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
-from kiyot_py.gen.runtime.v1 import api_pb2 as pb
-from tests.e2e.conftest import Service
+from tests.e2e.conftest import Service, cleanup
 from tests.support import ec2
 from tests.support.ec2 import Sim, start_sim, stop_sim
 
@@ -42,14 +40,6 @@ def sim(tmp_path_factory, registry) -> Iterator[Sim]:
 def new_ec2_service(base: Path, sim: Sim, *, node: str = NODE, **options) -> Service:
     """A service (not started) on EC2 cells of the simulator; see tests.support.ec2."""
     return ec2.new_ec2_service(base, sim, REGISTRY, node=node, **options)
-
-
-def cleanup(service: Service) -> None:
-    try:
-        for sb in service.runtime.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=30).items:
-            service.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sb.id), timeout=60)
-    except grpc.RpcError:
-        pass
 
 
 @pytest.fixture(scope="session")
