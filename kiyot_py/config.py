@@ -53,6 +53,15 @@ class AwsSettings:
     agent_port: int = 9276
     max_concurrent_calls: int = 8  # EC2 API calls in flight at once
     catalog_max_age: float = 3600.0  # seconds before instance types and offerings are fetched again
+    # The market of a pod that says nothing (annotation kiyot-py.io/spot): "never" (on-demand
+    # only), "preferred" (spot, else on-demand) or "always" (spot only).
+    spot: str = "never"
+    spot_price_max_age: float = 300.0  # seconds before the spot price history is read again
+    # Seconds a (type, zone, market) that EC2 refused for want of capacity is not tried again.
+    unavailable_offering_ttl: float = 180.0
+    # An SQS queue (URL or name) that EventBridge feeds with spot interruption warnings,
+    # rebalance recommendations and instance state changes, as Karpenter's; "" = none.
+    interruption_queue: str = ""
 
 
 @dataclass
@@ -70,6 +79,9 @@ class Settings:
     # seen twice in a row).
     gc_interval: float = 60.0
     gc_grace: float = 120.0  # and left alone for this long after their launch
+    # How often the provider is asked about the cells of ready sandboxes (one call for all):
+    # a cell terminated or stopped behind the node's back is seen within this period.
+    cell_watch_interval: float = 10.0
     local: LocalCellSettings = field(default_factory=LocalCellSettings)
     aws: AwsSettings = field(default_factory=AwsSettings)
 
@@ -82,6 +94,10 @@ class Settings:
                 raise ConfigError(f"provider 'aws' needs aws.{', aws.'.join(missing)}")
             if self.aws.max_concurrent_calls < 1:
                 raise ConfigError("aws.max_concurrent_calls must be at least 1")
+            if self.aws.spot not in ("never", "preferred", "always"):
+                raise ConfigError(f"aws.spot {self.aws.spot!r} is not one of 'never', 'preferred', 'always'")
+        if self.cell_watch_interval <= 0:
+            raise ConfigError(f"cell_watch_interval must be above 0 seconds, got {self.cell_watch_interval}")
         try:
             net = ipaddress.ip_network(self.local.subnet)
         except ValueError as exc:

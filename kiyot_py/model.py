@@ -61,7 +61,7 @@ class Cell:
     # The one name the cell's agent certificate holds (pki.cell_server_name): the node
     # connects with it as the TLS server name, so it reaches this cell and no other.
     server_name: str = ""
-    state: str = "running"  # pending | running | terminated
+    state: str = "running"  # pending | running | stopped | terminated
     tags: dict[str, str] = field(default_factory=dict)
     # Where the cell pulls images from: "host:port" of the node's pull path, or "" to
     # go to the registries directly (a cloud cell).
@@ -76,8 +76,18 @@ class Cell:
     launched_at: int = 0  # ns since the epoch, as the provider says; 0: unknown (old enough)
     # What the provider chose for the cell (EC2: instance type, zone, hourly price).
     offering: dict[str, str] = field(default_factory=dict)
+    # The provider's words for the state (EC2's StateReason: "Server.SpotInstanceTermination: ...").
+    state_reason: str = ""
+    # What the provider announced before taking the cell away (a spot interruption, a
+    # rebalance recommendation), as the node first heard of it: kind, action, time, source.
+    notices: list[dict[str, str]] = field(default_factory=list)
     # Learned from the agent once it answers; None until then.
     facts: CellFacts | None = None
+
+    @property
+    def gone(self) -> bool:
+        """Whether the cell runs no more (terminated, or stopped: a stopped VM runs nothing)."""
+        return self.state in ("terminated", "stopped")
 
 
 @dataclass

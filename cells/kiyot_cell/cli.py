@@ -59,6 +59,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direct-pulls", action="store_true",
                    help="pull from registries (the node names them and sends the pod's credentials) instead "
                         "of the node's pull path only: for a cell that is a VM of its own")
+    p.add_argument("--instance-metadata", default="", metavar="URL",
+                   help="the instance metadata service of a cell that is a VM (e.g. http://169.254.169.254): "
+                        "polled for EC2's spot interruption and rebalance notices, reported on /v1/events")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
@@ -112,6 +115,7 @@ def _config(ns: argparse.Namespace) -> AgentConfig:
         skopeo_path=shutil.which("skopeo") or "skopeo", umoci_path=shutil.which("umoci") or "umoci",
         runtime_root=ns.runtime_root.resolve() if ns.runtime_root else None,
         log_max_size=ns.log_max_size, seccomp_profile=ns.seccomp_profile, direct_pulls=ns.direct_pulls,
+        instance_metadata=ns.instance_metadata,
     )
     if key_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.get("cli").warning("key_file_mode", path=str(ns.tls_dir / "cell.key"), mode=oct(key_mode & 0o777),
@@ -220,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     log.setup(ns.log_level)
     if ns.command == "boot":
         try:
-            ns = parse_args([*boot(ns.root, ns.imds, ns.runtime_root, ns.cgroup_parent), "--log-level", ns.log_level])
+            ns = parse_args([*boot(ns.root, ns.imds, ns.runtime_root, ns.cgroup_parent), "--log-level", ns.log_level,
+                             "--instance-metadata", ns.imds])
         except BootError as e:
             sys.exit(f"kiyot-cell boot: {e}")
     cfg = _config(ns)  # under supervise too: bad arguments fail once, not on every restart

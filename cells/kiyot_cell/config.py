@@ -35,6 +35,9 @@ class AgentConfig:
     # A cell that is a VM of its own pulls from the registries (with the pod's credentials
     # when the node sends them); a local cell fetches from the node's pull path only.
     direct_pulls: bool = False
+    # The instance metadata service of a cell that is a VM (http://169.254.169.254): the
+    # agent polls it for EC2's notices (spot interruption, rebalance); "" = none.
+    instance_metadata: str = ""
 
     # Layout of the state directory, in one place.
     @property

@@ -17,6 +17,7 @@ from .errors import ApiError, invalid
 from .events import EventHub
 from .facts import CellFactsCache
 from .images import ImageStore
+from .notices import NoticeWatcher
 from .pod import Pod
 from .records import LIVE_STATES
 
@@ -32,6 +33,7 @@ IMAGES: web.AppKey[ImageStore] = web.AppKey("images", ImageStore)
 POD: web.AppKey[Pod] = web.AppKey("pod", Pod)
 HUB: web.AppKey[EventHub] = web.AppKey("hub", EventHub)
 FACTS: web.AppKey[CellFactsCache] = web.AppKey("facts", CellFactsCache)
+NOTICES: web.AppKey[NoticeWatcher] = web.AppKey("notices", NoticeWatcher)
 TLS: web.AppKey[ssl.SSLContext] = web.AppKey("tls", ssl.SSLContext)
 # What a cell that has no certificate from the node yet answers (see identity.py).
 BEFORE_ENROLLMENT = frozenset({"/v1/health", "/v1/identity"})
@@ -235,7 +237,9 @@ async def events(request: web.Request) -> web.StreamResponse:
     mgr = request.app[MGR]
     # Subscribe and snapshot with no await in between: no change can fall in the gap.
     sub = hub.subscribe()
-    snapshot = {"type": "snapshot", "containers": mgr.list()}
+    snapshot: dict[str, Any] = {"type": "snapshot", "containers": mgr.list()}
+    if NOTICES in request.app:
+        snapshot["notices"] = list(request.app[NOTICES].notices.values())
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     try:
         await resp.prepare(request)
@@ -267,6 +271,9 @@ def build_app(cfg: AgentConfig, tls_context: ssl.SSLContext | None = None) -> we
     app[POD] = pod
     app[MGR] = mgr
     app[FACTS] = CellFactsCache(cfg.runtime_path, cfg.seccomp_profile)
+    notices = NoticeWatcher(cfg.instance_metadata, hub) if cfg.instance_metadata else None
+    if notices is not None:
+        app[NOTICES] = notices
 
     async def on_startup(app: web.Application) -> None:
         for d in (cfg.state_dir, cfg.containers_dir, cfg.tmp_dir, cfg.runtime_root):
@@ -276,8 +283,12 @@ def build_app(cfg: AgentConfig, tls_context: ssl.SSLContext | None = None) -> we
         images.load()
         pod.load()
         await mgr.recover()
+        if notices is not None:
+            notices.start()
 
     async def on_cleanup(app: web.Application) -> None:
+        if notices is not None:
+            await notices.close()
         await mgr.close()
 
     app.on_startup.append(on_startup)

@@ -66,7 +66,8 @@ def sandbox_info(sb: Sandbox) -> dict[str, str]:
         "phase": sb.phase,
         "cell": None if cell is None else {
             "id": cell.id, "address": cell.address, "agent": cell.agent_url,
-            "state": cell.state, "tags": cell.tags, "offering": cell.offering,
+            "state": cell.state, "state_reason": cell.state_reason, "tags": cell.tags,
+            "offering": cell.offering, "notices": cell.notices,
         },
     }
     return {"info": json.dumps(info)}

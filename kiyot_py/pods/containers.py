@@ -150,7 +150,7 @@ class Containers:
         if c is None:
             return  # RemoveContainer is idempotent
         sb = self._index.find_sandbox(c.sandbox_id)
-        if sb is not None and sb.cell is not None and sb.cell.state != "terminated":
+        if sb is not None and sb.cell is not None and not sb.cell.gone:
             async with self._index.gate(sb.id).shared():
                 try:
                     await self._cells.agent(sb).delete_container(c.id)

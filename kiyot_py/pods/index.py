@@ -121,7 +121,7 @@ class Index:
     def ready_sandboxes(self) -> list[Sandbox]:
         """Sandboxes whose cell should answer now."""
         return [sb for sb in self.sandboxes.values()
-                if sb.state == SANDBOX_READY and sb.cell is not None and sb.cell.state != "terminated"]
+                if sb.state == SANDBOX_READY and sb.cell is not None and not sb.cell.gone]
 
     def list_sandboxes(
         self, id_prefix: str = "", state: str | None = None, labels: dict[str, str] | None = None

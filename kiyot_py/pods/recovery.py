@@ -15,6 +15,7 @@ from kiyot_py.gen.runtime.v1 import api_pb2
 from kiyot_py.hostports import HostPortError, HostPorts
 from kiyot_py.model import CONTAINER_CREATED, SANDBOX_READY
 from kiyot_py.pods.cells import Cells
+from kiyot_py.pods.cellwatch import why_gone
 from kiyot_py.pods.index import Index
 from kiyot_py.pods.sandboxes import Sandboxes, host_ports
 from kiyot_py.pods.sync import CellSync
@@ -39,12 +40,15 @@ async def recover(index: Index, cells: Cells, sync: CellSync, sandboxes: Sandbox
         if sb.state != SANDBOX_READY or sb.cell is None:
             continue
         cell = described.get(sb.cell.id)
-        if cell is None or cell.state == "terminated":
-            log.warning("cell is gone", sandbox=sb.id, cell=sb.cell.id)
+        if cell is None or cell.gone:
+            reason, message = why_gone(sb.cell, cell)
+            log.warning("cell is gone", sandbox=sb.id, cell=sb.cell.id, reason=reason, message=message)
             if cell is not None:
                 await cells.terminate(cell.id)  # release what is left of it
-            sync.cell_lost(sb)
+                sb.cell.state_reason = cell.state_reason
+            sync.cell_lost(sb, reason, message, cell_state=cell.state if cell is not None else "terminated")
             continue
+        cell.notices = sb.cell.notices  # heard by the node, not the provider's to know
         cell.facts = sb.cell.facts  # learned from the agent, not the provider's to know
         sb.cell = cell
         index.save(sb)

@@ -8,18 +8,23 @@
 | RemoveImage, ImageFsInfo | `cell_images.py` |
 
 Beside them: `cells.py` (bringing a cell up, its agent), `sync.py` (watchers, log
-shippers), `recovery.py` (after a restart), `gc.py` (orphan cells), `index.py` (the
+shippers), `recovery.py` (after a restart), `cellwatch.py` (cells that went away: spot
+interruptions, instances terminated or stopped), `gc.py` (orphan cells), `index.py` (the
 records). The provider and the agent client are injected: tests give fakes.
 """
 
 from __future__ import annotations
 
+import structlog
+
 from kiyot_py.config import Settings
+from kiyot_py.errors import KiyotError
 from kiyot_py.gen.runtime.v1 import api_pb2
 from kiyot_py.hostports import HostPorts
-from kiyot_py.model import CellFacts, Credentials, Image, Sandbox
+from kiyot_py.model import SANDBOX_READY, Cell, CellFacts, Credentials, Image, Sandbox
 from kiyot_py.pods.cell_images import CellImages
 from kiyot_py.pods.cells import AgentFactory, Cells, Enroller
+from kiyot_py.pods.cellwatch import CellWatch
 from kiyot_py.pods.containers import Containers
 from kiyot_py.pods.gc import OrphanCollector
 from kiyot_py.pods.images import ImageManager
@@ -31,6 +36,8 @@ from kiyot_py.providers.base import CellFeatures, Provider
 from kiyot_py.registry.pullpath import PullGrants
 from kiyot_py.store import Store
 
+log = structlog.get_logger("kiyot.pods.runtime")
+
 
 class PodRuntime:
     def __init__(self, settings: Settings, store: Store, provider: Provider, images: ImageManager,
@@ -40,29 +47,41 @@ class PodRuntime:
         cells = Cells(settings, provider, agents, grants, enroll)
         self.cells = cells
         self._hostports = HostPorts()
-        self.sync = CellSync(self.index, cells)
+        self.watch = CellWatch(self.index, provider, settings.cell_watch_interval, lost=self._cell_lost)
+        self.sync = CellSync(self.index, cells, self.watch)
         self.sandboxes = Sandboxes(settings, self.index, cells, self.sync, self._hostports)
         self.containers = Containers(self.index, cells, images, self.sync)
         self.images = images
         self.cell_images = CellImages(self.index, cells, images)
         self.gc = OrphanCollector(self.index, provider, settings.node_name, settings.gc_interval,
-                                  settings.gc_grace, lost=self._cell_lost)
+                                  settings.gc_grace)
 
     async def start(self) -> None:
-        """Recover what the records name, then start collecting orphan cells."""
+        """Recover what the records name, then start watching cells and collecting orphans."""
         await recover(self.index, self.cells, self.sync, self.sandboxes, self._hostports)
+        self.watch.start()
         self.gc.start()
 
-    async def _cell_lost(self, sb: Sandbox) -> None:
-        """A ready sandbox's cell vanished: not ready, nothing in it running; the kubelet
-        then makes a new sandbox."""
+    async def _cell_lost(self, sb: Sandbox, now: Cell | None, reason: str, message: str) -> None:
+        """A ready sandbox's cell runs no more: not ready, its containers exited; what is
+        left of the cell (a stopped instance's disk) released. The kubelet then makes a
+        new sandbox."""
         async with self.index.gate(sb.id).exclusive():
+            if sb.state != SANDBOX_READY or sb.cell is None or sb.id not in self.index.sandboxes:
+                return  # stopped or removed meanwhile
             await self.sync.unwatch(sb.id)
             await self._hostports.close(sb.id)
-            self.sync.cell_lost(sb)
+            if now is not None:
+                sb.cell.state_reason = now.state_reason
+            self.sync.cell_lost(sb, reason, message, cell_state=now.state if now is not None else "terminated")
+            try:
+                await self.cells.terminate(sb.cell.id)
+            except KiyotError as exc:  # released at StopPodSandbox, or by the orphan collector
+                log.warning("releasing a lost cell failed", cell=sb.cell.id, error=str(exc))
 
     async def close(self) -> None:
         """Stop watching, shipping and collecting; cells and containers keep running."""
+        await self.watch.close()
         await self.gc.close()
         await self.sync.close()
         await self._hostports.close_all()

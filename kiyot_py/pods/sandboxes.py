@@ -149,7 +149,7 @@ class Sandboxes:
             await asyncio.gather(task, return_exceptions=True)
         async with self._index.gate(sb.id).exclusive():
             await self._hostports.close(sb.id)  # also when the cell was lost meanwhile
-            if sb.cell is None or sb.cell.state == "terminated":
+            if sb.cell is None or sb.cell.gone:
                 return
             agent = self._cells.agent(sb)
             for c in self._index.containers_of(sb.id):

@@ -25,6 +25,7 @@ from kiyot_py.model import (
     now_ns,
 )
 from kiyot_py.pods.cells import Cells
+from kiyot_py.pods.cellwatch import CellWatch
 from kiyot_py.pods.index import Index
 from kiyot_py.pods.logs import LogShipper
 
@@ -44,9 +45,10 @@ LOG_DRAIN_TIMEOUT = 5.0  # seconds a stopping sandbox waits for its logs
 
 
 class CellSync:
-    def __init__(self, index: Index, cells: Cells) -> None:
+    def __init__(self, index: Index, cells: Cells, watch: CellWatch | None = None) -> None:
         self._index = index
         self._cells = cells
+        self._cellwatch = watch  # told of notices and of broken streams
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._shippers: dict[str, LogShipper] = {}
         # Containers asked of an agent and not recorded yet: not strays.
@@ -91,18 +93,20 @@ class CellSync:
             await shipper.wait(LOG_SETTLE_TIMEOUT)
         self.apply(c, record)
 
-    def cell_lost(self, sb: Sandbox, reason: str = "CellLost") -> None:
-        """The cell is gone: its sandbox is not ready and nothing in it runs any more."""
+    def cell_lost(self, sb: Sandbox, reason: str, message: str = "", cell_state: str = "terminated") -> None:
+        """The cell runs no more: its sandbox is not ready, and what ran in it was killed
+        with it (EXITED 137, as a container killed by SIGKILL), for `reason`."""
         for c in self._index.containers_of(sb.id):
             if c.state in (CONTAINER_CREATED, CONTAINER_RUNNING):
-                c.state = CONTAINER_EXITED if reason == "SandboxStopped" else CONTAINER_UNKNOWN
+                c.state = CONTAINER_EXITED
                 c.finished_at = c.finished_at or now_ns()
                 c.exit_code = c.exit_code or 137
                 c.reason = reason
+                c.message = message
                 self._index.save(c)
         sb.state = SANDBOX_NOTREADY
         if sb.cell is not None:
-            sb.cell.state = "terminated"
+            sb.cell.state = cell_state
         self._index.save(sb)
 
     # -- watchers ---------------------------------------------------------------------
@@ -125,10 +129,15 @@ class CellSync:
                     delay = 0.1
                     if event.get("type") == "snapshot":
                         records = event.get("containers", [])
+                        for notice in event.get("notices", []):
+                            self._notice(sb, notice)
                         await self._remove_strays(sb, agent, records)
                         await self._mark_missing(sb, agent, records)
                     elif event.get("type") == "container":
                         records = [event["container"]]
+                    elif event.get("type") == "notice":
+                        self._notice(sb, event.get("notice") or {})
+                        continue
                     else:
                         continue
                     for record in records:
@@ -137,8 +146,14 @@ class CellSync:
                             await self.apply_exit(c, record)
             except AgentError as exc:
                 log.debug("event stream broke; reconnecting", sandbox=sb.id, error=exc.message)
+                if self._cellwatch is not None:
+                    self._cellwatch.check_soon()  # is its cell still there? the provider says
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    def _notice(self, sb: Sandbox, notice: dict[str, Any]) -> None:
+        if self._cellwatch is not None and isinstance(notice, dict):
+            self._cellwatch.notice(sb, notice, source="agent")
 
     async def _remove_strays(self, sb: Sandbox, agent: AgentClient, records: list[dict[str, Any]]) -> None:
         """Containers a cell holds that the node never recorded (a crash cut a create short).

@@ -11,6 +11,7 @@ not one per sandbox) and found by tags alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,7 +32,12 @@ POD_LABEL_TAG_PREFIX = "pod-label:"
 
 
 class ProviderError(errors.KiyotError):
-    """A provider failed; raised as one of the kinds below, with the provider's own message."""
+    """A provider failed; raised as one of the kinds below, with the provider's own message
+    (and its own error code, where it has one: EC2's "InsufficientInstanceCapacity")."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class CapacityError(ProviderError, errors.ResourceExhausted):
@@ -65,7 +71,6 @@ class CellShape:
     cpu_millis: int = 0  # 0: the provider's smallest
     memory_bytes: int = 0
     architecture: str = ""  # GOARCH; "": the provider's default
-    market: str = "on-demand"  # on-demand | spot
     runtime_handler: str = ""
     tags: dict[str, str] = field(default_factory=dict)
     # The pod's annotations: a provider may read its own (an explicit instance type).
@@ -90,6 +95,21 @@ class PullEndpoint:
 
     host: str  # the address on the node the cells reach
     port: int
+
+
+@dataclass(frozen=True)
+class CellEvent:
+    """What a provider's own event feed says of a cell (EC2: EventBridge through SQS)."""
+
+    cell_id: str
+    kind: str  # "spot-interruption" | "rebalance-recommendation" | "state"
+    state: str = ""  # for "state": the provider's word (EC2: stopping, stopped, shutting-down, terminated, ...)
+    action: str = ""  # for a spot interruption: terminate | stop | hibernate
+    time: str = ""  # when the provider says it happens (or happened), ISO 8601
+    source: str = ""  # where the node heard it: "sqs", ...
+
+
+CellEvents = Callable[[CellEvent], None]
 
 
 class Provider(Protocol):
@@ -134,6 +154,10 @@ class Provider(Protocol):
 
     async def list_cells(self, tags: dict[str, str]) -> list[Cell]:
         """Every cell carrying all of these tags."""
+
+    def watch_events(self, sink: CellEvents) -> None:
+        """Hand every event of the provider's own feed to `sink` from now on (a provider
+        that has no feed never calls it)."""
 
     async def reset(self) -> int:
         """Terminate every cell of this provider here and undo start(); how many cells."""

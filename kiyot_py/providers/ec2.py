@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import ipaddress
 import json
@@ -39,10 +40,12 @@ from kiyot_py.crashpoints import crash_point
 from kiyot_py.enrollment import console_fingerprint
 from kiyot_py.model import Cell
 from kiyot_py.pki import NodePKI, cell_server_name
+from kiyot_py.providers import ec2_interruptions
 from kiyot_py.providers.base import (
     TAG_NODE,
     TAG_SANDBOX,
     CapacityError,
+    CellEvents,
     CellFeatures,
     CellNotFound,
     CellShape,
@@ -53,6 +56,14 @@ from kiyot_py.providers.base import (
     QuotaError,
 )
 from kiyot_py.providers.ec2_catalog import Catalog, PriceSnapshot, choose
+from kiyot_py.providers.ec2_offerings import (
+    SPOT,
+    Offering,
+    Unavailable,
+    offerings,
+    spot_policy,
+    spot_prices_from_aws,
+)
 
 log = structlog.get_logger("kiyot.providers.ec2")
 
@@ -66,6 +77,12 @@ LIVE_STATES = ("pending", "running", "stopping", "stopped")
 # Pod annotations that steer the choice.
 ANNOTATION_INSTANCE_TYPE = "kiyot-py.io/instance-type"
 ANNOTATION_ARCHITECTURE = "kiyot-py.io/architecture"
+ANNOTATION_SPOT = "kiyot-py.io/spot"  # never | preferred | always (default: aws.spot)
+# The market and the hourly price at launch (USD; spot: the price history's then), on the
+# instance itself: found again after a restart, and in the account's own listing.
+TAG_MARKET = "kiyot-market"
+TAG_PRICE = "kiyot-price-per-hour"
+LAUNCH_ATTEMPTS = 12  # offerings one launch tries at most before it gives up
 
 _CAPACITY = {"InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity",
              "InsufficientFreeAddressesInSubnet", "Unsupported", "MaxSpotInstanceCountExceeded",
@@ -85,16 +102,16 @@ def aws_error(exc: Exception, what: str) -> ProviderError:
         code, message = str(err.get("Code", "")), str(err.get("Message", ""))
         text = f"{what}: {code}: {message}"
         if code in _TRANSIENT:
-            return ProviderUnavailable(text)
+            return ProviderUnavailable(text, code)
         if code in _CAPACITY:
-            return CapacityError(text)
+            return CapacityError(text, code)
         if code in _QUOTA:
-            return QuotaError(text)
+            return QuotaError(text, code)
         if code in _PERMISSION:
-            return ProviderPermissionDenied(text)
+            return ProviderPermissionDenied(text, code)
         if code.endswith(".NotFound") and code.startswith("InvalidInstanceID"):
-            return CellNotFound(text)
-        return ProviderConfigError(text)  # InvalidAMIID.*, InvalidSubnetID.*, InvalidParameterValue, ...
+            return CellNotFound(text, code)
+        return ProviderConfigError(text, code)  # InvalidAMIID.*, InvalidSubnetID.*, InvalidParameterValue, ...
     if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
         return ProviderPermissionDenied(f"{what}: {exc}")
     return ProviderUnavailable(f"{what}: {type(exc).__name__}: {exc}")
@@ -139,6 +156,10 @@ class Ec2Provider:
         self._networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []  # the subnets' CIDRs
         self._catalog: Catalog | None = None
         self._prices = PriceSnapshot.packaged()
+        self._unavailable = Unavailable(settings.unavailable_offering_ttl)
+        self._spot_price_table: dict[tuple[str, str], float] = {}
+        self._spot_fetched_at: float | None = None
+        self._queue: ec2_interruptions.InterruptionQueue | None = None
         self._readying = asyncio.Lock()
         self._observers: dict[str, list[asyncio.Future[dict[str, Any] | None]]] = {}
         self._poller: asyncio.Task[None] | None = None
@@ -205,8 +226,20 @@ class Ec2Provider:
         log.info("ec2 provider ready", region=self._s.region, image=self._image,
                  zones=sorted(set(self._zones.values())), types=len(self._catalog.types) if self._catalog else 0)
 
+    def watch_events(self, sink: CellEvents) -> None:
+        """EC2's events through the configured SQS queue (ec2_interruptions.py), if any."""
+        if not self._s.interruption_queue or self._queue is not None:
+            return
+        config = botocore.config.Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=5,
+                                        read_timeout=ec2_interruptions.WAIT_SECONDS + 10)
+        client = self._session_factory().client("sqs", endpoint_url=self._s.endpoint_url or None, config=config)
+        self._queue = ec2_interruptions.InterruptionQueue(client, self._s.interruption_queue, sink,
+                                                          asyncio.get_running_loop())
+        self._queue.start()
+
     async def close(self) -> None:
-        pass
+        if self._queue is not None:
+            self._queue.stop()
 
     async def launch(self, shape: CellShape, token: str) -> Cell:
         await self._ready()
@@ -214,11 +247,44 @@ class Ec2Provider:
         if existing is not None:
             log.info("instance found by its launch token", instance=existing.id, token=token[:12])
             return existing
-        choice, subnet = await self._choose(shape)
-        tags = ec2_tags({**shape.tags, TAG_TOKEN: token})
+        policy = spot_policy(shape.annotations.get(ANNOTATION_SPOT, ""), self._s.spot)
+        every = await self._offerings(shape, policy)
+        candidates = self._unavailable.available(every)
+        refused: list[str] = []
+        last_code = ""
+        for offer in candidates[:LAUNCH_ATTEMPTS]:
+            try:
+                instance = await self._run(offer, shape, token)
+            except CapacityError as exc:
+                parked = self._unavailable.park(offer, exc.code, str(exc))
+                log.warning("no capacity; trying the next offering", offering=str(offer), code=exc.code,
+                            parked="/".join(parked), seconds=self._s.unavailable_offering_ttl)
+                refused.append(f"{offer}: {exc}")
+                last_code = exc.code
+                continue
+            cell = self._cell(instance)
+            log.info("instance launched", instance=cell.id, type=offer.instance_type, zone=offer.zone,
+                     market=offer.market, address=cell.address, price_per_hour=offer.price_per_hour,
+                     refused=len(refused))
+            return cell
+        # Nothing left to try: say what EC2 said, of each offering tried now or parked before.
+        markets = {"never": "on-demand", "always": "spot", "preferred": "spot or on-demand"}[policy]
+        said = refused + [f"{o}: {self._unavailable.why(o)}" for o in every if o not in candidates]
+        shown = "; ".join(said[:6]) + (f"; and {len(said) - 6} more" if len(said) > 6 else "")
+        raise CapacityError(
+            f"no {markets} capacity for this pod in {', '.join(sorted(set(self._zones.values())))}: "
+            f"{len(every)} offerings fit, {len(refused)} tried now, {len(every) - len(candidates)} refused "
+            f"within the last {self._s.unavailable_offering_ttl:.0f}s ({shown})", last_code)
+
+    async def _run(self, offer: Offering, shape: CellShape, token: str) -> dict[str, Any]:
+        """RunInstances for one offering: its own client token (derived from the attempt's
+        and the offering), so that a retry of the same offering gets the same reservation."""
+        subnet = next(s for s, zone in self._zones.items() if zone == offer.zone)
+        price = "" if offer.price_per_hour is None else f"{offer.price_per_hour:.5f}"
+        tags = ec2_tags({**shape.tags, TAG_TOKEN: token, TAG_MARKET: offer.market, TAG_PRICE: price})
         user_data = UserData(node=self._node, ca=self._pki.ca_pem.decode(), agent_port=self._s.agent_port).encode()
         request: dict[str, Any] = {
-            "ImageId": self._image, "InstanceType": choice.instance_type.name, "MinCount": 1, "MaxCount": 1,
+            "ImageId": self._image, "InstanceType": offer.instance_type, "MinCount": 1, "MaxCount": 1,
             "UserData": user_data.decode(),
             "NetworkInterfaces": [{
                 "DeviceIndex": 0, "SubnetId": subnet, "AssociatePublicIpAddress": False,
@@ -232,15 +298,21 @@ class Ec2Provider:
             "InstanceInitiatedShutdownBehavior": "terminate",
             "TagSpecifications": [{"ResourceType": "instance", "Tags": tags}, {"ResourceType": "volume", "Tags": tags}],
         }
+        if offer.market == SPOT:
+            # One-time, terminated when EC2 takes the capacity back; no maximum price (EC2's
+            # default: the on-demand price).
+            request["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
+                "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
         if self._s.instance_profile:
             request["IamInstanceProfile"] = {"Name": self._s.instance_profile}
-        client_token = token
+        client_token = hashlib.sha256(f"{token}/{offer.instance_type}/{offer.zone}/{offer.market}".encode()
+                                      ).hexdigest()[:32]
         for _ in range(3):  # bounded: each terminated instance gives the next token
             try:
                 reservation = await self._call("launching the cell", self._ec2.run_instances,
                                                ClientToken=client_token, **request)
             except ProviderConfigError as exc:
-                if "IdempotentParameterMismatch" not in str(exc):
+                if exc.code != "IdempotentParameterMismatch":
                     raise
                 # The token launched with other parameters (the config or the price list
                 # changed since), and none of its instances lives (the tag lookup above):
@@ -248,20 +320,15 @@ class Ec2Provider:
                 digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
                 client_token = hashlib.sha256(f"{client_token}/{digest}".encode()).hexdigest()[:32]
                 continue
-            instance = reservation["Instances"][0]
+            instance: dict[str, Any] = reservation["Instances"][0]
             crash_point("instance-launched")  # launched, not recorded on the sandbox yet
             if instance["State"]["Name"] not in ("shutting-down", "terminated"):
-                break
+                return instance
             # The token's instance is gone (its earlier boot failed): the next one's token
             # is derived from it, the same after any restart.
             client_token = hashlib.sha256(f"{client_token}/{instance['InstanceId']}".encode()).hexdigest()[:32]
-        else:
-            raise CellNotFound("every instance launched for this pod attempt was terminated (or its "
-                               "launch refused as another request's)")
-        cell = self._cell(instance)
-        log.info("instance launched", instance=cell.id, type=choice.instance_type.name, zone=self._zones[subnet],
-                 address=cell.address, price_per_hour=choice.price_per_hour)
-        return cell
+        raise CellNotFound("every instance launched for this pod attempt was terminated (or its "
+                           "launch refused as another request's)")
 
     async def wait_running(self, cell_id: str, timeout: float) -> Cell:
         state = "pending"
@@ -404,7 +471,8 @@ class Ec2Provider:
             return Catalog.from_pages(types, offers, time.time())
         self._catalog = await self._call("describing instance types", fetch)
 
-    async def _choose(self, shape: CellShape) -> tuple[Any, str]:
+    async def _offerings(self, shape: CellShape, policy: str) -> list[Offering]:
+        """Every offering that fits the pod under its spot policy, in the order to try them."""
         if self._catalog is None or self._catalog.stale(time.time(), self._s.catalog_max_age):
             await self._refresh_catalog()
         assert self._catalog is not None
@@ -417,9 +485,40 @@ class Ec2Provider:
             headroom_cpu_millis=self._s.headroom_cpu_millis, headroom_memory_mib=self._s.headroom_memory_mib,
             types=self._catalog.types, offered=self._catalog.offered, zones=set(self._zones.values()),
             prices=self._prices, region=self._s.region)
-        best = choices[0]
-        subnet = next(s for s, zone in self._zones.items() if zone in best.zones)
-        return best, subnet
+        spot_prices = await self._spot_prices(policy)
+        found = offerings(choices, list(self._zones.values()), policy, spot_prices)
+        if not found:  # only spot can come to nothing: every fitting type is offered on demand
+            raise CapacityError(
+                f"no spot price is known for {', '.join(c.instance_type.name for c in choices[:6])}"
+                f"{' and more' if len(choices) > 6 else ''} in {', '.join(sorted(set(self._zones.values())))} "
+                "at or below the on-demand price, and the pod's spot policy is 'always'")
+        return found
+
+    async def _spot_prices(self, policy: str) -> dict[tuple[str, str], float]:
+        """The current spot price of every (type, zone) of the subnets' zones, read again
+        after spot_price_max_age. For a pod that only prefers spot, a failure to read them
+        is a warning (it runs on demand); for one that insists, it is its error."""
+        if policy == "never":
+            return {}
+        now = time.monotonic()
+        if self._spot_fetched_at is not None and now - self._spot_fetched_at < self._s.spot_price_max_age:
+            return self._spot_price_table
+        zones = sorted(set(self._zones.values()))
+
+        def fetch() -> dict[tuple[str, str], float]:
+            paginator = self._ec2.get_paginator("describe_spot_price_history")
+            return spot_prices_from_aws(paginator.paginate(
+                StartTime=datetime.datetime.now(datetime.UTC), ProductDescriptions=["Linux/UNIX"],
+                Filters=[{"Name": "availability-zone", "Values": zones}]))
+        try:
+            self._spot_price_table = await self._call("reading the spot price history", fetch)
+        except ProviderError as exc:
+            if policy == "always":
+                raise
+            log.warning("spot prices unknown: pods that prefer spot run on demand", error=str(exc))
+            return {}
+        self._spot_fetched_at = now
+        return self._spot_price_table
 
     def _check_private(self, cell: Cell) -> None:
         """The node talks to a cell at private addresses of its configured subnets only."""
@@ -445,11 +544,15 @@ class Ec2Provider:
         address = secondary[0] if secondary else primary
         state = instance["State"]["Name"]
         instance_type = instance.get("InstanceType", "")
-        price = self._prices.price(self._s.region, instance_type)
+        on_demand = self._prices.price(self._s.region, instance_type)
+        market = "spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand"
         offering = {
             "instance_type": instance_type, "zone": instance.get("Placement", {}).get("AvailabilityZone", ""),
-            "market": "spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand",
-            "price_per_hour": "" if price is None else f"{price:.4f}",  # USD, on-demand
+            "market": market,
+            # USD per hour at launch: the spot price then, or the on-demand price.
+            "price_per_hour": tags.get(TAG_PRICE) or ("" if on_demand is None or market == "spot"
+                                                      else f"{on_demand:.5f}"),
+            "on_demand_price_per_hour": "" if on_demand is None else f"{on_demand:.5f}",
             "price_snapshot": self._prices.date,
         }
         launched = instance.get("LaunchTime")
@@ -457,7 +560,9 @@ class Ec2Provider:
             offering=offering, launched_at=int(launched.timestamp() * 1e9) if launched is not None else 0,
             id=instance["InstanceId"], sandbox_id=tags.get(TAG_SANDBOX, ""), address=address,
             agent_url=f"https://{primary}:{self._s.agent_port}", server_name=cell_server_name(instance["InstanceId"]),
-            state={"pending": "pending", "running": "running"}.get(state, "terminated"),
+            state={"pending": "pending", "running": "running", "stopping": "stopped",
+                   "stopped": "stopped"}.get(state, "terminated"),
+            state_reason=str(instance.get("StateReason", {}).get("Message", "")),
             tags=tags, pull_path="", enrollment="console",
             # The cell's own host name, as EC2 names its instances (ip-10-0-1-5).
             hostname=("ip-" + primary.replace(".", "-")) if primary else instance["InstanceId"],

@@ -36,6 +36,7 @@ from kiyot_py.platforms import normalize_arch
 from kiyot_py.providers.base import (
     TAG_SANDBOX,
     CapacityError,
+    CellEvents,
     CellFeatures,
     CellNotFound,
     CellShape,
@@ -314,6 +315,9 @@ class LocalProvider:
 
     async def close(self) -> None:
         pass
+
+    def watch_events(self, sink: CellEvents) -> None:
+        pass  # a local cell goes only when this node says so: no feed to watch
 
     async def reset(self) -> int:
         """Delete every cell here and undo start() (fence, bridge); the number of cells deleted."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from kiyot_py.agent_client import AgentConflict, AgentNotFound, AgentTimeout, AgentUnreachable, ExecResult
 from kiyot_py.model import Cell, CellFacts, now_ns, to_json
-from kiyot_py.providers.base import CellFeatures, CellNotFound, CellShape
+from kiyot_py.providers.base import CellEvent, CellEvents, CellFeatures, CellNotFound, CellShape
 
 AGENT_PORT = 9276
 
@@ -32,6 +32,7 @@ class FakeProvider:
         self.architecture = architecture
         self.allow_privileged = False
         self._next_address = 2
+        self.sink: CellEvents | None = None  # where the provider's feed goes (watch_events)
 
     @property
     def features(self) -> CellFeatures:
@@ -84,6 +85,14 @@ class FakeProvider:
 
     async def list_cells(self, tags: dict[str, str]) -> list[Cell]:
         return [_copy(c) for c in self.cells.values() if all(c.tags.get(k) == v for k, v in tags.items())]
+
+    def watch_events(self, sink: CellEvents) -> None:
+        self.sink = sink
+
+    def post(self, event: CellEvent) -> None:
+        """An event on the provider's feed, as EC2's would arrive through SQS."""
+        assert self.sink is not None, "nothing watches the provider's events"
+        self.sink(event)
 
     async def reset(self) -> int:
         n = len(self.cells)
@@ -235,6 +244,11 @@ class FakeAgent:
     def break_stream(self) -> None:
         """Cut the event stream: the node reconnects and gets a new snapshot."""
         self._events.put_nowait({"type": "break"})
+
+    def announce(self, kind: str, action: str = "terminate", when: str = "2026-12-02T10:00:00Z") -> None:
+        """A notice from the instance's metadata service, as the agent reports it."""
+        self._events.put_nowait({"type": "notice", "notice": {"kind": kind, "action": action, "time": when,
+                                                              "seen_at": now_ns()}})
 
 
 class FakeAgents:
