@@ -12,6 +12,10 @@ simulator), so that what a client sees over HTTP is what EC2 would answer:
 - `GetConsoleOutput` gives the instance's real console (moto: a fixed text).
 - `SecondaryPrivateIpAddressCount` at launch gives that many more free addresses of the
   subnet (moto gives none).
+- Capacity runs out where a test says so: a launch into a (type, zone, market) with a
+  capacity fault fails with EC2's code and words, and every launch attempt is counted.
+- `DescribeSpotPriceHistory` answers from the simulator's price table (moto: one flat
+  price for every type), and a stop or a termination is announced as EventBridge would.
 """
 
 from __future__ import annotations
@@ -47,6 +51,16 @@ class Simulation(Protocol):
         """Whether client tokens seen so far count as expired (a test's knob)."""
         ...
 
+    def attempt(self, instance_type: str, zone: str, market: str) -> tuple[str, str] | None:
+        """Count a launch attempt; (code, message) when a capacity fault refuses it."""
+        ...
+
+    def spot_price(self, instance_type: str, zone: str) -> float | None: ...
+
+    def state_changed(self, instance_ids: list[str], states: tuple[str, ...]) -> None:
+        """Tell EventBridge's targets (the instances went through these states)."""
+        ...
+
 
 _tokens: dict[tuple[str, str, str], tuple[str, str]] = {}  # (account, region, token) -> (params, reservation)
 _lock = threading.Lock()  # moto's server answers each request in a thread of its own
@@ -75,6 +89,11 @@ def install(sim: Simulation, run: Callable[..., Any] = EC2Backend.run_instances,
                 "InvalidParameterValue",
                 f"the simulator launches only into its own subnets ({', '.join(sorted(sim.subnet_ids))}); "
                 f"asked for {', '.join(subnets) or 'none'}")
+        zone = self.get_subnet(subnets[0]).availability_zone
+        market = "spot" if kwargs.get("instance_market_options") == "spot" else "on-demand"
+        refused = sim.attempt(kwargs.get("instance_type") or "m1.small", zone, market)
+        if refused is not None:
+            raise EC2ClientError(*refused)
         kwargs["associate_public_ip"] = False
         for nic in kwargs.get("nics") or []:
             nic["AssociatePublicIpAddress"] = False
@@ -110,13 +129,34 @@ def install(sim: Simulation, run: Callable[..., Any] = EC2Backend.run_instances,
 
     def terminate_instances(self: EC2Backend, instance_ids: list[str]) -> Any:
         result = terminate(self, instance_ids)
+        changed = [instance.id for instance, before in result if before.name != "terminated"]
         sim.ended([instance.id for instance, _ in result])
+        sim.state_changed(changed, ("shutting-down", "terminated"))
         return result
 
     def stop_instances(self: EC2Backend, instance_ids: list[str]) -> Any:
         result = stop(self, instance_ids)
+        changed = [instance.id for instance, before in result if before.name not in ("stopping", "stopped")]
         sim.ended([instance.id for instance, _ in result])  # a stopped VM runs nothing
+        sim.state_changed(changed, ("stopping", "stopped"))
         return result
+
+    def describe_spot_price_history(self: Any) -> Any:
+        from moto.core.responses import ActionResult
+
+        wanted = set(self._get_param("InstanceTypes", []))
+        filters = self._filters_from_querystring()
+        zones = set(filters.get("availability-zone", []))
+        now = utcnow()
+        history = []
+        for offering in self.ec2_backend.describe_spot_price_history(list(wanted) or None, {}):
+            name, zone = offering["InstanceType"], offering["Location"]
+            price = sim.spot_price(name, zone)
+            if price is None or (zones and zone not in zones):
+                continue
+            history.append({"InstanceType": name, "ProductDescription": "Linux/UNIX", "SpotPrice": f"{price:.6f}",
+                            "AvailabilityZone": zone, "Timestamp": now})
+        return ActionResult({"SpotPriceHistory": history})
 
     def get_console_output(self: General) -> Any:
         from moto.core.responses import ActionResult
@@ -130,3 +170,6 @@ def install(sim: Simulation, run: Callable[..., Any] = EC2Backend.run_instances,
     EC2Backend.terminate_instances = terminate_instances  # type: ignore[method-assign, assignment]
     EC2Backend.stop_instances = stop_instances  # type: ignore[method-assign, assignment]
     General.get_console_output = get_console_output  # type: ignore[method-assign]
+    from moto.ec2.responses.spot_instances import SpotInstances
+
+    SpotInstances.describe_spot_price_history = describe_spot_price_history  # type: ignore[method-assign]

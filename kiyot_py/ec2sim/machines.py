@@ -24,7 +24,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -72,6 +72,8 @@ class Machine:
     directory: Path
     boot: asyncio.Task[None] | None = None
     imds: web.AppRunner | None = None
+    # What EC2 posts to the instance's metadata later (a spot notice): path -> body.
+    posted: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def console_path(self) -> Path:
@@ -131,6 +133,7 @@ def metadata_app(machine: Machine) -> web.Application:
         out = {k: v.encode() for k, v in found.items()}
         if spec.user_data:
             out["/latest/user-data"] = spec.user_data
+        out.update(machine.posted)
         return out
 
     async def token(request: web.Request) -> web.Response:
@@ -267,6 +270,28 @@ class Machines:
             proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                         stdout=console, stderr=console)
         await proc.wait()
+
+    def post_metadata(self, instance_id: str, path: str, body: bytes) -> None:
+        """EC2 puts something in the instance's metadata (a spot notice)."""
+        machine = self.machines.get(instance_id)
+        if machine is None:
+            raise KeyError(instance_id)
+        machine.posted[path] = body
+
+    async def cut(self, instance_id: str, seconds: float) -> None:
+        """The instance's network goes away for a while (its link down), then comes back."""
+        machine = self.machines.get(instance_id)
+        if machine is None:
+            raise KeyError(instance_id)
+        veth = machine.spec.veth
+        await run("ip", "link", "set", veth, "down")
+        log.info("instance network cut", instance=instance_id, seconds=seconds)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            if Path(f"/sys/class/net/{veth}").exists():  # noqa: ASYNC240 - a sysfs stat; gone if powered off
+                await run("ip", "link", "set", veth, "master", self._bridge, "up", check=False)
+            log.info("instance network back", instance=instance_id)
 
     async def power_off(self, instance_id: str) -> None:
         machine = self.machines.get(instance_id)

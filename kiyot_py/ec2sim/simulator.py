@@ -29,6 +29,7 @@ from typing import Any
 
 import structlog
 
+from kiyot_py.ec2sim.faults import Faults
 from kiyot_py.ec2sim.machines import Machines, MachineSpec
 from kiyot_py.providers.hostcell import run
 
@@ -39,7 +40,8 @@ MOTO_PUBLIC_RANGE = "54.214.0.0/16"  # real AWS addresses moto hands out: never 
 NODE_POLICY = {
     "Version": "2012-10-17",
     "Statement": [{"Effect": "Allow", "Action": ["ec2:*", "ssm:GetParameter", "ssm:GetParameters",
-                                                 "iam:PassRole", "pricing:GetProducts"], "Resource": "*"}],
+                                                 "iam:PassRole", "pricing:GetProducts", "sqs:GetQueueUrl",
+                                                 "sqs:ReceiveMessage", "sqs:DeleteMessage"], "Resource": "*"}],
 }
 
 
@@ -66,6 +68,8 @@ class Simulator:
         self._forwards: list[asyncio.subprocess.Process] = []
         self._networks: list[ipaddress.IPv4Network] = []
         self._backend: Any = None
+        self.faults = Faults(self, settings.zones)
+        self._control: Any = None
 
     # -- what gaps.py calls, from moto's threads ----------------------------------------
 
@@ -85,6 +89,17 @@ class Simulator:
 
     def console(self, instance_id: str) -> bytes:
         return self.machines.console(instance_id)
+
+    def attempt(self, instance_type: str, zone: str, market: str) -> tuple[str, str] | None:
+        return self.faults.attempt(instance_type, zone, market)
+
+    def spot_price(self, instance_type: str, zone: str) -> float | None:
+        return self.faults.spot_price(instance_type, zone)
+
+    def state_changed(self, instance_ids: list[str], states: tuple[str, ...]) -> None:
+        for instance_id in instance_ids:
+            for state in states:
+                self.faults.announce("EC2 Instance State-change Notification", instance_id, {"state": state})
 
     def tokens_expired(self) -> bool:
         # EC2 keeps a client token for a while after its instance ends, not forever: with
@@ -135,11 +150,15 @@ class Simulator:
                 self._forwards.append(await asyncio.create_subprocess_exec(
                     "socat", f"TCP-LISTEN:{gateway_port},bind={next(net.hosts())},fork,reuseaddr",
                     f"TCP:{target_host}:{target_port}", stdin=asyncio.subprocess.DEVNULL))
+        self._control = await self.faults.serve(s.state_dir / "control.sock")
         self._write_node_files()
         log.info("ec2 simulator serving", endpoint=self.layout["endpoint_url"], subnets=self.layout["subnets"],
                  image=self.layout["image"], state_dir=str(s.state_dir))
 
     async def stop(self) -> None:
+        if self._control is not None:
+            await self._control.cleanup()
+        await self.faults.close()
         await self.machines.power_off_all()
         for proc in self._forwards:
             if proc.returncode is None:

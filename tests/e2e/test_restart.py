@@ -150,7 +150,8 @@ def test_a_cell_lost_while_the_service_was_down_is_reported(service, pod, busybo
     sandbox = cri.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)).status
     assert sandbox.state == pb.SANDBOX_NOTREADY
     status = cri.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status
-    assert status.state == pb.CONTAINER_UNKNOWN and status.reason == "CellLost"
+    assert (status.state, status.exit_code, status.reason) == (pb.CONTAINER_EXITED, 137, "InstanceTerminated")
+    assert "no longer exists" in status.message
     cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
     assert not its_dir.exists()
 

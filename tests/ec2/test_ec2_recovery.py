@@ -151,7 +151,8 @@ def test_a_sandbox_whose_instance_vanished_turns_not_ready(tmp_path, sim, test_i
             return svc.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)).status
         assert wait_for(lambda: status().state == pb.SANDBOX_NOTREADY, seconds=30)
         container = svc.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status
-        assert container.state != pb.CONTAINER_RUNNING and container.reason == "CellLost"
+        assert (container.state, container.exit_code, container.reason) == (
+            pb.CONTAINER_EXITED, 137, "InstanceTerminated")
         _finish(svc, sandbox_id)
     finally:
         cleanup(svc)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import boto3
 
+from kiyot_py.ec2sim.faults import Control
 from tests.e2e.conftest import Service
 
 ALLOWED = "t3.small,t3.medium,t3.large,m5.large,c5.xlarge"
@@ -29,6 +30,11 @@ class Sim:
         return boto3.client(service, region_name=self.layout["region"], endpoint_url=self.layout["endpoint_url"],
                             aws_access_key_id=keys["aws_access_key_id"],
                             aws_secret_access_key=keys["aws_secret_access_key"])
+
+    @property
+    def control(self) -> Control:
+        """Faults on command: capacity, spot notices, network cuts, EventBridge targets."""
+        return Control(self.state_dir)
 
     def set_boot_delay(self, seconds: float) -> None:
         (self.state_dir / "boot-delay").write_text(str(seconds))
@@ -79,8 +85,9 @@ def stop_sim(sim: Sim) -> None:
 def new_ec2_service(base: Path, sim: Sim, registry: str, *, node: str, credentials: Path | None = None,
                     image: str = "", gc_interval: float = 60.0, gc_grace: float = 120.0,
                     boot_timeout: float = 60.0, log_level: str = "debug",
-                    more_registries: tuple[str, ...] = ()) -> Service:
-    """A service (not started) on EC2 cells of the simulator, state and socket under `base`.
+                    more_registries: tuple[str, ...] = (), settings: str = "", aws: str = "") -> Service:
+    """A service (not started) on EC2 cells of the simulator, state and socket under `base`
+    (`settings` and `aws`: more TOML lines, top-level and for [aws]).
     Each service of a test has a node name of its own: the orphan collector of one never
     sees another's cells as its own."""
     base.mkdir(parents=True, exist_ok=True)
@@ -93,11 +100,11 @@ def new_ec2_service(base: Path, sim: Sim, registry: str, *, node: str, credentia
         f'socket = "{base}/kiyot.sock"\nstate_dir = "{base}/state"\nnode_name = "{node}"\n'
         f'log_level = "{log_level}"\nregistries_conf = "{registries}"\nprovider = "aws"\n'
         f'cell_boot_timeout = {boot_timeout}\n'
-        f'gc_interval = {gc_interval}\ngc_grace = {gc_grace}\n'
+        f'gc_interval = {gc_interval}\ngc_grace = {gc_grace}\n{settings}\n'
         f'[aws]\nregion = "{lay["region"]}"\nendpoint_url = "{lay["endpoint_url"]}"\n'
         f'subnets = "{",".join(lay["subnets"])}"\nsecurity_groups = "{lay["security_group"]}"\n'
         f'image = "{image or lay["image_parameter"]}"\ninstance_profile = "{lay["instance_profile"]}"\n'
-        f'instance_types = "{ALLOWED}"\n')
+        f'instance_types = "{ALLOWED}"\n{aws}\n')
     return Service(state_dir=base / "state", socket=base / "kiyot.sock", config=config, log_file=base / "serve.log",
                    env={"AWS_SHARED_CREDENTIALS_FILE": str(credentials or sim.state_dir / "credentials"),
                         "AWS_CONFIG_FILE": "/dev/null", "AWS_EC2_METADATA_DISABLED": "true"})

@@ -48,7 +48,7 @@ def test_always_is_spot_only_and_may_be_nothing():
 def test_a_policy_comes_from_the_annotation_else_the_default_and_a_bad_one_is_refused():
     assert spot_policy("", "never") == "never"
     assert spot_policy("Preferred", "never") == "preferred"
-    with pytest.raises(errors.InvalidArgument, match="'sometimes'.*never, preferred, always"):
+    with pytest.raises(errors.InvalidArgument, match=r"'sometimes'.*never, preferred, always"):
         spot_policy("sometimes", "never")
 
 
