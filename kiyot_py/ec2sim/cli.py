@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -18,6 +19,8 @@ It writes, in --state-dir, what a kiyot-py node needs to use it:
   node.toml     the [aws] settings (endpoint, region, subnets, security group, image)
   credentials   an access key for the node (AWS_SHARED_CREDENTIALS_FILE; mode 0600)
   layout.json   the ids it made
+  control.sock  faults on command: capacity, spot notices, network cuts, EventBridge
+                targets (python -m kiyot_py.ec2sim.faults --help)
 
   kiyot-ec2sim --state-dir /tmp/sim --forward 5000=127.0.0.1:5000
   AWS_SHARED_CREDENTIALS_FILE=/tmp/sim/credentials kiyot-py serve --config /tmp/sim/node.toml
@@ -47,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="how long an instance stays pending before its machine powers on (default 0)")
     ap.add_argument("--forward", type=parse_forward, action="append", default=[], metavar="PORT=HOST:PORT",
                     help="serve a host service on each gateway of the VPC (e.g. a registry: 5000=127.0.0.1:5000)")
+    ap.add_argument("--spot-prices", type=Path, default=None, metavar="FILE",
+                    help='spot prices, JSON: {"t3.small": 0.0065} or {"t3.small": {"us-east-1a": 0.0071}}; '
+                         "others: 30%% of the on-demand price (+2%% per zone after the first)")
     ap.add_argument("--no-auth", action="store_true", help="accept any credentials (authentication is on by default)")
     ns = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -62,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     zones = (f"{ns.region}a", f"{ns.region}b")
     sim = Simulator(SimSettings(state_dir=ns.state_dir, listen=ns.listen, region=ns.region, vpc_cidr=ns.vpc_cidr,
                                 zones=zones, bridge=ns.bridge, boot_delay=ns.boot_delay, forwards=ns.forward))
+
+    if ns.spot_prices is not None:
+        try:
+            sim.faults.set_spot_prices(json.loads(ns.spot_prices.read_text()))
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            sys.exit(f"kiyot-ec2sim: --spot-prices {ns.spot_prices}: {exc}")
 
     async def run() -> None:
         await sim.start()

@@ -206,12 +206,18 @@ class Faults:
             return web.json_response({"attempts": list(self.attempts)})
 
     async def _put_spot_prices(self, request: web.Request) -> web.Response:
-        prices = (await request.json()).get("prices", {})
-        with self._lock:
-            # type -> price (every zone), or type -> zone -> price
-            self.spot_prices = {t: {z: float(p) for z, p in (v if isinstance(v, dict) else {"*": v}).items()}
-                                for t, v in prices.items()}
+        try:
+            self.set_spot_prices((await request.json()).get("prices", {}))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise web.HTTPBadRequest(text=f"spot prices: {exc}") from None
         return web.json_response({"prices": self.spot_prices})
+
+    def set_spot_prices(self, prices: dict[str, Any]) -> None:
+        """type -> price (in every zone), or type -> zone -> price; {}: the default table."""
+        table = {str(t): {str(z): float(p) for z, p in (v if isinstance(v, dict) else {"*": v}).items()}
+                 for t, v in prices.items()}
+        with self._lock:
+            self.spot_prices = table
 
     async def _put_targets(self, request: web.Request) -> web.Response:
         """The SQS queues EventBridge sends to; each is made if it is not there."""

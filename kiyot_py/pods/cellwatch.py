@@ -11,7 +11,8 @@ that a cell is gone, never a silent agent (a network blip is not a dead containe
   early, at most once a second), or the provider's own event feed (EC2's via SQS) says an
   instance is stopping or terminating.
 - **Notices** (a spot interruption two minutes ahead, a rebalance recommendation), from
-  the cell's agent or the provider's feed, are recorded on the sandbox's cell as heard.
+  the cell's agent or the provider's feed, are recorded on the sandbox's cell as heard; a
+  spot interruption also tells the provider, which keeps new cells off that capacity.
 
 A lost sandbox turns NOTREADY and its containers EXITED with 137 and a reason that says
 what happened, so that the kubelet makes the pod a new sandbox.
@@ -97,6 +98,8 @@ class CellWatch:
                  "time": str(notice.get("time", "")), "source": source, "heard_at": str(time.time_ns())}
         cell.notices.append(heard)
         self._index.save(sb)
+        if heard["kind"] == "spot-interruption":
+            self._provider.interrupted(cell)
         log.warning("the cell's provider announced it will take it", sandbox=sb.id, cell=cell.id, **heard)
 
     def provider_event(self, event: CellEvent) -> None:

@@ -78,6 +78,9 @@ class PodRuntime:
                 await self.cells.terminate(sb.cell.id)
             except KiyotError as exc:  # released at StopPodSandbox, or by the orphan collector
                 log.warning("releasing a lost cell failed", cell=sb.cell.id, error=str(exc))
+                return
+            sb.cell.state = "terminated"
+            self.index.save(sb)
 
     async def close(self) -> None:
         """Stop watching, shipping and collecting; cells and containers keep running."""

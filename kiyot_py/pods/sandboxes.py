@@ -149,6 +149,12 @@ class Sandboxes:
             await asyncio.gather(task, return_exceptions=True)
         async with self._index.gate(sb.id).exclusive():
             await self._hostports.close(sb.id)  # also when the cell was lost meanwhile
+            if sb.cell is not None and sb.cell.state == "stopped":
+                # Lost to a stop behind the node's back, and not released since (a restart
+                # came between): a stopped instance still holds its disk.
+                await self._cells.terminate(sb.cell.id)
+                sb.cell.state = "terminated"
+                self._index.save(sb)
             if sb.cell is None or sb.cell.gone:
                 return
             agent = self._cells.agent(sb)

@@ -155,6 +155,10 @@ class Provider(Protocol):
     async def list_cells(self, tags: dict[str, str]) -> list[Cell]:
         """Every cell carrying all of these tags."""
 
+    def interrupted(self, cell: Cell) -> None:
+        """The cloud announced it takes this cell back (a spot interruption notice): a
+        provider may keep new cells off the same capacity for a while."""
+
     def watch_events(self, sink: CellEvents) -> None:
         """Hand every event of the provider's own feed to `sink` from now on (a provider
         that has no feed never calls it)."""

@@ -237,6 +237,16 @@ class Ec2Provider:
                                                           asyncio.get_running_loop())
         self._queue.start()
 
+    def interrupted(self, cell: Cell) -> None:
+        """EC2 takes a spot instance back: its (type, zone, spot) is short of capacity, and
+        a new cell is not launched into it for a while (as Karpenter does)."""
+        offer = cell.offering
+        if offer.get("market") != SPOT or not offer.get("instance_type") or not offer.get("zone"):
+            return
+        self._unavailable.park_key((offer["instance_type"], offer["zone"], SPOT),
+                                   f"spot instance {cell.id} of this offering is being interrupted")
+        log.info("offering parked after a spot interruption", type=offer["instance_type"], zone=offer["zone"])
+
     async def close(self) -> None:
         if self._queue is not None:
             self._queue.stop()

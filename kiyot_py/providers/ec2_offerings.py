@@ -119,9 +119,13 @@ class Unavailable:
             key = (ANY, offering.zone, ANY)
         else:
             key = (offering.instance_type, offering.zone, offering.market)
-        self._until[key] = self._clock() + self._ttl
-        self._why[key] = why or code
+        self.park_key(key, why or code)
         return key
+
+    def park_key(self, key: tuple[str, str, str], why: str) -> None:
+        """Park (type, zone, market) directly, `*` for any: a spot interruption's offering."""
+        self._until[key] = self._clock() + self._ttl
+        self._why[key] = why
 
     def why(self, offering: Offering) -> str:
         """What EC2 said when it refused this offering (or what covers it), if it is parked."""

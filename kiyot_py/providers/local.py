@@ -319,6 +319,9 @@ class LocalProvider:
     def watch_events(self, sink: CellEvents) -> None:
         pass  # a local cell goes only when this node says so: no feed to watch
 
+    def interrupted(self, cell: Cell) -> None:
+        pass
+
     async def reset(self) -> int:
         """Delete every cell here and undo start() (fence, bridge); the number of cells deleted."""
         async with self._lock:

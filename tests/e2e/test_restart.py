@@ -151,7 +151,7 @@ def test_a_cell_lost_while_the_service_was_down_is_reported(service, pod, busybo
     assert sandbox.state == pb.SANDBOX_NOTREADY
     status = cri.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status
     assert (status.state, status.exit_code, status.reason) == (pb.CONTAINER_EXITED, 137, "InstanceTerminated")
-    assert "no longer exists" in status.message
+    assert "was terminated" in status.message
     cri.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
     assert not its_dir.exists()
 

@@ -70,7 +70,9 @@ def test_a_pod_gets_its_own_cheapest_instance_at_its_ip(ec2_service, sim, tmp_pa
     assert status.status.network.ip == pod_ip != instance["PrivateIpAddress"]
     info = json.loads(status.info["info"])
     assert info["cell"]["offering"]["instance_type"] == "t3.medium"
-    assert info["cell"]["offering"]["price_per_hour"] == "0.0416"
+    offering = info["cell"]["offering"]
+    assert (offering["market"], offering["zone"], offering["price_per_hour"]) == ("on-demand", "us-east-1a", "0.04160")
+    assert {"Key": "kiyot-price-per-hour", "Value": "0.04160"} in instance["Tags"]
 
     image = busybox(test_images)
     img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image), sandbox_config=config))

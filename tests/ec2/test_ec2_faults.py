@@ -176,7 +176,8 @@ def _container(svc, cid: str) -> pb.ContainerStatus:
 def _spot_interruption(svc, sim, faults, tmp_path, test_images, *, imds: bool, sqs: bool) -> None:
     faults.spot_prices({"t3.small": 0.0065})
     sandbox_id, cid, _ = _running(svc, tmp_path, test_images, "reclaimed", "always")
-    instance_id = _instance(sim, sandbox_id)["InstanceId"]
+    instance = _instance(sim, sandbox_id)
+    instance_id = instance["InstanceId"]
     source = "agent" if imds else "sqs"
     noticed_at = time.monotonic()
     faults.interrupt(instance_id, after=5.0, imds=imds, sqs=sqs)
@@ -185,6 +186,10 @@ def _spot_interruption(svc, sim, faults, tmp_path, test_images, *, imds: bool, s
     notice = _info(svc, sandbox_id)["notices"][0]
     assert (notice["kind"], notice["action"], notice["source"]) == ("spot-interruption", "terminate", source)
     assert sim.live(**{"kiyot-sandbox": sandbox_id})  # heard before the end
+    if not imds:
+        # Heard through SQS only: the cell is cut off first, so that no broken connection
+        # tells the node anything; the queue's state change alone brings the check forward.
+        faults.cut(instance_id, 60.0)
     terminated_at = noticed_at + 5.0
     seen = _until_not_ready(svc, sandbox_id, terminated_at)
     status = _container(svc, cid)
@@ -193,6 +198,13 @@ def _spot_interruption(svc, sim, faults, tmp_path, test_images, *, imds: bool, s
     print(f"\nspot interruption via {source}: notice reached the node after {heard:.2f}s; "
           f"NOTREADY/EXITED {seen:.2f}s after the termination")
     _finish(svc, sandbox_id)
+    # The kubelet's new sandbox is not launched into the capacity being taken back.
+    zone = instance["Placement"]["AvailabilityZone"]
+    before = len(faults.attempts())
+    replacement = run_pod(svc.runtime, _spot_pod("replacement", tmp_path, "always"))
+    assert ("t3.small", zone, "spot") not in [a[:3] for a in _attempts(faults, before)]
+    assert _instance(sim, replacement)["Placement"]["AvailabilityZone"] != zone
+    _finish(svc, replacement)
 
 
 def test_a_spot_notice_through_the_agent_then_the_termination(tmp_path, sim, faults, request, test_images):
@@ -266,6 +278,8 @@ def test_through_sqs_an_instance_ended_behind_the_nodes_back(tmp_path, sim, faul
     svc, url = _queue_node(tmp_path, sim, faults, request, f"kiyot-test-{how}")
     sandbox_id, cid, _ = _running(svc, tmp_path, test_images, f"sqs-{how}")
     instance_id = _instance(sim, sandbox_id)["InstanceId"]
+    faults.cut(instance_id, 60.0)  # no broken connection tells the node: only the queue can
+    time.sleep(0.5)
     since = time.monotonic()
     if how == "terminate":
         sim.client().terminate_instances(InstanceIds=[instance_id])

@@ -29,10 +29,12 @@ class FakeProvider:
         self.terminated: list[str] = []
         self.shapes: list[CellShape] = []
         self.fail_launch: Exception | None = None  # raised by the next launch
+        self.fail_terminate: Exception | None = None  # raised by the next terminate
         self.architecture = architecture
         self.allow_privileged = False
         self._next_address = 2
         self.sink: CellEvents | None = None  # where the provider's feed goes (watch_events)
+        self.interruptions: list[str] = []  # cells the provider was told are being taken back
 
     @property
     def features(self) -> CellFeatures:
@@ -77,6 +79,9 @@ class FakeProvider:
         return _copy(cell)
 
     async def terminate(self, cell_id: str) -> None:
+        if self.fail_terminate is not None:
+            exc, self.fail_terminate = self.fail_terminate, None
+            raise exc
         if self.cells.pop(cell_id, None) is not None:
             self.terminated.append(cell_id)
 
@@ -88,6 +93,9 @@ class FakeProvider:
 
     def watch_events(self, sink: CellEvents) -> None:
         self.sink = sink
+
+    def interrupted(self, cell: Cell) -> None:
+        self.interruptions.append(cell.id)
 
     def post(self, event: CellEvent) -> None:
         """An event on the provider's feed, as EC2's would arrive through SQS."""

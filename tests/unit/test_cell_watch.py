@@ -11,7 +11,7 @@ import pytest
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from kiyot_py.model import Cell
 from kiyot_py.pods.cellwatch import why_gone
-from kiyot_py.providers.base import CellEvent
+from kiyot_py.providers.base import CellEvent, ProviderUnavailable
 
 from .test_verbs import Node, create, run_pod
 
@@ -51,6 +51,7 @@ async def test_a_spot_notice_is_recorded_then_the_termination_reads_spot_interru
     sb = node.runtime.index.sandboxes[sid]
     assert await _until(lambda: sb.cell.notices)
     assert sb.cell.notices[0]["kind"] == "spot-interruption" and sb.cell.notices[0]["source"] == "agent"
+    assert node.provider.interruptions == [cell_id]  # it keeps new cells off that capacity
     sandbox, container = await _statuses(node, sid, cid)
     assert sandbox.status.state == pb.SANDBOX_READY  # a notice is not the end yet
     assert json.loads(sandbox.info["info"])["cell"]["notices"][0]["action"] == "terminate"
@@ -73,6 +74,19 @@ async def test_stopped_behind_the_nodes_back_reads_instance_stopped_and_is_relea
     assert sandbox.status.state == pb.SANDBOX_NOTREADY
     assert (container.state, container.exit_code, container.reason) == (pb.CONTAINER_EXITED, 137, "InstanceStopped")
     assert node.provider.terminated == [cell_id]  # a stopped instance still holds its disk: terminated
+
+
+async def test_a_stopped_cell_not_released_when_lost_is_released_by_stop_pod_sandbox(node):
+    sid, cid, cell_id = await _running_pod(node)
+    node.provider.cells[cell_id].state = "stopped"
+    node.provider.fail_terminate = ProviderUnavailable("throttled")
+    await node.runtime.watch.check()
+    sandbox, _ = await _statuses(node, sid, cid)
+    assert sandbox.status.state == pb.SANDBOX_NOTREADY and cell_id in node.provider.cells
+    assert node.runtime.index.sandboxes[sid].cell.state == "stopped"
+    await node.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid))  # the kubelet's next step
+    assert node.provider.terminated == [cell_id]
+    assert node.runtime.index.sandboxes[sid].cell.state == "terminated"  # a repeat asks nothing more
 
 
 async def test_a_cell_the_provider_no_longer_knows_is_lost_after_two_rounds(node):
@@ -106,6 +120,7 @@ async def test_the_providers_feed_records_notices_and_brings_the_check_forward(n
     assert [n["kind"] for n in sb.cell.notices] == ["rebalance-recommendation", "spot-interruption"]
     node.provider.post(CellEvent(cell_id, "spot-interruption", action="terminate", source="sqs"))
     assert len(sb.cell.notices) == 2  # once per kind
+    assert node.provider.interruptions == [cell_id]  # a rebalance recommendation is not one
     node.provider.cells[cell_id].state = "terminated"
     node.provider.post(CellEvent(cell_id, "state", state="shutting-down", source="sqs"))
     # No round of the 10 s period is due: the event brings one forward.

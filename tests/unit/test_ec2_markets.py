@@ -65,6 +65,13 @@ def test_a_capacity_error_parks_its_offering_for_the_ttl_only():
     assert not parked.parked(first) and parked.available([first]) == [first] and len(parked) == 0
 
 
+def test_a_key_parked_directly_covers_its_offering():
+    parked = Unavailable(180.0, clock=lambda: 0.0)
+    spot_b = offerings([SMALL], ZONES, "always", SPOT)[0]
+    parked.park_key(("t3.small", "z-b", "spot"), "interrupted")
+    assert parked.parked(spot_b) and parked.why(spot_b) == "interrupted"
+
+
 def test_a_full_subnet_parks_its_zone_and_the_spot_limit_the_whole_spot_market():
     parked = Unavailable(180.0, clock=lambda: 0.0)
     found = offerings([SMALL, LARGE], ZONES, "preferred", SPOT)
@@ -115,3 +122,27 @@ def test_eventbridge_messages_become_cell_events():
     assert [(e.cell_id, e.kind) for e in health] == [("i-4", "scheduled-change")]
     assert cell_events_from("not json") == [] and cell_events_from(json.dumps({"detail-type": "x"})) == []
     assert cell_events_from(_eventbridge("EC2 Instance State-change Notification", {"state": "stopped"})) == []
+
+
+def test_the_simulators_capacity_faults_match_with_wildcards_and_count_every_attempt():
+    from types import SimpleNamespace
+
+    from kiyot_py.ec2sim.faults import Faults
+
+    faults = Faults(SimpleNamespace(settings=SimpleNamespace(region="us-east-1")), ["us-east-1a", "us-east-1b"])
+    faults.capacity = [{"type": "t3.*", "zone": "us-east-1a", "market": "spot"},
+                       {"type": "m5.large", "code": "VcpuLimitExceeded"}]
+    code, words = faults.attempt("t3.small", "us-east-1a", "spot")
+    assert code == "InsufficientInstanceCapacity" and "t3.small capacity" in words and "(us-east-1a)" in words
+    assert faults.attempt("t3.small", "us-east-1b", "spot") is None
+    assert faults.attempt("t3.small", "us-east-1a", "on-demand") is None
+    assert faults.attempt("m5.large", "us-east-1b", "on-demand")[0] == "VcpuLimitExceeded"
+    assert [a["result"] for a in faults.attempts] == ["InsufficientInstanceCapacity", "launched", "launched",
+                                                      "VcpuLimitExceeded"]
+    # Spot prices: a fraction of on-demand by default, a little dearer in the second zone; a table wins.
+    assert faults.spot_price("t3.small", "us-east-1a") == round(0.0208 * 0.30, 6)
+    assert faults.spot_price("t3.small", "us-east-1b") == round(0.0208 * 0.32, 6)
+    assert faults.spot_price("t3.small", "eu-west-1a") is None
+    faults.set_spot_prices({"t3.small": 0.01, "m5.large": {"us-east-1b": 0.03}})
+    assert faults.spot_price("t3.small", "us-east-1b") == 0.01
+    assert faults.spot_price("m5.large", "us-east-1a") is None and faults.spot_price("m5.large", "us-east-1b") == 0.03
