@@ -259,10 +259,14 @@ class Ec2Provider:
             return existing
         policy = spot_policy(shape.annotations.get(ANNOTATION_SPOT, ""), self._s.spot)
         every = await self._offerings(shape, policy)
-        candidates = self._unavailable.available(every)
         refused: list[str] = []
         last_code = ""
-        for offer in candidates[:LAUNCH_ATTEMPTS]:
+        parked_before = [o for o in every if self._unavailable.parked(o)]
+        for offer in every:
+            # Parked before this launch, or by a refusal of this one that spoke of more than
+            # its own offering (a full subnet, the account's spot limit).
+            if self._unavailable.parked(offer) or len(refused) == LAUNCH_ATTEMPTS:
+                continue
             try:
                 instance = await self._run(offer, shape, token)
             except CapacityError as exc:
@@ -279,11 +283,11 @@ class Ec2Provider:
             return cell
         # Nothing left to try: say what EC2 said, of each offering tried now or parked before.
         markets = {"never": "on-demand", "always": "spot", "preferred": "spot or on-demand"}[policy]
-        said = refused + [f"{o}: {self._unavailable.why(o)}" for o in every if o not in candidates]
+        said = refused + [f"{o}: {self._unavailable.why(o)}" for o in parked_before]
         shown = "; ".join(said[:6]) + (f"; and {len(said) - 6} more" if len(said) > 6 else "")
         raise CapacityError(
             f"no {markets} capacity for this pod in {', '.join(sorted(set(self._zones.values())))}: "
-            f"{len(every)} offerings fit, {len(refused)} tried now, {len(every) - len(candidates)} refused "
+            f"{len(every)} offerings fit, {len(refused)} tried now, {len(parked_before)} refused "
             f"within the last {self._s.unavailable_offering_ttl:.0f}s ({shown})", last_code)
 
     async def _run(self, offer: Offering, shape: CellShape, token: str) -> dict[str, Any]:

@@ -150,9 +150,6 @@ class Unavailable:
                 self._why.pop(key, None)
         return False
 
-    def available(self, candidates: Iterable[Offering]) -> list[Offering]:
-        return [o for o in candidates if not self.parked(o)]
-
     def __len__(self) -> int:
         now = self._clock()
         return sum(1 for until in self._until.values() if until > now)

@@ -115,6 +115,16 @@ def test_preferred_spot_runs_on_spot_at_the_history_price_and_falls_back_to_on_d
     _finish(svc, fallback)
 
 
+def test_the_accounts_spot_limit_parks_all_of_spot_at_once(tmp_path, sim, faults, request):
+    svc = _node(tmp_path, sim, request)
+    faults.capacity({"market": "spot", "code": "MaxSpotInstanceCountExceeded"})
+    before = len(faults.attempts())
+    sandbox_id = run_pod(svc.runtime, _spot_pod("spot-limit", tmp_path, "preferred"))
+    tried = _attempts(faults, before)
+    assert [t[2:] for t in tried] == [("spot", "MaxSpotInstanceCountExceeded"), ("on-demand", "launched")]
+    _finish(svc, sandbox_id)
+
+
 def test_always_spot_without_spot_capacity_is_resource_exhausted_with_aws_words(tmp_path, sim, faults, request):
     svc = _node(tmp_path, sim, request)
     faults.capacity({"market": "spot"})
@@ -210,6 +220,19 @@ def _spot_interruption(svc, sim, faults, tmp_path, test_images, *, imds: bool, s
 def test_a_spot_notice_through_the_agent_then_the_termination(tmp_path, sim, faults, request, test_images):
     svc = _node(tmp_path, sim, request)
     _spot_interruption(svc, sim, faults, tmp_path, test_images, imds=True, sqs=False)
+
+
+def test_a_rebalance_recommendation_is_recorded_and_ends_nothing(tmp_path, sim, faults, request, test_images):
+    svc = _node(tmp_path, sim, request)
+    sandbox_id, cid, _ = _running(svc, tmp_path, test_images, "rebalanced")
+    faults.rebalance(_instance(sim, sandbox_id)["InstanceId"], imds=True, sqs=False)
+    assert wait_for(lambda: _info(svc, sandbox_id)["notices"], seconds=10, every=0.05)
+    (notice,) = _info(svc, sandbox_id)["notices"]
+    assert (notice["kind"], notice["source"]) == ("rebalance-recommendation", "agent") and notice["time"]
+    time.sleep(2 * WATCH)
+    status = svc.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)).status
+    assert status.state == pb.SANDBOX_READY and _container(svc, cid).state == pb.CONTAINER_RUNNING
+    _finish(svc, sandbox_id)
 
 
 @pytest.mark.parametrize("how", ["terminate", "stop", "terminate-silently"])

@@ -57,12 +57,12 @@ def test_a_capacity_error_parks_its_offering_for_the_ttl_only():
     parked = Unavailable(180.0, clock=lambda: now[0])
     first, second, third, fourth = offerings([SMALL, LARGE], ZONES, "never", {})
     assert parked.park(first, "InsufficientInstanceCapacity", "AWS said so") == ("t3.small", "z-a", "on-demand")
-    assert parked.available([first, second, third, fourth]) == [second, third, fourth]
+    assert [o for o in (first, second, third, fourth) if not parked.parked(o)] == [second, third, fourth]
     assert parked.why(first) == "AWS said so" and len(parked) == 1
     now[0] += 179.9
     assert parked.parked(first)
     now[0] += 0.2
-    assert not parked.parked(first) and parked.available([first]) == [first] and len(parked) == 0
+    assert not parked.parked(first) and not parked.parked(first) and len(parked) == 0
 
 
 def test_a_key_parked_directly_covers_its_offering():
@@ -77,10 +77,10 @@ def test_a_full_subnet_parks_its_zone_and_the_spot_limit_the_whole_spot_market()
     found = offerings([SMALL, LARGE], ZONES, "preferred", SPOT)
     spot_b = found[0]
     parked.park(spot_b, "InsufficientFreeAddressesInSubnet")
-    assert all(o.zone == "z-a" for o in parked.available(found))
+    assert all(o.zone == "z-a" for o in [o for o in found if not parked.parked(o)])
     parked = Unavailable(180.0, clock=lambda: 0.0)
     parked.park(spot_b, "MaxSpotInstanceCountExceeded")
-    assert {o.market for o in parked.available(found)} == {"on-demand"}
+    assert {o.market for o in [o for o in found if not parked.parked(o)]} == {"on-demand"}
 
 
 def test_spot_prices_are_the_latest_linux_price_per_type_and_zone():
