@@ -185,6 +185,7 @@ class Faults:
         r.add_get("/attempts", self._get_attempts)
         r.add_put("/spot-prices", self._put_spot_prices)
         r.add_put("/eventbridge/targets", self._put_targets)
+        r.add_get("/queues/{name}", self._get_queue)
         r.add_post("/instances/{id}/spot-interruption", self._post_interruption)
         r.add_post("/instances/{id}/rebalance", self._post_rebalance)
         r.add_post("/instances/{id}/cut", self._post_cut)
@@ -230,6 +231,14 @@ class Faults:
         with self._lock:
             self.targets = names
         return web.json_response({"queues": urls})
+
+    async def _get_queue(self, request: web.Request) -> web.Response:
+        """How many messages a queue holds: waiting, and read but not deleted (in flight)."""
+        from moto.sqs.models import sqs_backends
+
+        queue = sqs_backends["123456789012"][self._sim.settings.region].get_queue(request.match_info["name"])
+        return web.json_response({"waiting": queue.approximate_number_of_messages,
+                                  "in_flight": queue.approximate_number_of_messages_not_visible})
 
     async def _post_interruption(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -295,6 +304,11 @@ class Control:
     def eventbridge(self, *queues: str) -> list[str]:
         urls: list[str] = self.call("PUT", "/eventbridge/targets", {"queues": list(queues)})["queues"]
         return urls
+
+    def queue(self, name: str) -> dict[str, int]:
+        """{"waiting": n, "in_flight": m} of an SQS queue."""
+        counts: dict[str, int] = self.call("GET", f"/queues/{name}")
+        return counts
 
     def interrupt(self, instance_id: str, after: float, imds: bool = True, sqs: bool = True) -> None:
         self.call("POST", f"/instances/{instance_id}/spot-interruption", {"after": after, "imds": imds, "sqs": sqs})

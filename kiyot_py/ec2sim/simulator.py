@@ -41,7 +41,10 @@ NODE_POLICY = {
     "Version": "2012-10-17",
     "Statement": [{"Effect": "Allow", "Action": ["ec2:*", "ssm:GetParameter", "ssm:GetParameters",
                                                  "iam:PassRole", "pricing:GetProducts", "sqs:GetQueueUrl",
-                                                 "sqs:ReceiveMessage", "sqs:DeleteMessage"], "Resource": "*"}],
+                                                 "sqs:ReceiveMessage", "sqs:DeleteMessage",
+                                                 # AWS authorizes a batch delete as sqs:DeleteMessage;
+                                                 # moto asks for an action of the batch's own name.
+                                                 "sqs:DeleteMessageBatch"], "Resource": "*"}],
 }
 
 

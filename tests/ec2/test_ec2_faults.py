@@ -205,6 +205,8 @@ def _spot_interruption(svc, sim, faults, tmp_path, test_images, *, imds: bool, s
     status = _container(svc, cid)
     assert (status.state, status.exit_code, status.reason) == (pb.CONTAINER_EXITED, 137, "SpotInterrupted")
     assert "Spot instance termination" in status.message and f"notice via {source}" in status.message
+    if not imds:
+        assert "reading the interruption queue failed" not in svc.log_file.read_text()
     print(f"\nspot interruption via {source}: notice reached the node after {heard:.2f}s; "
           f"NOTREADY/EXITED {seen:.2f}s after the termination")
     _finish(svc, sandbox_id)
@@ -298,7 +300,7 @@ def test_through_sqs_a_spot_interruption(tmp_path, sim, faults, request, test_im
 
 @pytest.mark.parametrize("how", ["terminate", "stop"])
 def test_through_sqs_an_instance_ended_behind_the_nodes_back(tmp_path, sim, faults, request, test_images, how):
-    svc, url = _queue_node(tmp_path, sim, faults, request, f"kiyot-test-{how}")
+    svc, _ = _queue_node(tmp_path, sim, faults, request, f"kiyot-test-{how}")
     sandbox_id, cid, _ = _running(svc, tmp_path, test_images, f"sqs-{how}")
     instance_id = _instance(sim, sandbox_id)["InstanceId"]
     faults.cut(instance_id, 60.0)  # no broken connection tells the node: only the queue can
@@ -313,7 +315,7 @@ def test_through_sqs_an_instance_ended_behind_the_nodes_back(tmp_path, sim, faul
     assert _container(svc, cid).reason == reason
     print(f"\ninstance ended behind the node's back ({how}), heard through SQS: NOTREADY after {seen:.2f}s "
           "(watch period 600s)")
-    # Every message read was deleted: nothing waits in the queue.
-    assert wait_for(lambda: not sim.client("sqs").receive_message(QueueUrl=url, WaitTimeSeconds=0).get("Messages"),
-                    seconds=15)
+    # Every message read was deleted: nothing waits in the queue, nothing is read and kept.
+    assert wait_for(lambda: faults.queue(f"kiyot-test-{how}") == {"waiting": 0, "in_flight": 0}, seconds=15)
+    assert "reading the interruption queue failed" not in svc.log_file.read_text()
     _finish(svc, sandbox_id)
