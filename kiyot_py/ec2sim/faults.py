@@ -341,7 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("eventbridge", help="send EC2's events to these SQS queues (made if missing)")
     q.add_argument("queue", nargs="*")
     ns = ap.parse_args(argv)
-    control = Control(ns.state_dir)
+    try:
+        return _run(ap, ns, Control(ns.state_dir))
+    except (OSError, RuntimeError) as exc:
+        sys.exit(f"kiyot-ec2sim faults: {ns.state_dir / 'control.sock'}: {exc} (is kiyot-ec2sim running there?)")
+
+
+def _run(ap: argparse.ArgumentParser, ns: argparse.Namespace, control: Control) -> int:
     if ns.what == "capacity":
         faults = []
         for text in ns.fault:

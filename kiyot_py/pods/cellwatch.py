@@ -27,7 +27,7 @@ from typing import Any
 
 import structlog
 
-from kiyot_py.model import Cell, Sandbox
+from kiyot_py.model import SANDBOX_READY, Cell, Sandbox
 from kiyot_py.pods.index import Index
 from kiyot_py.providers.base import CellEvent, Provider
 
@@ -150,7 +150,7 @@ class CellWatch:
                     continue  # not yet: EC2 may not list an instance it just made (eventual consistency)
             elif not now.gone:
                 continue
-            if sb.cell is None or sb.state != "SANDBOX_READY":
+            if sb.cell is None or sb.state != SANDBOX_READY:
                 continue  # stopped meanwhile, by the kubelet
             reason, message = why_gone(sb.cell, now)
             log.warning("the cell of a ready sandbox is gone", sandbox=sb.id, cell=cell_id, reason=reason,

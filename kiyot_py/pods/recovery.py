@@ -46,7 +46,7 @@ async def recover(index: Index, cells: Cells, sync: CellSync, sandboxes: Sandbox
             if cell is not None:
                 await cells.terminate(cell.id)  # release what is left of it
                 sb.cell.state_reason = cell.state_reason
-            sync.cell_lost(sb, reason, message, cell_state=cell.state if cell is not None else "terminated")
+            sync.cell_lost(sb, reason, message)  # and what was left of it released
             continue
         cell.notices = sb.cell.notices  # heard by the node, not the provider's to know
         cell.facts = sb.cell.facts  # learned from the agent, not the provider's to know
