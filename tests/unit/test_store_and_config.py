@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from kiyot_py.config import ConfigError, load_settings
-from kiyot_py.model import Cell, Container, Credentials, Image, Sandbox, new_id
+from kiyot_py.model import Cell, CellFacts, Container, Credentials, Image, Sandbox, new_id
 from kiyot_py.store import Store, StoreError
 
 
@@ -109,3 +109,59 @@ def test_credentials_an_older_version_kept_are_scrubbed_from_the_file(tmp_path):
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("state.db*"))
     assert b"old-s3cr3t-in-clear" not in raw
     assert Store(tmp_path / "state.db").load(Image)[0].repo_tags == ["a:1"]
+
+
+def _facts(kernel: str) -> CellFacts:
+    profile = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": [f"call{i}" for i in range(800)],
+                                                                "action": "SCMP_ACT_ALLOW"}]}
+    return CellFacts(kernel=kernel, capabilities=["CAP_CHOWN"], seccomp_profile=profile)
+
+
+def _sandbox_with_facts(facts: CellFacts) -> Sandbox:
+    return Sandbox(id=new_id(), name="p", namespace="n", uid="u", attempt=0,
+                   cell=Cell(id="c1", sandbox_id="x", address="10.0.0.2", agent_url="https://10.0.0.2:1",
+                             facts=facts))
+
+
+def _row_bytes(path, table: str) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return sum(n for (n,) in db.execute(f"SELECT length(data) FROM {table}"))  # noqa: S608 - a test's table
+    finally:
+        db.close()
+
+
+def test_cell_facts_are_written_once_apart_from_the_sandbox(tmp_path):
+    store = Store(tmp_path / "state.db")
+    sb = _sandbox_with_facts(_facts("6.1.0"))
+    store.put(sb)
+    assert _row_bytes(tmp_path / "state.db", "sandboxes") < 1000 < _row_bytes(tmp_path / "state.db", "cell_facts")
+    sb.state = "SANDBOX_READY"
+    store.put(sb)  # a save of the sandbox: the facts are not written again
+    sb.cell.facts = _facts("6.2.0")  # facts learned anew: written again
+    store.put(sb)
+    store.close()
+    again = Store(tmp_path / "state.db")
+    (loaded,) = again.load(Sandbox)
+    assert loaded == sb and loaded.cell.facts.kernel == "6.2.0" and loaded.state == "SANDBOX_READY"
+    assert loaded.cell.facts.seccomp_profile == sb.cell.facts.seccomp_profile
+    again.delete(Sandbox, sb.id)
+    assert again.load(Sandbox) == [] and _row_bytes(tmp_path / "state.db", "cell_facts") == 0
+
+
+def test_schema_2_sandboxes_have_their_facts_moved_apart(tmp_path):
+    import json
+
+    from kiyot_py.model import to_json
+
+    sb = _sandbox_with_facts(_facts("6.1.0"))
+    db = sqlite3.connect(tmp_path / "state.db")  # a database as schema 2 wrote it: facts in the sandbox
+    for table in ("sandboxes", "containers", "images"):
+        db.execute(f"CREATE TABLE {table} (id TEXT PRIMARY KEY, data TEXT NOT NULL)")
+    db.execute("INSERT INTO sandboxes (id, data) VALUES (?, ?)", (sb.id, json.dumps(to_json(sb))))
+    db.execute("PRAGMA user_version=2")
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "state.db")
+    assert store.load(Sandbox) == [sb]
+    assert _row_bytes(tmp_path / "state.db", "sandboxes") < 1000
