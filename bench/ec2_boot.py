@@ -44,19 +44,18 @@ def p(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def pod_config(name: str, log_dir: Path) -> pb.PodSandboxConfig:
+def pod_config(name: str, log_dir: Path, annotations: dict[str, str] | None = None) -> pb.PodSandboxConfig:
     uid = str(uuid.uuid4())
     config = pb.PodSandboxConfig(
         metadata=pb.PodSandboxMetadata(name=name, namespace="bench", uid=uid, attempt=0),
-        hostname=name, log_directory=str(log_dir / uid), labels={"app": "bench"})
+        hostname=name, log_directory=str(log_dir / uid), labels={"app": "bench"}, annotations=annotations or {})
     config.linux.resources.memory_limit_in_bytes = 512 * 1024 * 1024
     return config
 
 
-def start_pod(svc, image: str, log_dir: Path, name: str) -> tuple[str, float]:
-    """(sandbox id, seconds from RunPodSandbox to the container running)."""
-    config = pod_config(name, log_dir)
-    t0 = time.monotonic()
+def run_pod(svc, image: str, config: pb.PodSandboxConfig) -> tuple[str, str]:
+    """RunPodSandbox, PullImage (naming the pod), Create and StartContainer of `sleep 3600`:
+    (sandbox id, container id)."""
     sandbox_id = svc.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=180).pod_sandbox_id
     svc.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image), sandbox_config=config), timeout=120)
     container = pb.ContainerConfig(metadata=pb.ContainerMetadata(name="c"), image=pb.ImageSpec(image=image),
@@ -64,6 +63,14 @@ def start_pod(svc, image: str, log_dir: Path, name: str) -> tuple[str, float]:
     cid = svc.runtime.CreateContainer(pb.CreateContainerRequest(
         pod_sandbox_id=sandbox_id, config=container, sandbox_config=config), timeout=120).container_id
     svc.runtime.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
+    return sandbox_id, cid
+
+
+def start_pod(svc, image: str, log_dir: Path, name: str) -> tuple[str, float]:
+    """(sandbox id, seconds from RunPodSandbox to the container running)."""
+    config = pod_config(name, log_dir)
+    t0 = time.monotonic()
+    sandbox_id, cid = run_pod(svc, image, config)
     for _ in range(6000):  # bounded: 60 s
         state = svc.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status.state
         if state == pb.CONTAINER_RUNNING:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import ec2_boot
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from tests.support.ec2 import new_ec2_service, start_sim, stop_sim
 from tests.support.images import push_test_images
@@ -45,19 +46,9 @@ SPOT_AFTER = 3.0  # seconds from a spot notice to the termination
 
 
 def run_pod(svc, image: str, log_dir: Path, spot: str) -> tuple[str, str]:
-    uid = str(uuid.uuid4())
-    config = pb.PodSandboxConfig(
-        metadata=pb.PodSandboxMetadata(name=f"b-{uid[:8]}", namespace="bench", uid=uid, attempt=0),
-        log_directory=str(log_dir / uid), annotations={"kiyot-py.io/spot": spot})
-    config.linux.resources.memory_limit_in_bytes = 512 * 1024 * 1024
-    sandbox_id = svc.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=180).pod_sandbox_id
-    svc.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image), sandbox_config=config), timeout=120)
-    container = pb.ContainerConfig(metadata=pb.ContainerMetadata(name="c"), image=pb.ImageSpec(image=image),
-                                   command=["sleep", "3600"], log_path="c.log")
-    cid = svc.runtime.CreateContainer(pb.CreateContainerRequest(
-        pod_sandbox_id=sandbox_id, config=container, sandbox_config=config), timeout=120).container_id
-    svc.runtime.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
-    return sandbox_id, cid
+    """A pod with one running container, on the given spot policy: (sandbox id, container id)."""
+    config = ec2_boot.pod_config(f"b-{uuid.uuid4().hex[:8]}", log_dir, {"kiyot-py.io/spot": spot})
+    return ec2_boot.run_pod(svc, image, config)
 
 
 def info(svc, sandbox_id: str) -> dict:

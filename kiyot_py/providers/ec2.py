@@ -224,7 +224,7 @@ class Ec2Provider:
         self._networks = [ipaddress.ip_network(s["CidrBlock"]) for s in subnets]
         await self._refresh_catalog()
         log.info("ec2 provider ready", region=self._s.region, image=self._image,
-                 zones=sorted(set(self._zones.values())), types=len(self._catalog.types) if self._catalog else 0)
+                 zones=self._zone_names, types=len(self._catalog.types) if self._catalog else 0)
 
     def watch_events(self, sink: CellEvents) -> None:
         """EC2's events through the configured SQS queue (ec2_interruptions.py), if any."""
@@ -286,7 +286,7 @@ class Ec2Provider:
         said = refused + [f"{o}: {self._unavailable.why(o)}" for o in parked_before]
         shown = "; ".join(said[:6]) + (f"; and {len(said) - 6} more" if len(said) > 6 else "")
         raise CapacityError(
-            f"no {markets} capacity for this pod in {', '.join(sorted(set(self._zones.values())))}: "
+            f"no {markets} capacity for this pod in {', '.join(self._zone_names)}: "
             f"{len(every)} offerings fit, {len(refused)} tried now, {len(parked_before)} refused "
             f"within the last {self._s.unavailable_offering_ttl:.0f}s ({shown})", last_code)
 
@@ -476,7 +476,7 @@ class Ec2Provider:
         return value
 
     async def _refresh_catalog(self) -> None:
-        zones = sorted(set(self._zones.values()))
+        zones = self._zone_names
 
         def fetch() -> Catalog:
             types = list(self._ec2.get_paginator("describe_instance_types").paginate())
@@ -504,7 +504,7 @@ class Ec2Provider:
         if not found:  # only spot can come to nothing: every fitting type is offered on demand
             raise CapacityError(
                 f"no spot price is known for {', '.join(c.instance_type.name for c in choices[:6])}"
-                f"{' and more' if len(choices) > 6 else ''} in {', '.join(sorted(set(self._zones.values())))} "
+                f"{' and more' if len(choices) > 6 else ''} in {', '.join(self._zone_names)} "
                 "at or below the on-demand price, and the pod's spot policy is 'always'")
         return found
 
@@ -517,7 +517,7 @@ class Ec2Provider:
         now = time.monotonic()
         if self._spot_fetched_at is not None and now - self._spot_fetched_at < self._s.spot_price_max_age:
             return self._spot_price_table
-        zones = sorted(set(self._zones.values()))
+        zones = self._zone_names
 
         def fetch() -> dict[tuple[str, str], float]:
             paginator = self._ec2.get_paginator("describe_spot_price_history")
@@ -542,6 +542,11 @@ class Ec2Provider:
                 raise ProviderConfigError(
                     f"instance {cell.id} has address {address}, outside the configured subnets "
                     f"({', '.join(map(str, self._networks))}): the node does not talk to it")
+
+    @property
+    def _zone_names(self) -> list[str]:
+        """The configured subnets' zones, sorted."""
+        return sorted(set(self._zones.values()))
 
     def _groups(self) -> list[str]:
         return [g.strip() for g in self._s.security_groups.split(",") if g.strip()]

@@ -179,6 +179,21 @@ def _until_not_ready(svc, sandbox_id: str, since: float) -> float:
     return time.monotonic() - since
 
 
+def _end_behind_its_back(svc, sim, faults, sandbox_id: str, how: str, silently: bool) -> float:
+    """Terminate or stop the sandbox's instance through EC2's API (first cut off, if
+    `silently`: no FIN ever reaches the node); seconds until the kubelet sees NOTREADY."""
+    instance_id = _instance(sim, sandbox_id)["InstanceId"]
+    if silently:
+        faults.cut(instance_id, 60.0)
+        time.sleep(0.5)
+    since = time.monotonic()
+    if how == "stop":
+        sim.client().stop_instances(InstanceIds=[instance_id])
+    else:
+        sim.client().terminate_instances(InstanceIds=[instance_id])
+    return _until_not_ready(svc, sandbox_id, since)
+
+
 def _container(svc, cid: str) -> pb.ContainerStatus:
     return svc.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status
 
@@ -244,16 +259,8 @@ def test_an_instance_ended_behind_the_nodes_back_is_seen_within_one_watch_period
     one that dies silently (cut off first: no FIN ever reaches the node) waits for the period."""
     svc = _node(tmp_path, sim, request)
     sandbox_id, cid, _ = _running(svc, tmp_path, test_images, f"ended-{how}")
-    instance_id = _instance(sim, sandbox_id)["InstanceId"]
-    if how == "terminate-silently":
-        faults.cut(instance_id, 60.0)
-        time.sleep(0.5)
-    since = time.monotonic()
-    if how == "stop":
-        sim.client().stop_instances(InstanceIds=[instance_id])
-    else:
-        sim.client().terminate_instances(InstanceIds=[instance_id])
-    seen = _until_not_ready(svc, sandbox_id, since)
+    seen = _end_behind_its_back(svc, sim, faults, sandbox_id, how.removesuffix("-silently"),
+                                silently=how.endswith("-silently"))
     reason = "InstanceStopped" if how == "stop" else "InstanceTerminated"
     status = _container(svc, cid)
     assert (status.state, status.exit_code, status.reason) == (pb.CONTAINER_EXITED, 137, reason)
@@ -289,28 +296,21 @@ def test_a_cell_cut_off_for_ten_seconds_changes_nothing_the_kubelet_sees(tmp_pat
 
 def _queue_node(tmp_path, sim, faults, request, name: str):
     """A node that hears EC2 through SQS only: its watch period is far longer than any test."""
-    (url,) = faults.eventbridge(name)
-    return _node(tmp_path, sim, request, watch=600.0, aws=f'interruption_queue = "{name}"'), url
+    faults.eventbridge(name)
+    return _node(tmp_path, sim, request, watch=600.0, aws=f'interruption_queue = "{name}"')
 
 
 def test_through_sqs_a_spot_interruption(tmp_path, sim, faults, request, test_images):
-    svc, _ = _queue_node(tmp_path, sim, faults, request, "kiyot-test-spot")
+    svc = _queue_node(tmp_path, sim, faults, request, "kiyot-test-spot")
     _spot_interruption(svc, sim, faults, tmp_path, test_images, imds=False, sqs=True)
 
 
 @pytest.mark.parametrize("how", ["terminate", "stop"])
 def test_through_sqs_an_instance_ended_behind_the_nodes_back(tmp_path, sim, faults, request, test_images, how):
-    svc, _ = _queue_node(tmp_path, sim, faults, request, f"kiyot-test-{how}")
+    svc = _queue_node(tmp_path, sim, faults, request, f"kiyot-test-{how}")
     sandbox_id, cid, _ = _running(svc, tmp_path, test_images, f"sqs-{how}")
-    instance_id = _instance(sim, sandbox_id)["InstanceId"]
-    faults.cut(instance_id, 60.0)  # no broken connection tells the node: only the queue can
-    time.sleep(0.5)
-    since = time.monotonic()
-    if how == "terminate":
-        sim.client().terminate_instances(InstanceIds=[instance_id])
-    else:
-        sim.client().stop_instances(InstanceIds=[instance_id])
-    seen = _until_not_ready(svc, sandbox_id, since)
+    # Cut off first: no broken connection tells the node, only the queue can.
+    seen = _end_behind_its_back(svc, sim, faults, sandbox_id, how, silently=True)
     reason = {"terminate": "InstanceTerminated", "stop": "InstanceStopped"}[how]
     assert _container(svc, cid).reason == reason
     print(f"\ninstance ended behind the node's back ({how}), heard through SQS: NOTREADY after {seen:.2f}s "
