@@ -133,6 +133,16 @@ class AgentClient:
             body["ref"] = ref
         return await self._call("POST", "/v1/images/pull", body, timeout=None)
 
+    async def put_volume(self, name: str, body: dict) -> dict:
+        return await self._call("PUT", f"/v1/volumes/{name}", body)
+
+    async def read_volume_file(self, name: str, timeout: float = 5.0) -> bytes:
+        answer = await self._call("GET", f"/v1/volumes/{name}/file", timeout=timeout)
+        return base64.b64decode(answer.get("data") or "")
+
+    async def delete_volume(self, name: str) -> None:
+        await self._call("DELETE", f"/v1/volumes/{name}")
+
     async def remove_image(self, digest: str) -> None:
         await self._call("DELETE", f"/v1/images/{digest}")
 

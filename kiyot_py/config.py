@@ -65,6 +65,18 @@ class AwsSettings:
 
 
 @dataclass
+class VolumeSettings:
+    """The pod's volumes on cells that cannot see this node's disk (EC2 cells)."""
+
+    # The kubelet's --root-dir: each pod's volumes are under <kubelet_root>/pods/<pod uid>.
+    kubelet_root: str = "/var/lib/kubelet"
+    # Other node paths (comma-separated) a pod's hostPath may name: shipped once, at create.
+    allowed_host_paths: str = ""
+    # Seconds between checks of every configmap, secret and projected volume, behind inotify.
+    sync_interval: float = 10.0
+
+
+@dataclass
 class Settings:
     socket: Path = Path("/run/kiyot-py/kiyot.sock")
     state_dir: Path = Path("/var/lib/kiyot-py")
@@ -84,6 +96,7 @@ class Settings:
     cell_watch_interval: float = 10.0
     local: LocalCellSettings = field(default_factory=LocalCellSettings)
     aws: AwsSettings = field(default_factory=AwsSettings)
+    volumes: VolumeSettings = field(default_factory=VolumeSettings)
 
     def validate(self) -> None:
         if self.provider not in ("local", "aws"):
@@ -96,6 +109,8 @@ class Settings:
                 raise ConfigError("aws.max_concurrent_calls must be at least 1")
             if self.aws.spot not in ("never", "preferred", "always"):
                 raise ConfigError(f"aws.spot {self.aws.spot!r} is not one of 'never', 'preferred', 'always'")
+        if self.volumes.sync_interval <= 0:
+            raise ConfigError(f"volumes.sync_interval must be above 0 seconds, got {self.volumes.sync_interval}")
         if self.cell_watch_interval <= 0:
             raise ConfigError(f"cell_watch_interval must be above 0 seconds, got {self.cell_watch_interval}")
         try:
@@ -173,7 +188,7 @@ def load_settings(path: Path | None, env: dict[str, str], overrides: dict) -> Se
         if not key.startswith("KIYOT_") or key == "KIYOT_CONFIG":
             continue
         parts = key[len("KIYOT_"):].lower().split("_", 1)
-        if parts[0] in ("local", "aws") and len(parts) == 2:
+        if parts[0] in ("local", "aws", "volumes") and len(parts) == 2:
             from_env.setdefault(parts[0], {})[parts[1]] = value
         else:
             from_env["_".join(parts)] = value

@@ -53,5 +53,9 @@ class AgentConfig:
         return self.state_dir / "pod"
 
     @property
+    def volumes_dir(self) -> Path:
+        return self.state_dir / "volumes"
+
+    @property
     def tmp_dir(self) -> Path:
         return self.state_dir / "tmp"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import ssl
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ from .images import ImageStore
 from .notices import NoticeWatcher
 from .pod import Pod
 from .records import LIVE_STATES
+from .volumes import Volumes
 
 _log = log.get("server")
 HEARTBEAT = 5.0
@@ -34,6 +36,7 @@ POD: web.AppKey[Pod] = web.AppKey("pod", Pod)
 HUB: web.AppKey[EventHub] = web.AppKey("hub", EventHub)
 FACTS: web.AppKey[CellFactsCache] = web.AppKey("facts", CellFactsCache)
 NOTICES: web.AppKey[NoticeWatcher] = web.AppKey("notices", NoticeWatcher)
+VOLUMES: web.AppKey[Volumes] = web.AppKey("volumes", Volumes)
 TLS: web.AppKey[ssl.SSLContext] = web.AppKey("tls", ssl.SSLContext)
 # What a cell that has no certificate from the node yet answers (see identity.py).
 BEFORE_ENROLLMENT = frozenset({"/v1/health", "/v1/identity"})
@@ -131,6 +134,21 @@ async def facts(request: web.Request) -> web.Response:
 async def put_pod(request: web.Request) -> web.Response:
     body = await read_json(request)
     return web.json_response(request.app[POD].put(body))
+
+
+async def put_volume(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    return web.json_response(request.app[VOLUMES].put(request.match_info["name"], body))
+
+
+async def read_volume_file(request: web.Request) -> web.Response:
+    data = request.app[VOLUMES].read_file(request.match_info["name"])
+    return web.json_response({"data": base64.b64encode(data).decode()})
+
+
+async def delete_volume(request: web.Request) -> web.Response:
+    request.app[VOLUMES].delete(request.match_info["name"])
+    return web.json_response({})
 
 
 async def pull(request: web.Request) -> web.Response:
@@ -270,6 +288,7 @@ def build_app(cfg: AgentConfig, tls_context: ssl.SSLContext | None = None) -> we
     app[IMAGES] = images
     app[POD] = pod
     app[MGR] = mgr
+    app[VOLUMES] = Volumes(cfg.volumes_dir)
     app[FACTS] = CellFactsCache(cfg.runtime_path, cfg.seccomp_profile)
     notices = NoticeWatcher(cfg.instance_metadata, hub) if cfg.instance_metadata else None
     if notices is not None:
@@ -298,6 +317,9 @@ def build_app(cfg: AgentConfig, tls_context: ssl.SSLContext | None = None) -> we
     r.add_put("/v1/identity", put_identity)
     r.add_get("/v1/facts", facts)
     r.add_put("/v1/pod", put_pod)
+    r.add_put("/v1/volumes/{name}", put_volume)
+    r.add_get("/v1/volumes/{name}/file", read_volume_file)
+    r.add_delete("/v1/volumes/{name}", delete_volume)
     r.add_post("/v1/images/pull", pull)
     r.add_delete("/v1/images/{digest}", remove_image)
     r.add_get("/v1/usage", usage)

@@ -8,6 +8,11 @@ what the cell image's unit starts, `kiyot-cell boot`, as cloud-init would: the c
 its user data from its metadata service and brings its agent up by itself. Its stdout is
 the instance's console (GetConsoleOutput). Terminating the instance powers the machine off:
 its pid 1 dies, and with it every process in it.
+
+A machine sees nothing of the node's disk, as an instance booted from an image with the
+same OS would not: its init pivots into a root of its own first (rootfs.py: the OS
+read-only, its own /tmp, /var, /root and /home on its disk, the agent's Python read-only,
+and the machine's directory at its same path), in its mount namespace only.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Protocol
 import structlog
 from aiohttp import web
 
+from kiyot_py.ec2sim import rootfs
 from kiyot_py.providers.hostcell import cell_agent_processes, cgroup_busy, process_group, remove_cgroups, run
 
 log = structlog.get_logger("kiyot.ec2sim.machines")
@@ -259,10 +265,14 @@ class Machines:
 
     async def _start_init(self, machine: Machine) -> None:
         spec = machine.spec
+        # Its PID 1 builds the machine's root and pivots into it (rootfs.py, on the standard
+        # library only: -I -S), then becomes the cell's init, `kiyot-cell boot`.
+        loader = [sys.executable, "-I", "-S", rootfs.__file__, "--machine", str(machine.directory),
+                  *(f"--ro={path}" for path in rootfs.python_paths()), "--"]
         argv = [
             "setsid", "--fork", "nsenter", f"--net={NETNS_DIR / spec.netns}", "--",
             "unshare", "--ipc", "--pid", "--kill-child", "--mount-proc", "--propagation", "slave", "--",
-            sys.executable, "-m", "kiyot_cell.cli", "boot", "--root", str(machine.disk),
+            *loader, sys.executable, "-m", "kiyot_cell.cli", "boot", "--root", str(machine.disk),
             "--runtime-root", str(machine.directory / "runc"),
             "--cgroup-parent", f"kiyotsim/{spec.instance_id}",
         ]
@@ -321,8 +331,9 @@ class Machines:
             await run("ip", "link", "del", spec.veth, check=False)
         remove_cgroups(cgroup)
         # The disk goes with the instance (DeleteOnTermination); the console stays readable.
-        shutil.rmtree(directory / "disk", ignore_errors=True)
-        shutil.rmtree(directory / "runc", ignore_errors=True)
+        # Its root's binds were in its mount namespace only: here these are plain directories.
+        for part in ("disk", "runc", "os", "root"):
+            shutil.rmtree(directory / part, ignore_errors=True)
 
     async def power_off_all(self) -> None:
         await asyncio.gather(*(self.power_off(i) for i in list(self.machines)), return_exceptions=True)

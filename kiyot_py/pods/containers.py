@@ -29,13 +29,16 @@ from kiyot_py.pods.images import ImageManager
 from kiyot_py.pods.index import Index
 from kiyot_py.pods.spec import SpecError, build_container_spec
 from kiyot_py.pods.sync import CellSync
+from kiyot_py.pods.volumes import PodVolumes
 
 log = structlog.get_logger("kiyot.pods.containers")
 
 
 class Containers:
-    def __init__(self, index: Index, cells: Cells, images: ImageManager, sync: CellSync) -> None:
+    def __init__(self, index: Index, cells: Cells, images: ImageManager, sync: CellSync,
+                 volumes: PodVolumes) -> None:
         self._index = index
+        self._volumes = volumes
         self._cells = cells
         self._images = images
         self._sync = sync
@@ -82,6 +85,15 @@ class Containers:
                                             hostname=sb.hostname or None)
             except SpecError as exc:
                 raise InvalidArgument(str(exc)) from None
+            if not self._cells.provider.features.shares_node_disk:
+                # The cell cannot see the kubelet's files on this node: they go to it.
+                try:
+                    in_cell = await self._volumes.ship(sb, agent, config)
+                except AgentError as exc:
+                    raise exc.within(f"shipping the volumes of container {md.name!r}") from None
+                for mount in spec.spec["mounts"]:
+                    if mount.get("type") == "bind" and mount.get("source") in in_cell:
+                        mount["source"] = in_cell[mount["source"]]
 
             container = Container(
                 id=new_id(), sandbox_id=sb.id, name=md.name, attempt=md.attempt,

@@ -19,12 +19,13 @@ from kiyot_py.pods.cellwatch import why_gone
 from kiyot_py.pods.index import Index
 from kiyot_py.pods.sandboxes import Sandboxes, host_ports
 from kiyot_py.pods.sync import CellSync
+from kiyot_py.pods.volumes import PodVolumes
 
 log = structlog.get_logger("kiyot.pods.recovery")
 
 
 async def recover(index: Index, cells: Cells, sync: CellSync, sandboxes: Sandboxes,
-                  hostports: HostPorts) -> None:
+                  hostports: HostPorts, volumes: PodVolumes) -> None:
     records = list(index.sandboxes.values())
     described = await cells.provider.describe([sb.cell.id for sb in records if sb.cell is not None])
     for sb in records:
@@ -58,6 +59,9 @@ async def recover(index: Index, cells: Cells, sync: CellSync, sandboxes: Sandbox
         except (HostPortError, InvalidArgument) as exc:
             log.warning("host ports not reopened", sandbox=sb.id, error=str(exc))
         sync.watch(sb)
+        if not cells.provider.features.shares_node_disk:
+            volumes.rewatch(sb, cells.agent(sb), [api_pb2.ContainerConfig.FromString(c.config)
+                                                   for c in index.containers_of(sb.id) if c.config])
         for c in index.containers_of(sb.id):
             if c.state != CONTAINER_CREATED and not c.log_done:
                 sync.ship_logs(c, sb)

@@ -32,6 +32,7 @@ from kiyot_py.pods.index import Index
 from kiyot_py.pods.recovery import recover
 from kiyot_py.pods.sandboxes import Sandboxes
 from kiyot_py.pods.sync import CellSync
+from kiyot_py.pods.volumes import PodVolumes
 from kiyot_py.providers.base import CellFeatures, Provider
 from kiyot_py.registry.pullpath import PullGrants
 from kiyot_py.store import Store
@@ -48,9 +49,12 @@ class PodRuntime:
         self.cells = cells
         self._hostports = HostPorts()
         self.watch = CellWatch(self.index, provider, settings.cell_watch_interval, lost=self._cell_lost)
-        self.sync = CellSync(self.index, cells, self.watch)
-        self.sandboxes = Sandboxes(settings, self.index, cells, self.sync, self._hostports)
-        self.containers = Containers(self.index, cells, images, self.sync)
+        self.volumes = PodVolumes(settings.volumes)
+        remote = not provider.features.shares_node_disk
+        self.sync = CellSync(self.index, cells, self.watch,
+                             before_exit=self.volumes.read_back_termination if remote else None)
+        self.sandboxes = Sandboxes(settings, self.index, cells, self.sync, self._hostports, self.volumes)
+        self.containers = Containers(self.index, cells, images, self.sync, self.volumes)
         self.images = images
         self.cell_images = CellImages(self.index, cells, images)
         self.gc = OrphanCollector(self.index, provider, settings.node_name, settings.gc_interval,
@@ -58,7 +62,7 @@ class PodRuntime:
 
     async def start(self) -> None:
         """Recover what the records name, then start watching cells and collecting orphans."""
-        await recover(self.index, self.cells, self.sync, self.sandboxes, self._hostports)
+        await recover(self.index, self.cells, self.sync, self.sandboxes, self._hostports, self.volumes)
         self.watch.start()
         self.gc.start()
 
@@ -70,6 +74,7 @@ class PodRuntime:
             if sb.state != SANDBOX_READY or sb.cell is None or sb.id not in self.index.sandboxes:
                 return  # stopped or removed meanwhile
             await self.sync.unwatch(sb.id)
+            self.volumes.forget(sb.id)
             await self._hostports.close(sb.id)
             if now is not None:
                 sb.cell.state_reason = now.state_reason
@@ -87,6 +92,7 @@ class PodRuntime:
         await self.watch.close()
         await self.gc.close()
         await self.sync.close()
+        await self.volumes.close()
         await self._hostports.close_all()
 
     def _sandbox_of_pod(self, config: api_pb2.PodSandboxConfig) -> Sandbox | None:

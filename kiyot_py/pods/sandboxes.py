@@ -27,6 +27,7 @@ from kiyot_py.model import (
 from kiyot_py.pods.cells import Cells, launch_token
 from kiyot_py.pods.index import Index
 from kiyot_py.pods.sync import CellSync
+from kiyot_py.pods.volumes import PodVolumes
 
 log = structlog.get_logger("kiyot.pods.sandboxes")
 
@@ -36,8 +37,9 @@ SandboxKey = tuple[str, str, str, int]
 
 class Sandboxes:
     def __init__(self, settings: Settings, index: Index, cells: Cells, sync: CellSync,
-                 hostports: HostPorts) -> None:
+                 hostports: HostPorts, volumes: PodVolumes) -> None:
         self._settings = settings
+        self._volumes = volumes
         self._index = index
         self._cells = cells
         self._sync = sync
@@ -166,6 +168,7 @@ class Sandboxes:
                         log.warning("stopping container failed", container=c.id, error=str(exc))
             await self._sync.drain_logs(sb.id)
             await self._sync.unwatch(sb.id)
+            self._volumes.forget(sb.id)
             await self._cells.terminate(sb.cell.id)
             self._sync.cell_lost(sb, reason="SandboxStopped")
             log.info("sandbox stopped", sandbox=sb.id)

@@ -9,6 +9,7 @@ started container's log is copied to the kubelet's file on the node by a LogShip
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -40,13 +41,18 @@ _AGENT_STATES = {
 # States only move forward; an event that arrives late never undoes a newer one.
 _RANK = {CONTAINER_CREATED: 0, CONTAINER_RUNNING: 1, CONTAINER_EXITED: 2, CONTAINER_UNKNOWN: 2}
 
+BeforeExit = Callable[[Container, Sandbox, AgentClient], Awaitable[None]]
 LOG_SETTLE_TIMEOUT = 2.0  # seconds an exit waits for the container's last log bytes
 LOG_DRAIN_TIMEOUT = 5.0  # seconds a stopping sandbox waits for its logs
 
 
 class CellSync:
-    def __init__(self, index: Index, cells: Cells, watch: CellWatch | None = None) -> None:
+    def __init__(self, index: Index, cells: Cells, watch: CellWatch | None = None,
+                 before_exit: BeforeExit | None = None) -> None:
         self._index = index
+        # What must happen before the node reports a container exited (a remote cell's
+        # termination message read back into the kubelet's file).
+        self._before_exit = before_exit
         self._cells = cells
         self._cellwatch = watch  # told of notices and of broken streams
         self._watchers: dict[str, asyncio.Task[None]] = {}
@@ -88,9 +94,17 @@ class CellSync:
 
         A reader that sees the container exited reads its log file next, as the kubelet
         and critest do: with containerd the last line is there by then, so here too."""
+        ending = record.get("state") in ("exited", "unknown") and c.state not in (CONTAINER_EXITED, CONTAINER_UNKNOWN)
         shipper = self._shippers.get(c.id)
-        if shipper is not None and record.get("state") in ("exited", "unknown") and c.state != CONTAINER_EXITED:
+        if shipper is not None and ending:
             await shipper.wait(LOG_SETTLE_TIMEOUT)
+        if ending and self._before_exit is not None:
+            sb = self._index.find_sandbox(c.sandbox_id)
+            if sb is not None and sb.cell is not None:
+                try:
+                    await self._before_exit(c, sb, self._cells.agent(sb))
+                except OSError as exc:
+                    log.warning("before the exit of a container", container=c.id, error=str(exc))
         self.apply(c, record)
 
     def cell_lost(self, sb: Sandbox, reason: str, message: str = "", cell_state: str = "terminated") -> None:

@@ -87,6 +87,9 @@ class CellFeatures:
     # Whether a container may be privileged: inside a VM of its own, it is so in that VM
     # only; a local cell shares the node's kernel, so there only if the config says.
     privileged: bool = False
+    # A local cell shares the node's disk: the kubelet's host paths are there already. A
+    # VM's cell sees none of it, and the node ships the pod's volumes (pods/volumes.py).
+    shares_node_disk: bool = False
 
 
 @dataclass(frozen=True)

@@ -266,7 +266,7 @@ class LocalProvider:
         self._net = ipaddress.ip_network(settings.subnet)
         self._gateway = str(next(self._net.hosts()))
         self._lock = asyncio.Lock()
-        self._features = CellFeatures()
+        self._features = CellFeatures(shares_node_disk=True)
 
     @property
     def features(self) -> CellFeatures:
@@ -337,12 +337,13 @@ class LocalProvider:
             features = json.loads(await run(self._settings.runtime, "features"))
         except (ProviderUnavailable, ValueError, OSError) as exc:
             log.warning("the OCI runtime cannot list its features", runtime=self._settings.runtime, error=str(exc))
-            return CellFeatures(privileged=self._settings.allow_privileged)
+            return CellFeatures(privileged=self._settings.allow_privileged, shares_node_disk=True)
         # mount_setattr(2) (Linux 5.12) is what makes `rro` recursive.
         kernel = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
         return CellFeatures(
             recursive_read_only_mounts="rro" in (features.get("mountOptions") or []) and kernel >= (5, 12),
             privileged=self._settings.allow_privileged,
+            shares_node_disk=True,
         )
 
     def fence(self) -> Fence:

@@ -81,7 +81,7 @@ def test_health(agent):
 def test_every_route_in_api_md_exists(agent):
     cid = "0" * 64
     for method, path in contract.routes():
-        p = path.replace("{id}", cid).replace("{digest}", "sha256:" + cid)
+        p = path.replace("{id}", cid).replace("{digest}", "sha256:" + cid).replace("{name}", "0" * 32)
         r = agent.call(method, p, {} if method in ("POST", "PUT") else None, timeout=10) \
             if p != "/v1/events" else None
         if r is None:

@@ -38,7 +38,7 @@ class FakeProvider:
 
     @property
     def features(self) -> CellFeatures:
-        return CellFeatures(recursive_read_only_mounts=True, privileged=self.allow_privileged)
+        return CellFeatures(recursive_read_only_mounts=True, privileged=self.allow_privileged, shares_node_disk=True)
 
     @property
     def default_architecture(self) -> str:

@@ -64,6 +64,8 @@ async def fake_agent(pki, tmp_path):
             if path.endswith("/exec"):
                 return web.json_response({"exit_code": 4, "stdout": base64.b64encode(b"o").decode(),
                                           "stderr": base64.b64encode(b"e").decode()})
+            if path == "/v1/volumes/{name}/file":
+                return web.json_response({"data": base64.b64encode(b"bye").decode()})
             if path == "/v1/containers" and method == "GET":
                 return web.json_response([record])
             if path == "/v1/containers/{id}" and method == "DELETE":
@@ -87,6 +89,9 @@ async def test_client_covers_every_route(fake_agent):
     await client.put_pod({"sandbox_id": CID})
     await client.pull("r", "sha256:x")
     await client.remove_image("sha256:" + CID)
+    await client.put_volume("ab" * 16, {"kind": "empty"})
+    assert await client.read_volume_file("ab" * 16) == b"bye"
+    await client.delete_volume("ab" * 16)
     await client.usage()
     await client.create_container({"id": CID})
     await client.get_container(CID)
