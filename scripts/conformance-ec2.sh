@@ -62,6 +62,8 @@ CONF
     echo 'node_name = "conformance-ec2"'
     echo "registries_conf = \"$WORK/registries.conf\""
     grep -v '^registries_conf' "$WORK/sim/node.toml"
+    # critest's host paths are temporary directories on the node: an operator's allow-list.
+    printf '\n[volumes]\nallowed_host_paths = "/tmp"\n'
 } >"$WORK/node.toml"
 
 log "kiyot-py serve (provider aws, on the simulator) on $WORK/kiyot.sock (log: $OUT/serve.log)"
