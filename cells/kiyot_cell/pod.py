@@ -89,7 +89,7 @@ class Pod:
             _write_in_place(self.etc / "resolv.conf", _resolv(spec))
             atomic_write_json(self.dir / "pod.json", asdict(spec))
             self.spec = spec
-        if not _is_mount_point(self.ipc_ns):
+        if not is_mount_point(self.ipc_ns):
             self.ipc_ns.parent.mkdir(parents=True, exist_ok=True)
             self.ipc_ns.touch()
             out = subprocess.run(
@@ -104,7 +104,7 @@ class Pod:
         if self.spec is None:
             return None
         if kind == "ipc":
-            return self.ipc_ns if _is_mount_point(self.ipc_ns) else None
+            return self.ipc_ns if is_mount_point(self.ipc_ns) else None
         if kind == "pid":
             return Path(f"/proc/{self._pid_init()}/ns/pid")
         return None
@@ -150,8 +150,9 @@ def _is_our_init(pid: int, pod_dir: Path) -> bool:
     return comm == b"catatonit" and state != b"Z" and mark in environ
 
 
-def _is_mount_point(path: Path) -> bool:
-    """True once a namespace is bound on `path` (nsfs is another device than its directory)."""
+def is_mount_point(path: Path) -> bool:
+    """True once something is mounted on `path` (a namespace's nsfs, a tmpfs): another
+    device than its directory's."""
     try:
         return path.stat().st_dev != path.parent.stat().st_dev
     except FileNotFoundError:

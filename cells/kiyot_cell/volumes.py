@@ -23,6 +23,7 @@ from typing import Any
 
 from . import log
 from .errors import invalid, not_found
+from .pod import is_mount_point
 
 _log = log.get("volumes")
 
@@ -104,13 +105,6 @@ def _write_tree(root: Path, entries: list[dict[str, Any]]) -> None:
             os.symlink(e["symlink"], link)
 
 
-def _is_mount_point(path: Path) -> bool:
-    try:
-        return os.path.ismount(path)
-    except OSError:
-        return False
-
-
 class Volumes:
     def __init__(self, volumes_dir: Path) -> None:
         self._dir = volumes_dir
@@ -146,9 +140,11 @@ class Volumes:
             if not target.exists():
                 _write_tree(home, [{"path": "file", "data": data, "mode": mode}])
             return {"path": str(target)}
-        elif kind == "tree" and not (home / ".shipped").exists():
-            _write_tree(home, entries)
-            (home / ".shipped").touch()  # a repeat of the same PUT changes nothing
+        elif kind == "tree":
+            shipped = self._dir / f"{name}.shipped"  # beside the volume: the container never sees it
+            if not shipped.exists():
+                _write_tree(home, entries)
+                shipped.touch()  # a repeat of the same PUT changes nothing
             return {"path": str(home)}
         return {"path": str(home), **({"version": body["version"]} if kind == "atomic" else {})}
 
@@ -157,7 +153,7 @@ class Volumes:
         if medium == "disk":
             home.mkdir(mode=0o755, exist_ok=True)
             return
-        if _is_mount_point(home):
+        if is_mount_point(home):
             return
         home.mkdir(mode=0o755, exist_ok=True)
         size = limit or DEFAULT_MEMORY_LIMIT
@@ -219,6 +215,6 @@ class Volumes:
 
     def delete(self, name: str) -> None:
         home = self.path(name)
-        if _is_mount_point(home):
+        if is_mount_point(home):
             subprocess.run(["umount", "-l", str(home)], capture_output=True, check=False)
         shutil.rmtree(home, ignore_errors=True)

@@ -85,15 +85,13 @@ class Containers:
                                             hostname=sb.hostname or None)
             except SpecError as exc:
                 raise InvalidArgument(str(exc)) from None
-            if not self._cells.provider.features.shares_node_disk:
-                # The cell cannot see the kubelet's files on this node: they go to it.
-                try:
-                    in_cell = await self._volumes.ship(sb, agent, config)
-                except AgentError as exc:
-                    raise exc.within(f"shipping the volumes of container {md.name!r}") from None
-                for mount in spec.spec["mounts"]:
-                    if mount.get("type") == "bind" and mount.get("source") in in_cell:
-                        mount["source"] = in_cell[mount["source"]]
+            try:  # to a cell that cannot see the kubelet's files on this node
+                in_cell = await self._volumes.ship(sb, agent, config)
+            except AgentError as exc:
+                raise exc.within(f"shipping the volumes of container {md.name!r}") from None
+            for mount in spec.spec["mounts"]:
+                if mount.get("type") == "bind" and mount.get("source") in in_cell:
+                    mount["source"] = in_cell[mount["source"]]
 
             container = Container(
                 id=new_id(), sandbox_id=sb.id, name=md.name, attempt=md.attempt,

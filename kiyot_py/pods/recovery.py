@@ -59,9 +59,8 @@ async def recover(index: Index, cells: Cells, sync: CellSync, sandboxes: Sandbox
         except (HostPortError, InvalidArgument) as exc:
             log.warning("host ports not reopened", sandbox=sb.id, error=str(exc))
         sync.watch(sb)
-        if not cells.provider.features.shares_node_disk:
-            volumes.rewatch(sb, cells.agent(sb), [api_pb2.ContainerConfig.FromString(c.config)
-                                                   for c in index.containers_of(sb.id) if c.config])
+        volumes.rewatch(sb, cells.agent(sb), [api_pb2.ContainerConfig.FromString(c.config)
+                                               for c in index.containers_of(sb.id) if c.config])
         for c in index.containers_of(sb.id):
             if c.state != CONTAINER_CREATED and not c.log_done:
                 sync.ship_logs(c, sb)

@@ -49,10 +49,9 @@ class PodRuntime:
         self.cells = cells
         self._hostports = HostPorts()
         self.watch = CellWatch(self.index, provider, settings.cell_watch_interval, lost=self._cell_lost)
-        self.volumes = PodVolumes(settings.volumes)
-        remote = not provider.features.shares_node_disk
+        self.volumes = PodVolumes(settings.volumes, ships=not provider.features.shares_node_disk)
         self.sync = CellSync(self.index, cells, self.watch,
-                             before_exit=self.volumes.read_back_termination if remote else None)
+                             before_exit=self.volumes.read_back_termination if self.volumes.ships else None)
         self.sandboxes = Sandboxes(settings, self.index, cells, self.sync, self._hostports, self.volumes)
         self.containers = Containers(self.index, cells, images, self.sync, self.volumes)
         self.images = images

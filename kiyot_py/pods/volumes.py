@@ -153,6 +153,16 @@ def plan(config: api_pb2.ContainerConfig, pod_uid: str, settings: VolumeSettings
 
 # -- reading what the kubelet wrote -----------------------------------------------------------
 
+def _file_entry(path: str, rel: str, st: os.stat_result, room: int) -> dict[str, Any]:
+    """A regular file as an entry of a volume's body, if it fits in `room` bytes."""
+    with open(path, "rb") as fh:
+        data = fh.read(room + 1)
+    if len(data) > room:
+        raise VolumeError(f"{path}: its volume holds more than {MAX_SHIPPED_BYTES} bytes, more than a cell takes")
+    return {"path": rel, "data": base64.b64encode(data).decode(), "mode": stat.S_IMODE(st.st_mode),
+            "size": len(data)}
+
+
 def _read_entries(root: str, skip_dots: bool) -> list[dict[str, Any]]:
     """Every file, directory and symlink under `root`, relative to it; no link is followed."""
     entries: list[dict[str, Any]] = []
@@ -169,12 +179,9 @@ def _read_entries(root: str, skip_dots: bool) -> list[dict[str, Any]]:
             elif stat.S_ISDIR(st.st_mode):
                 entries.append({"path": rel, "dir": True, "mode": stat.S_IMODE(st.st_mode)})
             elif stat.S_ISREG(st.st_mode):
-                with open(full, "rb") as fh:
-                    data = fh.read(MAX_SHIPPED_BYTES + 1)
-                total += len(data)
-                if total > MAX_SHIPPED_BYTES:
-                    raise VolumeError(f"{root} holds more than {MAX_SHIPPED_BYTES} bytes, more than a cell takes")
-                entries.append({"path": rel, "data": base64.b64encode(data).decode(), "mode": stat.S_IMODE(st.st_mode)})
+                entry = _file_entry(full, rel, st, MAX_SHIPPED_BYTES - total)
+                total += entry.pop("size")
+                entries.append(entry)
             else:
                 raise VolumeError(f"{full} is a socket, device or FIFO, which cannot be shipped to a cell")
             if len(entries) > MAX_ENTRIES:
@@ -201,12 +208,9 @@ def _body(v: Shipped) -> dict[str, Any]:
     if v.kind == "tree":
         body["files"] = _read_entries(v.real_path, skip_dots=False)
     elif v.kind == "file":
-        with open(v.real_path, "rb") as fh:
-            data = fh.read(MAX_SHIPPED_BYTES + 1)
-        if len(data) > MAX_SHIPPED_BYTES:
-            raise VolumeError(f"{v.real_path} holds more than {MAX_SHIPPED_BYTES} bytes, more than a cell takes")
-        body["files"] = [{"path": "file", "data": base64.b64encode(data).decode(),
-                          "mode": stat.S_IMODE(os.stat(v.real_path).st_mode)}]
+        entry = _file_entry(v.real_path, "file", os.stat(v.real_path), MAX_SHIPPED_BYTES)
+        del entry["size"]
+        body["files"] = [entry]
     return body
 
 
@@ -226,14 +230,19 @@ class _Watched:
 class PodVolumes:
     """Every shipped volume of the node's sandboxes, kept in step with the kubelet's."""
 
-    def __init__(self, settings: VolumeSettings) -> None:
+    def __init__(self, settings: VolumeSettings, ships: bool) -> None:
         self._settings = settings
+        # False for cells that share the node's disk (local ones): they bind the kubelet's
+        # paths themselves, and every method here does nothing.
+        self.ships = ships
         self._watched: dict[str, _Watched] = {}  # by the node's real path
         self._inotify: Inotify | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def ship(self, sb: Sandbox, agent: AgentClient, config: api_pb2.ContainerConfig) -> dict[str, str]:
         """Ships the container's host paths to the cell: {host path: the cell's path}."""
+        if not self.ships:
+            return {}
         planned = plan(config, sb.uid, self._settings)
         cell_paths: dict[str, str] = {}
         for v in planned:
@@ -251,6 +260,8 @@ class PodVolumes:
     def rewatch(self, sb: Sandbox, agent: AgentClient, configs: list[api_pb2.ContainerConfig]) -> None:
         """After a restart of the node: watch the sandbox's volumes again and bring the
         cell up to date with what changed meanwhile (in the background)."""
+        if not self.ships:
+            return
         self._tasks.append(asyncio.create_task(self._rewatch(sb, agent, configs), name=f"rewatch-{sb.id[:12]}"))
 
     async def _rewatch(self, sb: Sandbox, agent: AgentClient, configs: list[api_pb2.ContainerConfig]) -> None:
@@ -274,6 +285,8 @@ class PodVolumes:
 
     async def read_back_termination(self, c: Container, sb: Sandbox, agent: AgentClient) -> None:
         """The container's termination message, from the cell into the kubelet's file."""
+        if not self.ships:
+            return
         config = api_pb2.ContainerConfig.FromString(c.config)
         try:
             planned = plan(config, sb.uid, self._settings)
