@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,68 @@ class ExecResult:
     exit_code: int
     stdout: bytes
     stderr: bytes
+
+
+STREAM_CHUNK = 32 * 1024  # the most payload in one stream message, either way
+# A stream's dead agent is noticed by TCP keepalive (about 30 s), which the cell's kernel
+# answers whatever the agent reads: WebSocket pings would wait behind the data a
+# back-pressured reader has not taken yet, and fail a live session.
+STREAM_KEEPALIVE = {socket.TCP_KEEPIDLE: 15, socket.TCP_KEEPINTVL: 5, socket.TCP_KEEPCNT: 3}
+
+
+class AgentStream:
+    """One exec, attach or port-forward session (cells/API.md "Streams"), open inside
+    `async with`: binary messages of a channel byte, then the payload. The agent's last
+    message is the status on channel 3; `receive` gives None once the socket is closed."""
+
+    def __init__(self, connect: Callable[[], Awaitable[aiohttp.ClientWebSocketResponse]], what: str) -> None:
+        self._connect = connect
+        self._what = what
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+
+    async def __aenter__(self) -> AgentStream:
+        self._ws = await self._connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def ws(self) -> aiohttp.ClientWebSocketResponse:
+        if self._ws is None:
+            raise RuntimeError("an AgentStream is used inside `async with`")
+        return self._ws
+
+    async def send(self, channel: int, payload: bytes) -> None:
+        """`payload` in messages of at most STREAM_CHUNK; none for an empty one (an empty
+        stdin message is the end of stdin: `close_stdin`)."""
+        for at in range(0, len(payload), STREAM_CHUNK):
+            await self._send(bytes([channel]) + payload[at:at + STREAM_CHUNK])
+
+    async def close_stdin(self) -> None:
+        await self._send(b"\x00")
+
+    async def resize(self, width: int, height: int) -> None:
+        await self._send(b"\x04" + json.dumps({"width": width, "height": height}).encode())
+
+    async def receive(self) -> tuple[int, bytes] | None:
+        while True:
+            msg = await self.ws.receive()
+            if msg.type is aiohttp.WSMsgType.BINARY and msg.data:
+                return msg.data[0], msg.data[1:]
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
+                            aiohttp.WSMsgType.ERROR):
+                return None
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def _send(self, message: bytes) -> None:
+        try:
+            await self.ws.send_bytes(message)
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise AgentUnreachable(f"{self._what}: {exc}") from exc
 
 
 class AgentClient:
@@ -169,6 +232,11 @@ class AgentClient:
     async def delete_container(self, container_id: str) -> None:
         await self._call("DELETE", f"/v1/containers/{container_id}")
 
+    async def update_resources(self, container_id: str, body: dict) -> dict:
+        """New limits (an OCI linux.resources' cpu, memory, pids) for a live container;
+        the record with the limits now in force."""
+        return await self._call("POST", f"/v1/containers/{container_id}/resources", body, timeout=60)
+
     async def exec_sync(self, container_id: str, cmd: list[str], timeout: int) -> ExecResult:
         data = await self._call(
             "POST",
@@ -203,10 +271,11 @@ class AgentClient:
             raise AgentUnreachable(f"cell agent {self._base}: {exc}") from exc
 
     async def events(self, heartbeat_timeout: float = 15.0) -> AsyncIterator[dict]:
-        """The agent's event stream; raises AgentError when it breaks or goes silent."""
+        """The agent's event stream, its `stats` events included (an agent that has none
+        sends none); raises AgentError when it breaks or goes silent."""
         try:
             async with self._session.get(
-                f"{self._base}/v1/events", ssl=self._ssl, server_hostname=self._server_name,
+                f"{self._base}/v1/events", params={"stats": "1"}, ssl=self._ssl, server_hostname=self._server_name,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
                                               sock_read=heartbeat_timeout),
             ) as resp:
@@ -218,6 +287,43 @@ class AgentClient:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise AgentUnreachable(f"cell agent {self._base}: events: {exc}") from exc
         raise AgentUnreachable(f"cell agent {self._base}: event stream ended")
+
+    def exec_stream(self, container_id: str, cmd: list[str], *, tty: bool, stdin: bool, stdout: bool,
+                    stderr: bool) -> AgentStream:
+        return self._stream(f"/v1/containers/{container_id}/exec/stream",
+                            [("cmd", arg) for arg in cmd] + _stdio(tty, stdin, stdout, stderr))
+
+    def attach_stream(self, container_id: str, *, tty: bool, stdin: bool, stdout: bool, stderr: bool) -> AgentStream:
+        return self._stream(f"/v1/containers/{container_id}/attach", _stdio(tty, stdin, stdout, stderr))
+
+    def port_stream(self, port: int) -> AgentStream:
+        return self._stream("/v1/portforward", [("port", str(port))])
+
+    def _stream(self, path: str, params: list[tuple[str, str]]) -> AgentStream:
+        what = f"cell agent {self._base}: {path}"
+
+        async def connect() -> aiohttp.ClientWebSocketResponse:
+            try:
+                ws = await self._session.ws_connect(
+                    self._base + path, params=params, ssl=self._ssl, server_hostname=self._server_name,
+                    # aiohttp takes only messages shorter than max_msg_size: a channel byte and a chunk.
+                    max_msg_size=2 + STREAM_CHUNK)
+            except aiohttp.WSServerHandshakeError as exc:  # refused before the upgrade (401, 503)
+                raise _BY_STATUS.get(exc.status, AgentFailed)(f"{what}: {exc.message}", status=exc.status) from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise AgentUnreachable(f"{what}: {exc}") from exc
+            sock = ws.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                for option, value in STREAM_KEEPALIVE.items():
+                    sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            return ws
+        return AgentStream(connect, what)
+
+
+def _stdio(tty: bool, stdin: bool, stdout: bool, stderr: bool) -> list[tuple[str, str]]:
+    flags = {"tty": tty, "stdin": stdin, "stdout": stdout, "stderr": stderr}
+    return [(name, "1" if on else "0") for name, on in flags.items()]
 
 
 def _error(status: int, data: bytes) -> AgentError:

@@ -77,6 +77,16 @@ class VolumeSettings:
 
 
 @dataclass
+class StreamingSettings:
+    """The server the kubelet's exec, attach and port-forward clients connect to."""
+
+    # An address of this node that the kubelet (and crictl) reach; plain HTTP, as the
+    # kubelet's own streaming server: keep it on loopback unless the network is trusted.
+    address: str = "127.0.0.1"
+    port: int = 0  # 0: a free port, chosen at each start
+
+
+@dataclass
 class Settings:
     socket: Path = Path("/run/kiyot-py/kiyot.sock")
     state_dir: Path = Path("/var/lib/kiyot-py")
@@ -97,6 +107,7 @@ class Settings:
     local: LocalCellSettings = field(default_factory=LocalCellSettings)
     aws: AwsSettings = field(default_factory=AwsSettings)
     volumes: VolumeSettings = field(default_factory=VolumeSettings)
+    streaming: StreamingSettings = field(default_factory=StreamingSettings)
 
     def validate(self) -> None:
         if self.provider not in ("local", "aws"):
@@ -111,6 +122,12 @@ class Settings:
                 raise ConfigError(f"aws.spot {self.aws.spot!r} is not one of 'never', 'preferred', 'always'")
         if self.volumes.sync_interval <= 0:
             raise ConfigError(f"volumes.sync_interval must be above 0 seconds, got {self.volumes.sync_interval}")
+        try:
+            ipaddress.ip_address(self.streaming.address)
+        except ValueError:
+            raise ConfigError(f"streaming.address {self.streaming.address!r} is not an IP address") from None
+        if not 0 <= self.streaming.port < 65536:
+            raise ConfigError(f"streaming.port must be within 0-65535, got {self.streaming.port}")
         if self.cell_watch_interval <= 0:
             raise ConfigError(f"cell_watch_interval must be above 0 seconds, got {self.cell_watch_interval}")
         try:

@@ -111,6 +111,10 @@ class Sandbox:
     # The idempotency token of its cell's launch (pods.cells.launch_token), kept so that
     # a restart mid-launch adopts the same cell.
     launch_token: str = ""
+    # What the kubelet last said of the whole pod after a resize (UpdatePodSandboxResources):
+    # {"resources": …, "overhead": …}, each converted as a container's limits (cpu, memory,
+    # pids of an OCI linux.resources); recorded, never applied.
+    pod_resources: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, str, str, int]:
@@ -138,6 +142,9 @@ class Container:
     uid: int = 0
     gid: int = 0
     groups: list[int] = field(default_factory=list)
+    # The limits in force in the cell, as its agent reports them (an OCI linux.resources'
+    # cpu, memory, pids): ContainerStatus.resources, which the kubelet's resize reads.
+    resources: dict[str, Any] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
     log_path: str = ""  # absolute path on the node; "" = no log requested

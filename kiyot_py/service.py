@@ -30,6 +30,7 @@ from kiyot_py.registry.config import RegistriesConfig
 from kiyot_py.registry.content import ContentStore
 from kiyot_py.registry.pullpath import PullGrants, PullPath
 from kiyot_py.store import Store
+from kiyot_py.streaming.server import StreamingServer
 
 log = structlog.get_logger("kiyot.service")
 
@@ -112,7 +113,9 @@ async def serve(settings: Settings) -> None:
     runtime = PodRuntime(settings, store, provider, images, grants=grants, enroll=enroll,
                          agents=lambda cell: AgentClient(http, cell.agent_url, pki.client_context(), cell.server_name))
     await runtime.start()
-    server = await start_server(settings.socket, runtime, settings.state_dir)
+    streaming = StreamingServer(runtime.streams, settings.streaming.address, settings.streaming.port)
+    await streaming.start()
+    server = await start_server(settings.socket, runtime, settings.state_dir, streaming)
     log.info("serving", socket=str(settings.socket), state_dir=str(settings.state_dir),
              provider=provider.name, pull_path=str(provider.pull_path))
 
@@ -124,6 +127,7 @@ async def serve(settings: Settings) -> None:
 
     log.info("shutting down; cells keep running")
     await server.stop(grace=5)
+    await streaming.close()
     await runtime.close()
     if pull_path is not None:
         await pull_path.stop()

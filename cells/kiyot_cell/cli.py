@@ -62,6 +62,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instance-metadata", default="", metavar="URL",
                    help="the instance metadata service of a cell that is a VM (e.g. http://169.254.169.254): "
                         "polled for EC2's spot interruption and rebalance notices, reported on /v1/events")
+    p.add_argument("--stats-interval", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between two samples of what the containers and the pod use "
+                        "(GET /v1/stats and `stats` events; default 1)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
@@ -106,6 +109,8 @@ def _config(ns: argparse.Namespace) -> AgentConfig:
     key_mode = (ns.tls_dir / "cell.key").stat().st_mode
     if ns.log_max_size < 4096:
         sys.exit(f"kiyot-cell: --log-max-size must be at least 4096 bytes, got {ns.log_max_size}")
+    if not ns.stats_interval > 0:
+        sys.exit(f"kiyot-cell: --stats-interval must be a positive number of seconds, got {ns.stats_interval}")
     runtime_path = ns.runtime_path or shutil.which(ns.runtime) or f"/usr/sbin/{ns.runtime}"
     cfg = AgentConfig(
         host=host.strip("[]"), port=int(port), tls_dir=ns.tls_dir.resolve(), state_dir=ns.state_dir.resolve(),
@@ -115,7 +120,7 @@ def _config(ns: argparse.Namespace) -> AgentConfig:
         skopeo_path=shutil.which("skopeo") or "skopeo", umoci_path=shutil.which("umoci") or "umoci",
         runtime_root=ns.runtime_root.resolve() if ns.runtime_root else None,
         log_max_size=ns.log_max_size, seccomp_profile=ns.seccomp_profile, direct_pulls=ns.direct_pulls,
-        instance_metadata=ns.instance_metadata,
+        instance_metadata=ns.instance_metadata, stats_interval=ns.stats_interval,
     )
     if key_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.get("cli").warning("key_file_mode", path=str(ns.tls_dir / "cell.key"), mode=oct(key_mode & 0o777),

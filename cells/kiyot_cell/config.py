@@ -38,6 +38,8 @@ class AgentConfig:
     # The instance metadata service of a cell that is a VM (http://169.254.169.254): the
     # agent polls it for EC2's notices (spot interruption, rebalance); "" = none.
     instance_metadata: str = ""
+    # Seconds between two samples of what the containers and the pod use (GET /v1/stats).
+    stats_interval: float = 1.0
 
     # Layout of the state directory, in one place.
     @property

@@ -13,7 +13,6 @@ watcher must be able to record the exit).
 from __future__ import annotations
 
 import asyncio
-import base64
 import builtins
 import contextlib
 import hashlib
@@ -23,14 +22,13 @@ import re
 import shutil
 import signal as _signal
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from . import log
+from . import execs, log, resources
 from . import spec as specmod
 from .config import AgentConfig
-from .errors import ApiError, conflict, invalid, not_found
+from .errors import conflict, invalid, not_found
 from .events import EventHub
 from .images import DIGEST_RE, ImageStore, disk_usage
 from .pod import Pod
@@ -39,7 +37,6 @@ from .runtime import (
     ContainerPaths,
     Runtime,
     conmon_alive,
-    die_with_parent,
     mount_overlay,
     parse_signal,
     read_pidfile,
@@ -53,10 +50,6 @@ NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]{0,252}$")
 POLL = 0.1
 RECHECK = 1.0  # upper bound between looks at a live container's exit file
 EXIT_WAIT_AFTER_KILL = 30.0  # bound on waiting for conmon's exit file after SIGKILL
-# Exec-sync output kept per stream: both, with the reply's framing, fit the kubelet's
-# 16 MiB gRPC message. The rest is read and dropped, so a chatty command neither blocks
-# on a full pipe nor swells the agent.
-EXEC_OUTPUT_MAX = 8 * 1024 * 1024 - 4096
 CUT_ASIDE = "ctr.log.cut"  # a log segment being cut, until conmon has reopened ctr.log
 
 
@@ -256,6 +249,9 @@ class ContainerManager:
             raise invalid("'pid_target' and a pod PID namespace exclude each other")
         if pid_target is not None and not isinstance(pid_target, str):
             raise invalid("'pid_target' must be a container id")
+        stdio = {k: body.get(k, False) for k in ("stdin", "stdin_once", "tty")}
+        if not all(isinstance(v, bool) for v in stdio.values()):
+            raise invalid("'stdin', 'stdin_once' and 'tty' must be booleans")
         req_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
         async with self._lock(cid):
@@ -293,16 +289,18 @@ class ContainerManager:
                     pod_namespaces={kind: str(path) for kind, path in shared.items()},
                 )
                 # Off the event loop: it reads the image's /etc/passwd and /etc/group.
-                config = await asyncio.to_thread(specmod.build, image_cfg, spec, ctx, user, groups_policy, devices)
+                config = await asyncio.to_thread(specmod.build, image_cfg, spec, ctx, user, groups_policy, devices,
+                                                 terminal=stdio["tty"])
                 cfg_path.write_text(json.dumps(config, indent=1))
-                pid, conmon_pid = await self.runtime.launch(cid, name, paths)
+                pid, conmon_pid = await self.runtime.launch(cid, name, paths, **stdio)
             except BaseException:
                 await self.runtime.delete(cid)
                 await self._remove_files(paths)
                 raise
             rec = ContainerRecord(id=cid, name=name, image_digest=digest, state=CREATED, pid=pid,
                                   created_at=now_ns(), request_hash=req_hash, stop_signal=stop_signal,
-                                  conmon_pid=conmon_pid, user=specmod.process_identity(config))
+                                  conmon_pid=conmon_pid, user=specmod.process_identity(config),
+                                  resources=resources.of_config(config), **stdio)
             await self._set(rec)
             self._watch(rec)
             _log.info("created", id=cid, seconds=round(asyncio.get_running_loop().time() - t0, 3))
@@ -340,6 +338,21 @@ class ContainerManager:
             started = now_ns()  # before `runc start`: a quick exit must not finish before it started
             await self.runtime.start(cid)
             await self._set(rec, state=RUNNING, started_at=started)
+            return rec
+
+    async def update_resources(self, cid: str, body: dict[str, Any]) -> ContainerRecord:
+        """Apply new limits to a created or running container's cgroup and record them."""
+        self.get(cid)
+        change = resources.check(body)
+        async with self._lock(cid):  # not while it starts, exits or goes
+            rec = self.get(cid)
+            if rec.state not in LIVE_STATES:
+                raise conflict(f"container {cid} is {rec.state}: only a created or running one can be updated")
+            t0 = asyncio.get_running_loop().time()
+            await self.runtime.update(cid, self.paths(cid), change)
+            await self._set(rec, resources=resources.merge(rec.resources, change))
+            _log.info("resources_updated", id=cid, resources=change,
+                      seconds=round(asyncio.get_running_loop().time() - t0, 3))
             return rec
 
     # --- stop / delete --------------------------------------------------------------------
@@ -392,57 +405,16 @@ class ContainerManager:
         self._locks.pop(cid, None)
         _log.info("deleted", id=cid)
 
-    # --- exec -----------------------------------------------------------------------------
+    # --- exec (execs.py runs it; a streaming exec is streams.py's) ---------------------------
 
     async def exec(self, cid: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await execs.exec_sync(self.runtime, self.paths(cid), self.get(cid), body)
+
+    def running(self, cid: str) -> ContainerRecord:
         rec = self.get(cid)
-        cmd = body.get("cmd")
-        timeout = body.get("timeout", 0)
-        if not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) for c in cmd):
-            raise invalid("'cmd' must be a non-empty list of strings")
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
-            raise invalid("'timeout' must be a number of seconds >= 0 (0 = none)")
         if rec.state != RUNNING:
             raise conflict(f"container {cid} is {rec.state}, not running")
-        paths = self.paths(cid)
-        process = json.loads((paths.bundle / "config.json").read_text())["process"]
-        process["args"] = cmd
-        process["terminal"] = False
-        tag = uuid.uuid4().hex[:12]
-        pfile = paths.dir / f"exec-{tag}.json"
-        pidfile = paths.dir / f"exec-{tag}.pid"
-        pfile.write_text(json.dumps(process))
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                self.cfg.runtime_path, *self.runtime.root_args(), "exec",
-                "--process", str(pfile), "--pid-file", str(pidfile), cid,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent)
-            assert proc.stdout is not None and proc.stderr is not None  # both are PIPEs
-            try:
-                out, err, _ = await asyncio.wait_for(asyncio.gather(
-                    _read_capped(proc.stdout), _read_capped(proc.stderr), proc.wait()), timeout or None)
-            except TimeoutError:
-                pid = read_pidfile(pidfile)
-                if pid > 0:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, _signal.SIGKILL)
-                try:
-                    await asyncio.wait_for(proc.wait(), 10)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
-                _log.info("exec_timeout", id=cid, pid=pid)
-                raise ApiError("timeout", f"exec did not finish within {timeout}s; process {pid} was killed") from None
-        finally:
-            for f in (pfile, pidfile):
-                with contextlib.suppress(FileNotFoundError):
-                    f.unlink()
-        return {
-            "exit_code": proc.returncode,
-            "stdout": base64.b64encode(out).decode(),
-            "stderr": base64.b64encode(err).decode(),
-        }
+        return rec
 
     # --- logs -----------------------------------------------------------------------------
     #
@@ -511,14 +483,6 @@ class ContainerManager:
 
     def log_size(self, cid: str) -> int:
         return self.view(self.get(cid))["log_size"]
-
-
-async def _read_capped(stream: asyncio.StreamReader, limit: int = EXEC_OUTPUT_MAX) -> bytes:
-    kept = bytearray()
-    while chunk := await stream.read(65536):
-        if len(kept) < limit:
-            kept += chunk[: limit - len(kept)]
-    return bytes(kept)
 
 
 def _read_at(path: Path, pos: int, limit: int = 256 * 1024) -> bytes:

@@ -42,10 +42,18 @@ class ContainerRecord:
     # The identity the container's process runs with: uid, gid, and every group it holds
     # (the primary one included), as ContainerStatus reports it.
     user: dict[str, Any] = field(default_factory=dict)
+    # The limits in force (an OCI linux.resources' cpu, memory, pids): create's, then each
+    # update's over them (resources.py), so the node reads back what its cgroup holds.
+    resources: dict[str, Any] = field(default_factory=dict)
     # Private: never sent to the node.
     request_hash: str = ""
     stop_signal: str = "SIGTERM"
     conmon_pid: int = 0
+    # The CRI config's stdio, for attach: conmon holds a stdin (closed after the first
+    # attach when stdin_once), and the container has a console of its own (tty).
+    stdin: bool = False
+    stdin_once: bool = False
+    tty: bool = False
     # Log offsets are logical (bytes since the container began): the current log file
     # starts at log_base, the previous one (ctr.log.1, if any) at log_prev_base.
     log_base: int = 0
@@ -53,7 +61,7 @@ class ContainerRecord:
 
     PUBLIC = (
         "id", "name", "image_digest", "state", "pid", "exit_code", "reason", "message",
-        "created_at", "started_at", "finished_at", "log_size", "user",
+        "created_at", "started_at", "finished_at", "log_size", "user", "resources",
     )
 
     def public(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import re
 import signal as _signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import AgentConfig
 from .errors import ApiError
@@ -57,8 +58,17 @@ class ContainerPaths:
 
     @property
     def ctl(self) -> Path:
-        """conmon's control fifo: `2 0 0` makes it reopen the log file."""
+        """conmon's control fifo: `2 0 0` makes it reopen the log file, `1 H W` resizes
+        the console of a container with a TTY."""
         return self.bundle / "ctl"
+
+    @property
+    def attach(self) -> Path:
+        """conmon's attach socket (SOCK_SEQPACKET). conmon binds it in the bundle, reached
+        through the `<sock_dir>/<id>` symlink it makes; under a state dir both paths may
+        be past the 108 bytes a socket address holds, so it is bound and reached by a
+        directory's descriptor (`/proc/self/fd/N/attach`)."""
+        return self.bundle / "attach"
 
     @property
     def exit_dir(self) -> Path:
@@ -150,13 +160,45 @@ class Runtime:
     async def kill(self, cid: str, sig: int) -> tuple[int, str]:
         return await self.run("kill", cid, str(sig))
 
+    async def update(self, cid: str, paths: ContainerPaths, resources: dict[str, Any]) -> None:
+        """Change a created or running container's cgroup limits (`runc update --resources`,
+        an OCI LinuxResources; what it leaves out stays as it is)."""
+        file = paths.dir / "resources.json"
+        file.write_text(json.dumps(resources))
+        try:
+            rc, out = await self.run("update", "--resources", str(file), cid, timeout=30.0)
+        finally:
+            file.unlink(missing_ok=True)
+        if rc == 0:
+            return
+        # It may have ended a moment ago, before conmon's exit file says so: that is the
+        # container's state, not a failure of the update.
+        if await self.status(cid) not in ("created", "running"):
+            raise ApiError("conflict", f"container {cid} has ended: nothing to update")
+        raise ApiError("internal", f"{self.cfg.runtime} update: {out}")
+
+    async def status(self, cid: str) -> str:
+        """What the runtime says of a container: created, running, stopped, …; "" if it cannot say."""
+        rc, out = await self.run("state", cid)
+        try:
+            return str(json.loads(out).get("status", "")) if rc == 0 else ""
+        except ValueError:
+            return ""
+
     async def delete(self, cid: str) -> tuple[int, str]:
         return await self.run("delete", "--force", cid)
 
-    async def launch(self, cid: str, name: str, paths: ContainerPaths) -> tuple[int, int]:
-        """Start conmon (which runs `runc create`); return (container pid, conmon pid)."""
+    async def launch(self, cid: str, name: str, paths: ContainerPaths, *, stdin: bool = False,
+                     stdin_once: bool = False, tty: bool = False) -> tuple[int, int]:
+        """Start conmon (which runs `runc create`); return (container pid, conmon pid).
+
+        `stdin`, `stdin_once` and `tty` are the CRI config's: conmon holds the container's
+        stdin (`-i`) for attach, closes it when an attach ends unless told to leave it open,
+        and makes the console itself (`-t`; the spec's process.terminal is then true)."""
         for d in (paths.exit_dir, paths.persist_dir, paths.sock_dir):
             d.mkdir(parents=True, exist_ok=True)
+        stdio = [*(["--stdin"] if stdin else []), *(["--leave-stdin-open"] if stdin and not stdin_once else []),
+                 *(["--terminal"] if tty else [])]
         argv = [
             self.cfg.conmon_path, "--api-version", "1",
             "-c", cid, "-u", cid, "-n", name,
@@ -164,7 +206,7 @@ class Runtime:
             "-b", str(paths.bundle), "-p", str(paths.pidfile), "-P", str(paths.conmon_pidfile),
             "-l", f"k8s-file:{paths.log}",
             "--exit-dir", str(paths.exit_dir), "--persist-dir", str(paths.persist_dir),
-            "--socket-dir-path", str(paths.sock_dir),
+            "--socket-dir-path", str(paths.sock_dir), *stdio,
             "--log-level", "error",
         ]
         rfd, wfd = os.pipe()
@@ -212,7 +254,7 @@ def die_with_parent() -> None:
     """preexec_fn: a helper (skopeo, umoci, runc exec) dies with the agent (PR_SET_PDEATHSIG),
     so a restarted agent never races a previous one's half-done pull. Not for conmon."""
     with contextlib.suppress(OSError, AttributeError):
-        _libc().prctl(1, int(_signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        libc().prctl(1, int(_signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def read_pidfile(p: Path) -> int:
@@ -269,7 +311,7 @@ async def wait_for_exit(pid: int, timeout: float) -> None:
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL:
+def libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
@@ -288,11 +330,11 @@ def mount_overlay(lower: Path, upper: Path, work: Path, target: Path, *, nosuid:
             raise ApiError("internal", f"path {p} cannot be an overlay layer")
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}".encode()
     flags = MS_NODEV | (MS_NOSUID if nosuid else 0)
-    if _libc().mount(b"overlay", str(target).encode(), b"overlay", flags, opts) != 0:
+    if libc().mount(b"overlay", str(target).encode(), b"overlay", flags, opts) != 0:
         err = ctypes.get_errno()
         raise ApiError("internal", f"mounting the container's rootfs (overlay on {lower}): {os.strerror(err)}")
 
 
 def unmount(target: Path) -> None:
     """Detach whatever is mounted on `target`; nothing mounted there is fine."""
-    _libc().umount2(str(target).encode(), 2)  # MNT_DETACH; EINVAL/ENOENT: not mounted
+    libc().umount2(str(target).encode(), 2)  # MNT_DETACH; EINVAL/ENOENT: not mounted

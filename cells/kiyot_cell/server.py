@@ -21,6 +21,8 @@ from .images import ImageStore
 from .notices import NoticeWatcher
 from .pod import Pod
 from .records import LIVE_STATES
+from .stats import StatsSampler
+from .streams import Streams
 from .volumes import Volumes
 
 _log = log.get("server")
@@ -37,6 +39,7 @@ HUB: web.AppKey[EventHub] = web.AppKey("hub", EventHub)
 FACTS: web.AppKey[CellFactsCache] = web.AppKey("facts", CellFactsCache)
 NOTICES: web.AppKey[NoticeWatcher] = web.AppKey("notices", NoticeWatcher)
 VOLUMES: web.AppKey[Volumes] = web.AppKey("volumes", Volumes)
+STATS: web.AppKey[StatsSampler] = web.AppKey("stats", StatsSampler)
 TLS: web.AppKey[ssl.SSLContext] = web.AppKey("tls", ssl.SSLContext)
 # What a cell that has no certificate from the node yet answers (see identity.py).
 BEFORE_ENROLLMENT = frozenset({"/v1/health", "/v1/identity"})
@@ -168,6 +171,10 @@ async def usage(request: web.Request) -> web.Response:
     return web.json_response({"images": images, "containers": containers})
 
 
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATS].view())
+
+
 async def list_containers(request: web.Request) -> web.Response:
     return web.json_response(request.app[MGR].list())
 
@@ -204,6 +211,12 @@ async def delete_container(request: web.Request) -> web.Response:
 async def exec_container(request: web.Request) -> web.Response:
     body = await read_json(request)
     return web.json_response(await request.app[MGR].exec(request.match_info["id"], body))
+
+
+async def update_resources(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    mgr = request.app[MGR]
+    return web.json_response(mgr.view(await mgr.update_resources(request.match_info["id"], body)))
 
 
 async def container_logs(request: web.Request) -> web.StreamResponse:
@@ -254,7 +267,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB]
     mgr = request.app[MGR]
     # Subscribe and snapshot with no await in between: no change can fall in the gap.
-    sub = hub.subscribe()
+    sub = hub.subscribe(stats=request.query.get("stats") == "1")
     snapshot: dict[str, Any] = {"type": "snapshot", "containers": mgr.list()}
     if NOTICES in request.app:
         snapshot["notices"] = list(request.app[NOTICES].notices.values())
@@ -290,6 +303,8 @@ def build_app(cfg: AgentConfig, tls_context: ssl.SSLContext | None = None) -> we
     app[MGR] = mgr
     app[VOLUMES] = Volumes(cfg.volumes_dir)
     app[FACTS] = CellFactsCache(cfg.runtime_path, cfg.seccomp_profile)
+    sampler = StatsSampler(cfg, mgr, hub)
+    app[STATS] = sampler
     notices = NoticeWatcher(cfg.instance_metadata, hub) if cfg.instance_metadata else None
     if notices is not None:
         app[NOTICES] = notices
@@ -302,12 +317,14 @@ def build_app(cfg: AgentConfig, tls_context: ssl.SSLContext | None = None) -> we
         images.load()
         pod.load()
         await mgr.recover()
+        sampler.start()
         if notices is not None:
             notices.start()
 
     async def on_cleanup(app: web.Application) -> None:
         if notices is not None:
             await notices.close()
+        await sampler.close()
         await mgr.close()
 
     app.on_startup.append(on_startup)
@@ -323,6 +340,7 @@ def build_app(cfg: AgentConfig, tls_context: ssl.SSLContext | None = None) -> we
     r.add_post("/v1/images/pull", pull)
     r.add_delete("/v1/images/{digest}", remove_image)
     r.add_get("/v1/usage", usage)
+    r.add_get("/v1/stats", stats)
     r.add_get("/v1/containers", list_containers)
     r.add_post("/v1/containers", create_container)
     r.add_get("/v1/containers/{id}", get_container)
@@ -331,5 +349,10 @@ def build_app(cfg: AgentConfig, tls_context: ssl.SSLContext | None = None) -> we
     r.add_delete("/v1/containers/{id}", delete_container)
     r.add_get("/v1/containers/{id}/logs", container_logs)
     r.add_post("/v1/containers/{id}/exec", exec_container)
+    r.add_post("/v1/containers/{id}/resources", update_resources)
+    streams = Streams(mgr)  # WebSocket sessions
+    r.add_get("/v1/containers/{id}/exec/stream", streams.exec)
+    r.add_get("/v1/containers/{id}/attach", streams.attach)
+    r.add_get("/v1/portforward", streams.portforward)
     r.add_get("/v1/events", events)
     return app

@@ -8,8 +8,8 @@ umoci's hostname and rlimits, which the agent owns. The node's `spec` wins for e
 it sets. Then the cell's part: root.path, the network namespace, the pod's namespaces when
 asked for, cgroupsPath, the pod's hostname and /etc files (unless the node's spec mounts its
 own there), the device nodes asked for (resolved in the cell), the RLIMIT_NOFILE default,
-rlimits and capabilities clamped to what the cell can grant, and `terminal: false` (runc
-refuses a terminal when detached under conmon).
+rlimits and capabilities clamped to what the cell can grant, and `terminal` true only for a
+container with a TTY (conmon then makes its console; runc refuses a terminal without one).
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def check_process(proc: Any) -> None:
 
 
 def build(image_cfg: dict[str, Any], spec: dict[str, Any], ctx: CellContext, user: str | None,
-          groups_policy: str = "Merge", devices: list[Device] | None = None) -> dict[str, Any]:
+          groups_policy: str = "Merge", devices: list[Device] | None = None, *,
+          terminal: bool = False) -> dict[str, Any]:
     cfg = copy.deepcopy(image_cfg)
     base_proc = cfg.setdefault("process", {})
     for k in _DROPPED_PROCESS_KEYS:
@@ -83,7 +84,7 @@ def build(image_cfg: dict[str, Any], spec: dict[str, Any], ctx: CellContext, use
     check_process(proc)
     proc["env"] = proc.get("env") or []
     proc["cwd"] = proc.get("cwd") or "/"
-    proc["terminal"] = False
+    proc["terminal"] = terminal
     proc.pop("consoleSize", None)
 
     cfg["root"] = {"path": str(ctx.rootfs), "readonly": bool(spec.get("root", {}).get("readonly", False))}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from kiyot_py.model import Container, Image, Sandbox
+from kiyot_py.pods import events, stats
 
 SANDBOX_STATES = {
     "SANDBOX_READY": pb.SANDBOX_READY,
@@ -69,6 +70,7 @@ def sandbox_info(sb: Sandbox) -> dict[str, str]:
             "state": cell.state, "state_reason": cell.state_reason, "tags": cell.tags,
             "offering": cell.offering, "notices": cell.notices,
         },
+        "pod_resources": sb.pod_resources,  # as the kubelet last gave them (UpdatePodSandboxResources)
     }
     return {"info": json.dumps(info)}
 
@@ -93,7 +95,95 @@ def container_status(c: Container) -> pb.ContainerStatus:
         reason=c.reason, message=c.message, labels=c.labels, annotations=c.annotations,
         mounts=config.mounts, log_path=c.log_path,
         user=pb.ContainerUser(linux=pb.LinuxContainerUser(uid=c.uid, gid=c.gid, supplemental_groups=c.groups)),
+        resources=container_resources(c.resources),
     )
+
+
+def container_resources(resources: dict[str, Any]) -> pb.ContainerResources | None:
+    """The limits in force in the cell (an OCI linux.resources' cpu, memory, pids) in CRI
+    terms, as containerd reports its spec's: what the kubelet's in-place resize compares
+    with what it asked for. None for a container without limits."""
+    if not resources:
+        return None
+    cpu, memory, pids = (resources.get(k) or {} for k in ("cpu", "memory", "pids"))
+    linux = pb.LinuxContainerResources(
+        cpu_period=cpu.get("period", 0), cpu_quota=cpu.get("quota", 0), cpu_shares=cpu.get("shares", 0),
+        cpuset_cpus=cpu.get("cpus", ""), cpuset_mems=cpu.get("mems", ""),
+        memory_limit_in_bytes=memory.get("limit", 0), memory_swap_limit_in_bytes=memory.get("swap", 0))
+    if pids.get("limit"):  # the node took it from unified pids.max (pods/spec/resources.py)
+        linux.unified["pids.max"] = "max" if pids["limit"] == -1 else str(pids["limit"])
+    return pb.ContainerResources(linux=linux)
+
+
+def _u64(value: int | None) -> pb.UInt64Value | None:
+    """A figure, or no field at all where the cell gave none (unknown is not 0)."""
+    return None if value is None else pb.UInt64Value(value=value)
+
+
+def cpu_usage(cpu: stats.Cpu | None, at: int) -> pb.CpuUsage:
+    if cpu is None:
+        return pb.CpuUsage(timestamp=at)
+    return pb.CpuUsage(timestamp=at, usage_core_nano_seconds=_u64(cpu.usage_core_nano_seconds),
+                       usage_nano_cores=_u64(cpu.usage_nano_cores))
+
+
+def memory_usage(memory: stats.Memory | None, at: int) -> pb.MemoryUsage:
+    if memory is None:
+        return pb.MemoryUsage(timestamp=at)
+    return pb.MemoryUsage(
+        timestamp=at, working_set_bytes=_u64(memory.working_set_bytes),
+        available_bytes=_u64(memory.available_bytes), usage_bytes=_u64(memory.usage_bytes),
+        rss_bytes=_u64(memory.rss_bytes), page_faults=_u64(memory.page_faults),
+        major_page_faults=_u64(memory.major_page_faults))
+
+
+def container_stats(c: Container, usage: stats.ContainerUsage | None, layer_filesystem: str,
+                    now: int) -> pb.ContainerStats:
+    """A container's latest sample; without one (not sampled yet, or not running), its
+    attributes and CPU and memory stamped `now` with no figures, as containerd answers."""
+    at = usage.timestamp if usage is not None else now
+    out = pb.ContainerStats(
+        attributes=pb.ContainerAttributes(id=c.id, metadata=pb.ContainerMetadata(name=c.name, attempt=c.attempt),
+                                          labels=c.labels, annotations=c.annotations),
+        cpu=cpu_usage(usage.cpu if usage is not None else None, at),
+        memory=memory_usage(usage.memory if usage is not None else None, at),
+    )
+    layer = usage.writable_layer if usage is not None else None
+    if layer is not None:
+        out.writable_layer.CopyFrom(pb.FilesystemUsage(
+            timestamp=layer.timestamp, fs_id=pb.FilesystemIdentifier(mountpoint=layer_filesystem),
+            used_bytes=_u64(layer.used_bytes), inodes_used=_u64(layer.inodes_used)))
+    return out
+
+
+DEFAULT_INTERFACE = "eth0"
+
+
+def network_usage(network: stats.Network) -> pb.NetworkUsage:
+    """Every interface of the pod's network; the default one is eth0, else the first."""
+    interfaces = [pb.NetworkInterfaceUsage(name=i.name, rx_bytes=_u64(i.rx_bytes), rx_errors=_u64(i.rx_errors),
+                                           tx_bytes=_u64(i.tx_bytes), tx_errors=_u64(i.tx_errors))
+                  for i in network.interfaces]
+    default = next((i for i in interfaces if i.name == DEFAULT_INTERFACE), interfaces[0] if interfaces else None)
+    return pb.NetworkUsage(timestamp=network.timestamp, default_interface=default, interfaces=interfaces)
+
+
+def pod_sandbox_stats(sb: Sandbox, usage: stats.PodUsage | None, containers: list[pb.ContainerStats],
+                      now: int) -> pb.PodSandboxStats:
+    """A sandbox's latest sample (its cell's cgroup and network) with its containers'."""
+    at = usage.timestamp if usage is not None else now
+    linux = pb.LinuxPodSandboxStats(
+        cpu=cpu_usage(usage.cpu if usage is not None else None, at),
+        memory=memory_usage(usage.memory if usage is not None else None, at),
+        process=pb.ProcessUsage(timestamp=at, process_count=_u64(usage.process_count if usage is not None else None)),
+        containers=containers,
+    )
+    if usage is not None and usage.network is not None:
+        linux.network.CopyFrom(network_usage(usage.network))
+    return pb.PodSandboxStats(
+        attributes=pb.PodSandboxAttributes(id=sb.id, metadata=sandbox_metadata(sb), labels=sb.labels,
+                                           annotations=sb.annotations),
+        linux=linux)
 
 
 def image(img: Image) -> pb.Image:
@@ -107,3 +197,19 @@ def image(img: Image) -> pb.Image:
     elif user:
         out.username = user
     return out
+
+
+EVENT_TYPES = {
+    events.CREATED: pb.CONTAINER_CREATED_EVENT, events.STARTED: pb.CONTAINER_STARTED_EVENT,
+    events.STOPPED: pb.CONTAINER_STOPPED_EVENT, events.DELETED: pb.CONTAINER_DELETED_EVENT,
+}
+
+
+def container_event(event: events.LifecycleEvent) -> pb.ContainerEventResponse:
+    return pb.ContainerEventResponse(
+        container_id=event.id,
+        container_event_type=EVENT_TYPES[event.kind],
+        created_at=event.at,
+        pod_sandbox_status=pod_sandbox_status(event.sandbox) if event.sandbox is not None else None,
+        containers_statuses=[container_status(c) for c in event.containers],
+    )

@@ -51,16 +51,19 @@ def rpc(method):
     return unary
 
 
-def answer_unimplemented(servicer_class: type, service: Any) -> type:
-    """Every RPC of `service` the class does not define answers UNIMPLEMENTED by name."""
+def answer_unimplemented(servicer_class: type, service: Any, why: dict[str, str] | None = None) -> type:
+    """Every RPC of `service` the class does not define answers UNIMPLEMENTED by name, with
+    the reason `why` gives for it, if any."""
     for method in service.methods:
         if method.name in servicer_class.__dict__:
             continue
 
         def make(name: str) -> Callable[..., Any]:
+            reason = (why or {}).get(name, "yet")
+
             async def unimplemented(self: Any, request: Any, context: Any) -> None:
                 await context.abort(
-                    grpc.StatusCode.UNIMPLEMENTED, f"{service.name}.{name} is not implemented by kiyot-py yet"
+                    grpc.StatusCode.UNIMPLEMENTED, f"{service.name}.{name} is not implemented by kiyot-py {reason}"
                 )
             unimplemented.__name__ = name
             return unimplemented

@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 
 from kiyot_py import __version__
-from kiyot_py.cri import convert
+from kiyot_py.cri import convert, metrics
 from kiyot_py.cri.errors import answer_unimplemented, rpc
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from kiyot_py.gen.runtime.v1 import api_pb2_grpc
-from kiyot_py.model import now_ns, to_json
+from kiyot_py.model import Sandbox, now_ns, to_json
 from kiyot_py.pods.runtime import PodRuntime
+from kiyot_py.pods.stats import PodUsage
+from kiyot_py.streaming import requests as streams
+from kiyot_py.streaming.server import StreamingServer
 
 
 class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
-    def __init__(self, runtime: PodRuntime) -> None:
+    def __init__(self, runtime: PodRuntime, streaming: StreamingServer) -> None:
         self._rt = runtime
+        self._streaming = streaming
 
     @rpc
     async def Version(self, request, context):
@@ -96,6 +100,19 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         for page in convert.pages(self._sandboxes(request.filter)):
             yield pb.StreamPodSandboxesResponse(pod_sandboxes=page)
 
+    @rpc
+    async def UpdatePodSandboxResources(self, request, context):
+        """Recorded, not applied: the pod's limits are its containers', which the kubelet's
+        resize sets one by one (UpdateContainerResources, applied in the cell), so the pod's
+        total is bound by their sum. containerd 2.x does no more (it records them and tells
+        NRI plugins); a VM cell's size cannot change in place (EC2 changes an instance's
+        type only while it is stopped), and a limit on a local cell's cgroup parent would
+        be a second, redundant one that could refuse a resize the containers' limits allow.
+        So a kubelet's resize never fails here: only an unknown sandbox does (NOT_FOUND), or a
+        pids.max that is no number (INVALID_ARGUMENT, as at create), which no kubelet sends."""
+        self._rt.sandboxes.record_resources(request.pod_sandbox_id, request.resources, request.overhead)
+        return pb.UpdatePodSandboxResourcesResponse()
+
     # -- containers -------------------------------------------------------------------
 
     @rpc
@@ -156,5 +173,102 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
             stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code
         )
 
+    @rpc
+    async def UpdateContainerResources(self, request, context):
+        # Windows resources and the annotations have nothing to act on in a Linux cell.
+        await self._rt.containers.update_resources(request.container_id, request.linux)
+        return pb.UpdateContainerResourcesResponse()
 
-answer_unimplemented(RuntimeService, pb.DESCRIPTOR.services_by_name["RuntimeService"])
+    # -- stats: the latest the cells pushed, never a round trip ---------------------------
+
+    def _container_stats(self, f: pb.ContainerStatsFilter) -> list[pb.ContainerStats]:
+        now, fs = now_ns(), self._rt.stats.layer_filesystem
+        found = self._rt.stats.containers(f.id, f.pod_sandbox_id, dict(f.label_selector))
+        return [convert.container_stats(c, usage, fs, now) for c, usage in found]
+
+    @rpc
+    async def ContainerStats(self, request, context):
+        c, usage = self._rt.stats.container(request.container_id)
+        return pb.ContainerStatsResponse(
+            stats=convert.container_stats(c, usage, self._rt.stats.layer_filesystem, now_ns()))
+
+    @rpc
+    async def ListContainerStats(self, request, context):
+        return pb.ListContainerStatsResponse(stats=self._container_stats(request.filter))
+
+    @rpc
+    async def StreamContainerStats(self, request, context):
+        for page in convert.pages(self._container_stats(request.filter)):
+            yield pb.StreamContainerStatsResponse(container_stats=page)
+
+    def _pod_stats(self, sb: Sandbox, usage: PodUsage | None) -> pb.PodSandboxStats:
+        containers = self._container_stats(pb.ContainerStatsFilter(pod_sandbox_id=sb.id))
+        return convert.pod_sandbox_stats(sb, usage, containers, now_ns())
+
+    @rpc
+    async def PodSandboxStats(self, request, context):
+        return pb.PodSandboxStatsResponse(stats=self._pod_stats(*self._rt.stats.sandbox(request.pod_sandbox_id)))
+
+    def _pods_stats(self, f: pb.PodSandboxStatsFilter) -> list[pb.PodSandboxStats]:
+        return [self._pod_stats(sb, usage) for sb, usage in self._rt.stats.sandboxes(f.id, dict(f.label_selector))]
+
+    @rpc
+    async def ListPodSandboxStats(self, request, context):
+        return pb.ListPodSandboxStatsResponse(stats=self._pods_stats(request.filter))
+
+    @rpc
+    async def StreamPodSandboxStats(self, request, context):
+        for page in convert.pages(self._pods_stats(request.filter)):
+            yield pb.StreamPodSandboxStatsResponse(pod_sandbox_stats=page)
+
+    @rpc
+    async def ListMetricDescriptors(self, request, context):
+        return pb.ListMetricDescriptorsResponse(descriptors=metrics.descriptors())
+
+    def _pod_metrics(self) -> list[pb.PodSandboxMetrics]:
+        stats = self._rt.stats
+        return [metrics.pod_sandbox_metrics(sb, usage, stats.containers(sandbox_prefix=sb.id), stats.layer_filesystem)
+                for sb, usage in stats.sandboxes()]
+
+    @rpc
+    async def ListPodSandboxMetrics(self, request, context):
+        return pb.ListPodSandboxMetricsResponse(pod_metrics=self._pod_metrics())
+
+    @rpc
+    async def StreamPodSandboxMetrics(self, request, context):
+        for page in convert.pages(self._pod_metrics()):
+            yield pb.StreamPodSandboxMetricsResponse(pod_sandbox_metrics=page)
+
+    @rpc
+    async def GetContainerEvents(self, request, context):
+        async for event in self._rt.events.stream():
+            yield convert.container_event(event)
+
+    # -- streaming: a URL on the streaming server, for one connection -------------------
+
+    @rpc
+    async def Exec(self, request, context):
+        checked = self._rt.streams.check_exec(streams.ExecRequest(
+            request.container_id, tuple(request.cmd), tty=request.tty, stdin=request.stdin,
+            stdout=request.stdout, stderr=request.stderr))
+        return pb.ExecResponse(url=self._streaming.url_for(checked))
+
+    @rpc
+    async def Attach(self, request, context):
+        checked = self._rt.streams.check_attach(streams.AttachRequest(
+            request.container_id, tty=request.tty, stdin=request.stdin, stdout=request.stdout,
+            stderr=request.stderr))
+        return pb.AttachResponse(url=self._streaming.url_for(checked))
+
+    @rpc
+    async def PortForward(self, request, context):
+        checked = self._rt.streams.check_port_forward(
+            streams.PortForwardRequest(request.pod_sandbox_id, tuple(request.port)))
+        return pb.PortForwardResponse(url=self._streaming.url_for(checked))
+
+
+answer_unimplemented(RuntimeService, pb.DESCRIPTOR.services_by_name["RuntimeService"], why={
+    "CheckpointContainer": (
+        "(by design): a checkpoint needs CRIU, which cells do not have, and would be taken inside "
+        "the cell, a VM of its own, while the kubelet's `location` is on the node's disk"),
+})

@@ -1,4 +1,5 @@
-"""The container verbs: Create, Start, Stop, Remove, status, list, ReopenContainerLog, ExecSync.
+"""The container verbs: Create, Start, Stop, Remove, status, list, ReopenContainerLog, ExecSync,
+UpdateContainerResources.
 
 The node builds each container's OCI spec from the cell's facts and the image's config
 for the cell's platform; the agent pulls the image from the node's pull path into the
@@ -12,7 +13,7 @@ import os
 
 import structlog
 
-from kiyot_py.agent_client import AgentError, AgentTimeout, ExecResult
+from kiyot_py.agent_client import AgentConflict, AgentError, AgentTimeout, ExecResult
 from kiyot_py.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument
 from kiyot_py.gen.runtime.v1 import api_pb2
 from kiyot_py.model import (
@@ -28,6 +29,7 @@ from kiyot_py.pods.cells import Cells
 from kiyot_py.pods.images import ImageManager
 from kiyot_py.pods.index import Index
 from kiyot_py.pods.spec import SpecError, build_container_spec
+from kiyot_py.pods.spec.resources import linux_resources
 from kiyot_py.pods.sync import CellSync
 from kiyot_py.pods.volumes import PodVolumes
 
@@ -112,6 +114,7 @@ class Containers:
                     "stop_signal": spec.stop_signal,
                     "pod_namespaces": list(spec.pod_namespaces), "pid_target": spec.pid_target,
                     "devices": spec.devices,
+                    "stdin": config.stdin, "stdin_once": config.stdin_once, "tty": config.tty,
                 })
                 self._sync.apply(container, record, save=False)
                 self._index.save(container)
@@ -167,8 +170,38 @@ class Containers:
                 except AgentError as exc:
                     raise exc.within(f"removing container {c.id}") from None
         await self._sync.stop_logs(c.id)
+        self._sync.stats.forget_container(c.id)
         self._index.forget(c)
         log.info("container removed", container=c.id)
+
+    # -- UpdateContainerResources -------------------------------------------------------
+
+    async def update_resources(self, container_id: str, r: api_pb2.LinuxContainerResources) -> None:
+        """Apply new limits in the cell; ContainerStatus then reports the cell's answer.
+
+        Converted as at create, so both agree; a field left at zero keeps its value. As
+        containerd answers, a container that runs no more (or ends while the cell is asked)
+        is a success that changes nothing: no CRI container starts again, so no limit could
+        ever apply to it (containerd writes them into a spec no one runs)."""
+        c = self._index.container(container_id)
+        try:
+            change = linux_resources(r)
+        except SpecError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if not change or c.state not in (CONTAINER_CREATED, CONTAINER_RUNNING):
+            return
+        sb = self._index.sandbox(c.sandbox_id)
+        async with self._index.gate(sb.id).shared():
+            if c.state not in (CONTAINER_CREATED, CONTAINER_RUNNING):
+                return  # it ended (or its cell went) while we waited
+            try:
+                self._sync.apply(c, await self._cells.agent(sb).update_resources(c.id, change))
+            except AgentConflict:
+                log.info("container ended before its resources were updated", container=c.id)
+                return
+            except AgentError as exc:
+                raise exc.within(f"updating the resources of container {c.id}") from None
+        log.info("container resources updated", container=c.id, resources=change)
 
     # -- ContainerStatus, ListContainers ----------------------------------------------
 

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from kiyot_py.errors import NotFound
 from kiyot_py.model import SANDBOX_READY, Container, Sandbox
+from kiyot_py.pods.events import LifecycleEvents
 from kiyot_py.store import Store
 
 R = TypeVar("R", Sandbox, Container)
@@ -67,6 +68,9 @@ class Index:
         self.sandboxes: dict[str, Sandbox] = {s.id: s for s in store.load(Sandbox)}
         self.containers: dict[str, Container] = {c.id: c for c in store.load(Container)}
         self._gates: dict[str, SandboxGate] = {}
+        self.events = LifecycleEvents([*self.sandboxes.values(), *self.containers.values()],
+                                      lambda sandbox_id: (self.find_sandbox(sandbox_id),
+                                                          self.containers_of(sandbox_id)))
 
     # -- writes -----------------------------------------------------------------------
 
@@ -75,11 +79,13 @@ class Index:
         target: dict = self.sandboxes if isinstance(record, Sandbox) else self.containers
         target[record.id] = record
         self._store.put(record)
+        self.events.changed(record)
 
     def save_if_known(self, record: Container) -> None:
         """Save a container's progress unless it was removed meanwhile."""
         if record.id in self.containers:
             self._store.put(record)
+            self.events.changed(record)
 
     def forget(self, record: Sandbox | Container) -> None:
         if isinstance(record, Sandbox):
@@ -88,6 +94,7 @@ class Index:
         else:
             self.containers.pop(record.id, None)
         self._store.delete(type(record), record.id)
+        self.events.forgotten(record)
 
     def gate(self, sandbox_id: str) -> SandboxGate:
         return self._gates.setdefault(sandbox_id, SandboxGate())

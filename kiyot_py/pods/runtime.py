@@ -6,6 +6,7 @@
 | Create/Start/Stop/RemoveContainer, ContainerStatus, ListContainers, ReopenContainerLog, ExecSync | `containers.py` |
 | PullImage, ImageStatus, ListImages | `images.py` |
 | RemoveImage, ImageFsInfo | `cell_images.py` |
+| (List)ContainerStats, (List)PodSandboxStats, ListPodSandboxMetrics (and their streams) | `stats.py` |
 
 Beside them: `cells.py` (bringing a cell up, its agent), `sync.py` (watchers, log
 shippers), `recovery.py` (after a restart), `cellwatch.py` (cells that went away: spot
@@ -31,6 +32,8 @@ from kiyot_py.pods.images import ImageManager
 from kiyot_py.pods.index import Index
 from kiyot_py.pods.recovery import recover
 from kiyot_py.pods.sandboxes import Sandboxes
+from kiyot_py.pods.stats import StatsCache
+from kiyot_py.pods.streams import PodStreams
 from kiyot_py.pods.sync import CellSync
 from kiyot_py.pods.volumes import PodVolumes
 from kiyot_py.providers.base import CellFeatures, Provider
@@ -44,17 +47,21 @@ class PodRuntime:
     def __init__(self, settings: Settings, store: Store, provider: Provider, images: ImageManager,
                  agents: AgentFactory, grants: PullGrants | None = None, enroll: Enroller | None = None) -> None:
         self.index = Index(store)
+        self.events = self.index.events  # GetContainerEvents
         self._provider = provider
         cells = Cells(settings, provider, agents, grants, enroll)
         self.cells = cells
         self._hostports = HostPorts()
         self.watch = CellWatch(self.index, provider, settings.cell_watch_interval, lost=self._cell_lost)
         self.volumes = PodVolumes(settings.volumes, ships=not provider.features.shares_node_disk)
-        self.sync = CellSync(self.index, cells, self.watch,
+        # The writable layers are reported on the filesystem ImageFsInfo names (the state dir).
+        self.stats = StatsCache(self.index, str(settings.state_dir))
+        self.sync = CellSync(self.index, cells, self.stats, self.watch,
                              before_exit=self.volumes.read_back_termination if self.volumes.ships else None)
         self.sandboxes = Sandboxes(settings, self.index, cells, self.sync, self._hostports, self.volumes)
         self.containers = Containers(self.index, cells, images, self.sync, self.volumes)
         self.images = images
+        self.streams = PodStreams(self.index, cells)
         self.cell_images = CellImages(self.index, cells, images)
         self.gc = OrphanCollector(self.index, provider, settings.node_name, settings.gc_interval,
                                   settings.gc_grace)

@@ -1,4 +1,5 @@
-"""The sandbox verbs: RunPodSandbox, StopPodSandbox, RemovePodSandbox, status and list.
+"""The sandbox verbs: RunPodSandbox, StopPodSandbox, RemovePodSandbox, status and list, and
+UpdatePodSandboxResources (recorded only).
 
 A sandbox is a cell. RunPodSandbox returns only once the cell's agent answers and holds
 the pod (CRI requires the sandbox ready on success); a repeated call for the same pod
@@ -26,6 +27,8 @@ from kiyot_py.model import (
 )
 from kiyot_py.pods.cells import Cells, launch_token
 from kiyot_py.pods.index import Index
+from kiyot_py.pods.spec import SpecError
+from kiyot_py.pods.spec.resources import linux_resources
 from kiyot_py.pods.sync import CellSync
 from kiyot_py.pods.volumes import PodVolumes
 
@@ -193,6 +196,21 @@ class Sandboxes:
     def list(self, id_prefix: str = "", state: str | None = None,
              labels: dict[str, str] | None = None) -> builtins.list[Sandbox]:  # `list` is the verb here
         return self._index.list_sandboxes(id_prefix, state, labels)
+
+    # -- UpdatePodSandboxResources ------------------------------------------------------
+
+    def record_resources(self, sandbox_id: str, resources: api_pb2.LinuxContainerResources,
+                         overhead: api_pb2.LinuxContainerResources) -> None:
+        """Keep what the kubelet now says of the whole pod, converted as a container's limits
+        are (PodSandboxStatus's verbose info shows them); the cell is left as it is
+        (RuntimeService.UpdatePodSandboxResources says why)."""
+        sb = self._index.sandbox(sandbox_id)
+        try:
+            sb.pod_resources = {"resources": linux_resources(resources), "overhead": linux_resources(overhead)}
+        except SpecError as exc:
+            raise InvalidArgument(str(exc)) from None
+        self._index.save(sb)
+        log.info("pod resources recorded", sandbox=sb.id, resources=sb.pod_resources)
 
 
 _PROTOCOLS = {api_pb2.TCP: "tcp", api_pb2.UDP: "udp"}

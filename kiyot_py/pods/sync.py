@@ -2,8 +2,9 @@
 per container, and what the node does when a cell is lost.
 
 A cell's agent streams every change of its container records; the watcher applies them
-(states only move forward) and removes containers the node never recorded. Each
-started container's log is copied to the kubelet's file on the node by a LogShipper.
+(states only move forward), keeps the usage figures it pushes (`stats.py`) and removes
+containers the node never recorded. Each started container's log is copied to the
+kubelet's file on the node by a LogShipper.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from kiyot_py.pods.cells import Cells
 from kiyot_py.pods.cellwatch import CellWatch
 from kiyot_py.pods.index import Index
 from kiyot_py.pods.logs import LogShipper
+from kiyot_py.pods.stats import StatsCache
 
 log = structlog.get_logger("kiyot.pods.sync")
 
@@ -47,9 +49,10 @@ LOG_DRAIN_TIMEOUT = 5.0  # seconds a stopping sandbox waits for its logs
 
 
 class CellSync:
-    def __init__(self, index: Index, cells: Cells, watch: CellWatch | None = None,
+    def __init__(self, index: Index, cells: Cells, stats: StatsCache, watch: CellWatch | None = None,
                  before_exit: BeforeExit | None = None) -> None:
         self._index = index
+        self.stats = stats  # fed by the watchers
         # What must happen before the node reports a container exited (a remote cell's
         # termination message read back into the kubelet's file).
         self._before_exit = before_exit
@@ -75,7 +78,7 @@ class CellSync:
         state = _AGENT_STATES.get(record.get("state", ""), CONTAINER_UNKNOWN)
         if _RANK[state] < _RANK[c.state]:
             return
-        before = (c.state, c.pid, c.exit_code, c.reason, c.started_at, c.finished_at)
+        before = (c.state, c.pid, c.exit_code, c.reason, c.started_at, c.finished_at, c.resources)
         c.state = state
         c.pid = int(record.get("pid") or 0)
         c.exit_code = int(record.get("exit_code") or 0)
@@ -86,7 +89,9 @@ class CellSync:
         user = record.get("user") or {}
         if user:
             c.uid, c.gid, c.groups = int(user["uid"]), int(user["gid"]), [int(g) for g in user["groups"]]
-        if save and before != (c.state, c.pid, c.exit_code, c.reason, c.started_at, c.finished_at):
+        if isinstance(record.get("resources"), dict):  # the limits in force in the cell
+            c.resources = record["resources"]
+        if save and before != (c.state, c.pid, c.exit_code, c.reason, c.started_at, c.finished_at, c.resources):
             self._index.save_if_known(c)
 
     async def apply_exit(self, c: Container, record: dict[str, Any]) -> None:
@@ -122,6 +127,7 @@ class CellSync:
         if sb.cell is not None:
             sb.cell.state = cell_state
         self._index.save(sb)
+        self.stats.forget_sandbox(sb.id)
 
     # -- watchers ---------------------------------------------------------------------
 
@@ -151,6 +157,9 @@ class CellSync:
                         records = [event["container"]]
                     elif event.get("type") == "notice":
                         self._notice(sb, event.get("notice") or {})
+                        continue
+                    elif event.get("type") == "stats":
+                        self.stats.apply(sb.id, event.get("stats"))
                         continue
                     else:
                         continue

@@ -107,7 +107,9 @@ def _ctx(tmp_path, **kw):
 
 def test_build_fills_what_only_the_cell_knows(tmp_path):
     out = spec.build(UMOCI_CFG, {"process": {"args": ["true"]}}, _ctx(tmp_path), None)
-    assert out["process"]["terminal"] is False
+    assert out["process"]["terminal"] is False  # umoci's true, runc's refusal without a console
+    tty = spec.build(UMOCI_CFG, {"process": {"args": ["sh"], "terminal": False}}, _ctx(tmp_path), None, terminal=True)
+    assert tty["process"]["terminal"] is True  # conmon makes the console
     assert {"type": "network", "path": "/run/netns/c1"} in out["linux"]["namespaces"]
     assert out["linux"]["cgroupsPath"] == "/kiyot/c1/x" and out["root"]["path"] == str(tmp_path / "rootfs")
     assert out["hostname"] == "web-0"

@@ -372,6 +372,14 @@ IMPLEMENTED = {
         "StreamPodSandboxes", "CreateContainer", "StartContainer", "StopContainer",
         "RemoveContainer", "ListContainers", "StreamContainers", "ContainerStatus",
         "ReopenContainerLog", "ExecSync",
+        # Stats (tests/e2e/test_stats.py).
+        "ContainerStats", "ListContainerStats", "StreamContainerStats", "PodSandboxStats",
+        "ListPodSandboxStats", "StreamPodSandboxStats", "ListMetricDescriptors", "ListPodSandboxMetrics",
+        "StreamPodSandboxMetrics",
+        # Streaming (tests/e2e/test_streaming.py) and events (test_events.py).
+        "Exec", "Attach", "PortForward", "GetContainerEvents",
+        # Resources (tests/e2e/test_resources.py); CheckpointContainer stays UNIMPLEMENTED.
+        "UpdateContainerResources", "UpdatePodSandboxResources",
     },
     "ImageService": {
         "PullImage", "ListImages", "StreamImages", "ImageStatus", "RemoveImage", "ImageFsInfo",

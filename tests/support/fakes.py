@@ -123,12 +123,17 @@ class FakeContainer:
     started_at: int = 0
     finished_at: int = 0
     log: bytearray = field(default_factory=bytearray)
+    resources: dict[str, Any] = field(default_factory=dict)  # the limits in force, as the agent records them
+
+    def __post_init__(self) -> None:
+        given = self.body.get("spec", {}).get("linux", {}).get("resources", {})
+        self.resources = {k: dict(given[k]) for k in ("cpu", "memory", "pids") if k in given}
 
     def record(self) -> dict[str, Any]:
         return {"id": self.body["id"], "state": self.state, "exit_code": self.exit_code,
                 "started_at": self.started_at, "finished_at": self.finished_at,
                 "pid": 42 if self.state == "running" else 0,
-                "user": {"uid": 0, "gid": 0, "groups": [0]}}
+                "user": {"uid": 0, "gid": 0, "groups": [0]}, "resources": self.resources}
 
 
 class FakeAgent:
@@ -143,6 +148,7 @@ class FakeAgent:
         self.unreachable = False  # every call fails as if the cell were gone
         self.exec_answer = ExecResult(0, b"", b"")
         self.exec_times_out = False
+        self.resource_updates: list[tuple[str, dict[str, Any]]] = []  # (container id, body) of each update
         self._changed = asyncio.Condition()
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
@@ -217,6 +223,15 @@ class FakeAgent:
         self._reach()
         self.containers.pop(cid, None)
 
+    async def update_resources(self, cid: str, body: dict[str, Any]) -> dict[str, Any]:
+        self._reach()
+        c = self._get(cid)
+        self.resource_updates.append((cid, body))
+        if c.state not in ("created", "running"):
+            raise AgentConflict(f"container {cid} is {c.state}", status=409, code="conflict")
+        c.resources = {k: {**c.resources.get(k, {}), **body.get(k, {})} for k in {*c.resources, *body}}
+        return await self._changed_record(c)
+
     async def exec_sync(self, cid: str, cmd: list[str], timeout: int) -> ExecResult:
         self._reach()
         c = self._get(cid)
@@ -257,6 +272,10 @@ class FakeAgent:
         """A notice from the instance's metadata service, as the agent reports it."""
         self._events.put_nowait({"type": "notice", "notice": {"kind": kind, "action": action, "time": when,
                                                               "seen_at": now_ns()}})
+
+    def push_stats(self, body: Any) -> None:
+        """A sample of the cell, as the agent pushes it (the body of GET /v1/stats)."""
+        self._events.put_nowait({"type": "stats", "stats": body})
 
 
 class FakeAgents:

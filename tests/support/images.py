@@ -53,6 +53,7 @@ LABEL = "org.kiyot.test.image"
 BUSYBOX_APPLETS = (
     "sh", "echo", "sleep", "cat", "httpd", "wget", "id", "ls", "env", "hostname", "nc",
     "true", "false", "kill", "ps", "pwd", "test", "grep", "mkdir", "touch",
+    "tty", "stty", "head", "dd", "sha256sum", "wc", "tr",
 )
 INDEX_HTML = b"<html><body>hello from kiyot</body></html>\n"
 PASSWD = (

@@ -54,6 +54,14 @@ async def fake_agent(pki, tmp_path):
     def answer(method: str, path: str):
         async def handler(request: web.Request) -> web.StreamResponse:
             calls.append((method, path, tls.node_of(request.transport.get_extra_info("peercert"))))
+            if path.endswith(("/exec/stream", "/attach", "/portforward")):  # echoes one message, then `{}`
+                ws = web.WebSocketResponse()
+                await ws.prepare(request)
+                got = await ws.receive_bytes()
+                await ws.send_bytes(b"\x01" + got[1:])
+                await ws.send_bytes(b"\x03" + json.dumps(dict(request.query)).encode())
+                await ws.close()
+                return ws
             if path.endswith("/logs"):
                 return web.Response(body=b"2026-11-24T00:00:00Z stdout F hi\n")
             if path == "/v1/events":
@@ -98,15 +106,27 @@ async def test_client_covers_every_route(fake_agent):
     await client.start_container(CID)
     await client.stop_container(CID, 1, "SIGTERM")
     await client.delete_container(CID)
+    assert (await client.update_resources(CID, {"memory": {"limit": 1 << 26}}))["id"] == CID
     assert b"".join([c async for _, c in client.logs(CID, 0, follow=False)]).endswith(b"hi\n")
     result = await client.exec_sync(CID, ["true"], 1)
     assert (result.exit_code, result.stdout, result.stderr) == (4, b"o", b"e")
     with pytest.raises(AgentError):  # the fake's stream ends; a real one never does
         async for event in client.events():
             assert event["type"] == "snapshot"
-    # One route serves people and tests, not the node: it keeps its own records. Another is
-    # spoken before the channel is the usual one, by kiyot_py/enrollment.py (tests/cells/test_enrollment.py).
-    assert {(m, p) for m, p, _ in calls} == set(routes()) - {("GET", "/v1/containers"), ("PUT", "/v1/identity")}
+    stdio = {"tty": "0", "stdin": "1", "stdout": "1", "stderr": "0"}
+    for stream, query in ((client.exec_stream(CID, ["cat"], tty=False, stdin=True, stdout=True, stderr=False),
+                           {"cmd": "cat", **stdio}),
+                          (client.attach_stream(CID, tty=False, stdin=True, stdout=True, stderr=False), stdio),
+                          (client.port_stream(8080), {"port": "8080"})):
+        async with stream as s:
+            await s.send(0, b"hi")
+            assert [await s.receive(), await s.receive(), await s.receive()] == [
+                (1, b"hi"), (3, json.dumps(query).encode()), None]
+    # Two routes serve people and tests, not the node: it keeps its own records, and takes
+    # stats as the event stream pushes them. Another is spoken before the channel is the
+    # usual one, by kiyot_py/enrollment.py (tests/cells/test_enrollment.py).
+    assert {(m, p) for m, p, _ in calls} == set(routes()) - {
+        ("GET", "/v1/containers"), ("GET", "/v1/stats"), ("PUT", "/v1/identity")}
     assert {node for _, _, node in calls} == {"node-a"}  # every call with the node's certificate
 
 
@@ -115,6 +135,9 @@ async def test_unreachable_agent_is_status_zero(pki):
         client = AgentClient(session, "https://127.0.0.1:9", pki.client_context(), "c1.cells.kiyot")
         with pytest.raises(AgentError) as err:
             await client.health(timeout=2)
+        with pytest.raises(AgentUnreachable):
+            async with client.port_stream(80):
+                pass
     assert isinstance(err.value, AgentUnreachable) and err.value.status == 0
 
 

@@ -24,6 +24,7 @@ from kiyot_py.registry.client import RegistryClient
 from kiyot_py.registry.config import RegistriesConfig
 from kiyot_py.registry.content import ContentStore
 from kiyot_py.store import Store
+from kiyot_py.streaming.server import StreamingServer
 from tests.registry.fake import PASSWORD, USER, FakeRegistry
 from tests.support.fakes import FakeAgents, FakeProvider
 
@@ -71,7 +72,10 @@ class Node:
         images = ImageManager(self.store, self.registry, RegistriesConfig.load(None), self.content)
         self.runtime = PodRuntime(self.settings, self.store, self.provider, images, agents=self.agents)
         await self.runtime.start()
-        self.server = await start_server(self.settings.socket, self.runtime, self.settings.state_dir)
+        self.streaming = StreamingServer(self.runtime.streams)
+        await self.streaming.start()
+        self.server = await start_server(self.settings.socket, self.runtime, self.settings.state_dir,
+                                         self.streaming)
         self.channel = grpc.aio.insecure_channel(f"unix://{self.settings.socket}")
         self.rt = api_pb2_grpc.RuntimeServiceStub(self.channel)
         self.img = api_pb2_grpc.ImageServiceStub(self.channel)
@@ -80,6 +84,7 @@ class Node:
     async def stop(self) -> None:
         await self.channel.close()
         await self.server.stop(grace=None)
+        await self.streaming.close()
         await self.runtime.close()
         await self.registry.close()
         self.store.close()
@@ -232,6 +237,14 @@ async def test_container_lifecycle_through_the_agent(node, tmp_path):
     body = agent.containers[cid].body
     assert body["image_digest"] == PLATFORM_DIGEST
     assert body["spec"]["process"]["args"] == ["/app"]  # the image default, from the node
+    assert (body["stdin"], body["stdin_once"], body["tty"]) == (False, False, False)
+    interactive = container_config("shell")
+    interactive.stdin = interactive.stdin_once = interactive.tty = True  # for attach, in the cell
+    shell = (await node.rt.CreateContainer(pb.CreateContainerRequest(
+        pod_sandbox_id=sid, config=interactive, sandbox_config=pod_config()))).container_id
+    assert {k: agent.containers[shell].body[k] for k in ("stdin", "stdin_once", "tty")} == dict.fromkeys(
+        ("stdin", "stdin_once", "tty"), True)
+    await node.rt.RemoveContainer(pb.RemoveContainerRequest(container_id=shell))
     assert agent.pulls[0]["digest"] == PLATFORM_DIGEST
     # The cell may fetch that manifest, its config and its layer from the node, and nothing else.
     cell_id = node.runtime.index.sandboxes[sid].cell.id
@@ -269,6 +282,38 @@ async def test_container_lifecycle_through_the_agent(node, tmp_path):
         await node.rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
     assert cid not in agent.containers
     assert (await node.rt.ListContainers(pb.ListContainersRequest())).containers == []
+
+
+async def test_container_events_follow_the_lifecycle_in_order(node):
+    stream = node.rt.GetContainerEvents(pb.GetEventsRequest())
+    seen: list[tuple[str, int]] = []
+
+    async def read() -> None:
+        async for event in stream:
+            seen.append((event.container_id, event.container_event_type))
+
+    reader = asyncio.create_task(read())
+    await asyncio.sleep(0.2)  # the stream is open before the lifecycle begins
+    sid = await run_pod(node)
+    cid = await create(node, sid)
+    await node.rt.StartContainer(pb.StartContainerRequest(container_id=cid))
+    await node.rt.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=1))
+    await node.rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
+    await node.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid))
+    await node.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    for _ in range(100):  # bounded: 10 s
+        if len(seen) >= 8:
+            break
+        await asyncio.sleep(0.1)
+    stream.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    assert [e for e in seen if e[0] == cid] == [
+        (cid, pb.CONTAINER_CREATED_EVENT), (cid, pb.CONTAINER_STARTED_EVENT),
+        (cid, pb.CONTAINER_STOPPED_EVENT), (cid, pb.CONTAINER_DELETED_EVENT)]
+    # The sandbox's own events carry its id, as containerd's do.
+    assert [e for e in seen if e[0] == sid] == [
+        (sid, pb.CONTAINER_CREATED_EVENT), (sid, pb.CONTAINER_STARTED_EVENT),
+        (sid, pb.CONTAINER_STOPPED_EVENT), (sid, pb.CONTAINER_DELETED_EVENT)]
 
 
 async def test_create_container_refuses_what_it_cannot_run(node):

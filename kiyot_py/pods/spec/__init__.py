@@ -15,7 +15,8 @@ Semantics follow containerd's CRI plugin (Kubernetes), with these deliberate
 differences, all forced by cells (see DESIGN.md):
 
 * a negative ``oom_score_adj`` is clamped to 0;
-* ``process.terminal`` is always false (no tty support in the agent yet);
+* ``process.terminal`` is false here: the agent sets it from the create body's ``tty``,
+  as conmon then makes the container's console;
 * ``NODE`` namespaces are the cell's own (a cell is the pod's "host");
 * AppArmor and SELinux options are ignored;
 * a privileged container gets every capability the cell has, no seccomp, no masked or

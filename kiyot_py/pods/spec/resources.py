@@ -47,3 +47,13 @@ def apply_resources(
         else:
             raise SpecError(f"invalid pids.max {pids!r}")
     process["oomScoreAdj"] = max(0, min(int(r.oom_score_adj), 1000))
+
+
+def linux_resources(r: api_pb2.LinuxContainerResources) -> dict[str, Any]:
+    """`r` as the cpu, memory and pids of an OCI linux.resources, converted as for a create
+    spec: what UpdateContainerResources asks the cell to apply (a field left at zero is
+    left out, and the cell keeps its value).
+    The OOM score is not among them: runc cannot change it in a running container."""
+    resources: dict[str, Any] = {}
+    apply_resources(r, resources, {})
+    return resources

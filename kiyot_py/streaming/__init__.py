@@ -1,0 +1,1 @@
+"""The streaming server the kubelet is pointed at for exec, attach and port-forward."""
