@@ -30,9 +30,12 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
 
     @rpc
     async def Status(self, request, context):
+        ready = await self._rt.readiness()
         conditions = [
-            pb.RuntimeCondition(type="RuntimeReady", status=True),
-            pb.RuntimeCondition(type="NetworkReady", status=True),
+            pb.RuntimeCondition(type="RuntimeReady", status=not ready.runtime_reason,
+                                reason=ready.runtime_reason, message=ready.runtime_message),
+            pb.RuntimeCondition(type="NetworkReady", status=not ready.network_reason,
+                                reason=ready.network_reason, message=ready.network_message),
         ]
         features = self._rt.cell_features
         handler = pb.RuntimeHandler(name="", features=pb.RuntimeHandlerFeatures(

@@ -36,7 +36,7 @@ from kiyot_py.pods.stats import StatsCache
 from kiyot_py.pods.streams import PodStreams
 from kiyot_py.pods.sync import CellSync
 from kiyot_py.pods.volumes import PodVolumes
-from kiyot_py.providers.base import CellFeatures, Provider
+from kiyot_py.providers.base import CellFeatures, Provider, Readiness
 from kiyot_py.registry.pullpath import PullGrants
 from kiyot_py.store import Store
 
@@ -129,3 +129,7 @@ class PodRuntime:
     @property
     def cell_features(self) -> CellFeatures:
         return self._provider.features
+
+    async def readiness(self) -> Readiness:
+        """Whether the provider can make cells now (Status's RuntimeReady and NetworkReady)."""
+        return await self._provider.readiness()

@@ -93,6 +93,17 @@ class CellFeatures:
 
 
 @dataclass(frozen=True)
+class Readiness:
+    """Whether the provider can make cells now, as Status tells the kubelet: a condition is
+    met when its reason is "" (the reasons are CamelCase words, the messages sentences)."""
+
+    runtime_reason: str = ""
+    runtime_message: str = ""
+    network_reason: str = ""
+    network_message: str = ""
+
+
+@dataclass(frozen=True)
 class PullEndpoint:
     """Where a provider's cells fetch images through the node (local cells only)."""
 
@@ -136,6 +147,9 @@ class Provider(Protocol):
     @property
     def reserved_ports(self) -> frozenset[int]:
         """Ports in a cell that a pod may not take (the agent's own)."""
+
+    async def readiness(self) -> Readiness:
+        """Whether cells can be made now (cheap: the kubelet asks every few seconds)."""
 
     async def launch(self, shape: CellShape, token: str) -> Cell:
         """Ask for a cell; returns once the provider has it (state pending or running).

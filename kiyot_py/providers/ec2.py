@@ -54,6 +54,7 @@ from kiyot_py.providers.base import (
     ProviderPermissionDenied,
     ProviderUnavailable,
     QuotaError,
+    Readiness,
 )
 from kiyot_py.providers.ec2_catalog import Catalog, PriceSnapshot, choose
 from kiyot_py.providers.ec2_offerings import (
@@ -137,6 +138,9 @@ def ec2_tags(tags: dict[str, str]) -> list[dict[str, str]]:
     return out
 
 
+READY_RETRY = 30.0  # seconds between tries to get ready, when Status finds the provider not ready
+
+
 class Ec2Provider:
     name = "aws"
 
@@ -161,6 +165,9 @@ class Ec2Provider:
         self._spot_fetched_at: float | None = None
         self._queue: ec2_interruptions.InterruptionQueue | None = None
         self._readying = asyncio.Lock()
+        self._not_ready = "not started"  # why the last try to get ready failed
+        self._retrying: asyncio.Task[None] | None = None
+        self._next_retry = 0.0
         self._observers: dict[str, list[asyncio.Future[dict[str, Any] | None]]] = {}
         self._poller: asyncio.Task[None] | None = None
 
@@ -195,7 +202,30 @@ class Ec2Provider:
     async def _ready(self) -> None:
         async with self._readying:
             if self._catalog is None:
-                await self._prepare()
+                try:
+                    await self._prepare()
+                except ProviderError as exc:
+                    self._not_ready = str(exc)
+                    raise
+
+    async def readiness(self) -> Readiness:
+        """Ready once the image, subnets and instance types are known. Until then the
+        kubelet reads AWS's own answer, and a try again starts in the background (at most
+        one every READY_RETRY seconds): the answer never waits for AWS."""
+        if self._catalog is not None:
+            return Readiness()
+        now = time.monotonic()
+        if (self._retrying is None or self._retrying.done()) and now >= self._next_retry:
+            self._next_retry = now + READY_RETRY
+            self._retrying = asyncio.create_task(self._try_ready())
+        return Readiness(runtime_reason="ProviderNotReady",
+                         runtime_message=f"EC2 cells cannot be launched yet: {self._not_ready}")
+
+    async def _try_ready(self) -> None:
+        try:
+            await self._ready()
+        except ProviderError as exc:
+            log.info("the EC2 provider is still not ready", error=str(exc))
 
     async def _prepare(self) -> None:
         config = botocore.config.Config(retries={"mode": "standard", "max_attempts": 5},
@@ -250,6 +280,9 @@ class Ec2Provider:
     async def close(self) -> None:
         if self._queue is not None:
             self._queue.stop()
+        if self._retrying is not None:
+            self._retrying.cancel()
+            await asyncio.gather(self._retrying, return_exceptions=True)
 
     async def launch(self, shape: CellShape, token: str) -> Cell:
         await self._ready()

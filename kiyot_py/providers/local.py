@@ -43,6 +43,7 @@ from kiyot_py.providers.base import (
     ProviderConfigError,
     ProviderUnavailable,
     PullEndpoint,
+    Readiness,
 )
 from kiyot_py.providers.hostcell import (
     cell_agent_processes,
@@ -256,6 +257,9 @@ async def _succeeds(*argv: str) -> bool:
     return await proc.wait() == 0
 
 
+IFF_UP = 0x1
+
+
 class LocalProvider:
     name = "local"
 
@@ -285,6 +289,21 @@ class LocalProvider:
         return frozenset({self._settings.agent_port})
 
     # -- shared infrastructure ------------------------------------------------
+
+    async def readiness(self) -> Readiness:
+        """A local cell needs its runtime and conmon on this host, and the cells' bridge up."""
+        missing = [tool for tool in (self._settings.runtime, "conmon") if shutil.which(tool) is None]
+        bridge = self._settings.bridge
+        try:
+            up = int(Path(f"/sys/class/net/{bridge}/flags").read_text(), 16) & IFF_UP  # noqa: ASYNC240 - sysfs
+        except (OSError, ValueError):
+            up = 0
+        return Readiness(
+            runtime_reason="RuntimeMissing" if missing else "",
+            runtime_message=f"{' and '.join(missing)} not found on this node's PATH" if missing else "",
+            network_reason="" if up else "BridgeDown",
+            network_message="" if up else f"the cells' bridge {bridge} is gone or down (restart kiyot-py to make it)",
+        )
 
     async def start(self) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)

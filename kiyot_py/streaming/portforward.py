@@ -17,7 +17,7 @@ from kiyot_py.errors import KiyotError
 from kiyot_py.streaming import spdy
 from kiyot_py.streaming.http import HttpConnection, RequestHead
 from kiyot_py.streaming.relay import CLIENT_GONE, AgentStream, Outcome, relay_port
-from kiyot_py.streaming.remotecommand import negotiate_spdy, writer_of
+from kiyot_py.streaming.remotecommand import negotiate_spdy, with_room, writer_of
 from kiyot_py.streaming.websocket import WebSocket
 
 SPDY_PROTOCOL = "portforward.k8s.io"
@@ -161,6 +161,9 @@ async def serve_websocket(conn: HttpConnection, head: RequestHead, open_port: Op
         await serve_port_session(session, open_port)
         await ws.close()
         return
+    if not ports:
+        await ws.close(1008, "no ports: name them in the PortForward request or as ?port=")
+        return
     await serve_websocket_channels(ws, protocol, open_port, ports)
 
 
@@ -225,9 +228,7 @@ class ChannelByteClient:
         self.incoming: asyncio.Queue[bytes] = asyncio.Queue(maxsize=1)
 
     def end(self) -> None:
-        if self.incoming.full():
-            self.incoming.get_nowait()
-        self.incoming.put_nowait(b"")
+        with_room(self.incoming, b"")
 
     async def read(self) -> bytes:
         return await self.incoming.get()

@@ -8,6 +8,7 @@ port by default; `/exec/TOKEN`, `/attach/TOKEN`, `/portforward/TOKEN`, GET or PO
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import urllib.parse
 from contextlib import AbstractAsyncContextManager
@@ -97,19 +98,15 @@ class StreamingServer:
             if websocket and ports is None:
                 await conn.answer(400, "query parameter 'port' must name ports within 1-65535")
                 return
-            def open_port(port: int, sandbox_id: str = request.sandbox_id) -> AbstractAsyncContextManager[AgentStream]:
-                return self._backend.port(sandbox_id, port)
+            open_port: portforward.OpenPort = functools.partial(self._backend.port, request.sandbox_id)
             if websocket:
                 await portforward.serve_websocket(conn, head, open_port, ports or ())
             else:
                 await portforward.serve_spdy(conn, head, open_port)
             return
-        if isinstance(request, ExecRequest):
-            def open_agent(r: ExecRequest = request) -> AbstractAsyncContextManager[AgentStream]:
-                return self._backend.exec(r)
-        else:
-            def open_agent(r: AttachRequest = request) -> AbstractAsyncContextManager[AgentStream]:  # type: ignore[misc]
-                return self._backend.attach(r)
+        open_agent: remotecommand.OpenAgent = (
+            functools.partial(self._backend.exec, request) if isinstance(request, ExecRequest)
+            else functools.partial(self._backend.attach, request))
         serve = remotecommand.serve_websocket if websocket else remotecommand.serve_spdy
         await serve(conn, head, open_agent, stdin=request.stdin, stdout=request.stdout,
                     stderr=request.stderr, tty=request.tty)

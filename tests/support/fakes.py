@@ -15,7 +15,7 @@ from typing import Any
 
 from kiyot_py.agent_client import AgentConflict, AgentNotFound, AgentTimeout, AgentUnreachable, ExecResult
 from kiyot_py.model import Cell, CellFacts, now_ns, to_json
-from kiyot_py.providers.base import CellEvent, CellEvents, CellFeatures, CellNotFound, CellShape
+from kiyot_py.providers.base import CellEvent, CellEvents, CellFeatures, CellNotFound, CellShape, Readiness
 
 AGENT_PORT = 9276
 
@@ -35,6 +35,7 @@ class FakeProvider:
         self._next_address = 2
         self.sink: CellEvents | None = None  # where the provider's feed goes (watch_events)
         self.interruptions: list[str] = []  # cells the provider was told are being taken back
+        self.ready = Readiness()  # what readiness() answers
 
     @property
     def features(self) -> CellFeatures:
@@ -54,6 +55,9 @@ class FakeProvider:
 
     async def start(self) -> None:
         pass
+
+    async def readiness(self) -> Readiness:
+        return self.ready
 
     async def launch(self, shape: CellShape, token: str) -> Cell:
         self.launches[token] = self.launches.get(token, 0) + 1

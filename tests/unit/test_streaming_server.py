@@ -146,6 +146,14 @@ async def test_websocket_port_forward_channels(served):
         assert await asyncio.wait_for(ws.receive_bytes(), WAIT) == b"\x02ping"
 
 
+async def test_websocket_port_forward_without_ports_is_closed(served):
+    server, backend, http = served
+    async with http.ws_connect(server.url_for(PortForwardRequest("s" * 64)), protocols=("v4.channel.k8s.io",)) as ws:
+        closing = await asyncio.wait_for(ws.receive(), WAIT)
+        assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert backend.ports == []
+
+
 def test_outcomes_as_clients_read_them():
     assert json.loads(Outcome(exit_code=0).v4_status()) == {"metadata": {}, "status": "Success"}
     failed = json.loads(Outcome(error="the cell is gone").v4_status())

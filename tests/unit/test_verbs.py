@@ -19,7 +19,14 @@ from kiyot_py.model import CellFacts, Image, Sandbox
 from kiyot_py.pods.cells import launch_token
 from kiyot_py.pods.images import ImageManager
 from kiyot_py.pods.runtime import PodRuntime
-from kiyot_py.providers.base import CapacityError, CellShape, ProviderConfigError, ProviderPermissionDenied, QuotaError
+from kiyot_py.providers.base import (
+    CapacityError,
+    CellShape,
+    ProviderConfigError,
+    ProviderPermissionDenied,
+    QuotaError,
+    Readiness,
+)
 from kiyot_py.registry.client import RegistryClient
 from kiyot_py.registry.config import RegistriesConfig
 from kiyot_py.registry.content import ContentStore
@@ -524,6 +531,20 @@ async def test_version_status_and_runtime_config(node):
     assert config.linux.cgroup_driver == pb.CGROUPFS
     await node.rt.UpdateRuntimeConfig(pb.UpdateRuntimeConfigRequest(
         runtime_config=pb.RuntimeConfig(network_config=pb.NetworkConfig(pod_cidr="10.1.0.0/24"))))
+
+
+async def test_status_tells_what_the_provider_cannot_do(node):
+    node.provider.ready = Readiness(runtime_reason="ProviderNotReady",
+                                    runtime_message="EC2 cells cannot be launched yet: AuthFailure")
+    conditions = {c.type: c for c in (await node.rt.Status(pb.StatusRequest())).status.conditions}
+    assert not conditions["RuntimeReady"].status
+    assert (conditions["RuntimeReady"].reason, conditions["RuntimeReady"].message) == (
+        "ProviderNotReady", "EC2 cells cannot be launched yet: AuthFailure")
+    assert conditions["NetworkReady"].status and not conditions["NetworkReady"].reason
+    node.provider.ready = Readiness(network_reason="BridgeDown", network_message="the bridge is gone")
+    conditions = {c.type: c for c in (await node.rt.Status(pb.StatusRequest())).status.conditions}
+    assert conditions["RuntimeReady"].status
+    assert (conditions["NetworkReady"].status, conditions["NetworkReady"].reason) == (False, "BridgeDown")
 
 
 async def test_streamed_lists_page_what_the_lists_give(node):
