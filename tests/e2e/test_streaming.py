@@ -3,9 +3,11 @@ runs them: SPDY by default and `--transport websocket`, to containers in local c
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import fcntl
 import hashlib
+import json
 import os
 import pty
 import select
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
+from tests.support.spdy_client import read_all, upgrade
 
 from .helpers import container_config, run, start, wait_for, wait_state
 
@@ -132,13 +135,14 @@ def test_exec_with_a_terminal_follows_resizes(service, sleeper, transport):
         term.kill()
 
 
-def test_attach_sees_output_and_writes_stdin(service, cri, pod, busybox):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_attach_sees_output_and_writes_stdin(service, cri, pod, busybox, transport):
     config = container_config("echo", busybox, ["sh", "-c", 'echo started; while read l; do echo "got $l"; done'],
                               stdin=True)
     cid = start(cri, pod, config)
     wait_state(cri, cid, pb.CONTAINER_RUNNING)
-    attach = subprocess.Popen(crictl_argv(service, "attach", "-i", cid), stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    argv = crictl_argv(service, "attach", "--transport", transport, "-i", cid)
+    attach = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert attach.stdin is not None and attach.stdout is not None
         attach.stdin.write(b"ping\n")
@@ -186,3 +190,25 @@ def test_port_forward_reaches_a_web_server_in_the_pod(service, cri, pod, busybox
     finally:
         forward.terminate()
         forward.wait(10)
+
+
+def test_the_error_stream_names_the_exit_code(cri, sleeper):
+    """What client-go reads at the end of an exec: the v4 status, its ExitCode cause."""
+    url = cri.Exec(pb.ExecRequest(container_id=sleeper, cmd=["sh", "-c", "echo -n bye; exit 7"],
+                                  stdout=True, stderr=True)).url
+
+    async def session() -> tuple[bytes, dict]:
+        status, _headers, client = await upgrade(url, ["v4.channel.k8s.io"])
+        assert status == 101 and client is not None
+        try:
+            streams = {kind: await client.session.open_stream({"streamtype": kind})
+                       for kind in ("error", "stdout", "stderr")}
+            await streams["error"].close_write()
+            return await read_all(streams["stdout"]), json.loads(await read_all(streams["error"]))
+        finally:
+            await client.close()
+
+    out, report = asyncio.run(session())
+    assert out == b"bye"
+    assert report["reason"] == "NonZeroExitCode"
+    assert report["details"]["causes"] == [{"reason": "ExitCode", "message": "7"}]
