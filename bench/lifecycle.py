@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -161,21 +162,30 @@ def main() -> int:
     if not 1 <= args.iterations <= 1000:
         parser.error("--iterations must be between 1 and 1000")
 
-    registry = None
-    if args.image == DEFAULT_IMAGE:
-        registry = ensure_test_registry()
-    results: dict[str, dict[str, list[float]]] = {}
-    if args.socket:
-        results["kiyot-py"] = measure(args.socket, args.image, args.iterations)
-    else:
-        with own_service() as target:
-            results["kiyot-py"] = measure(target, args.image, args.iterations)
-    if args.reference:
-        results["reference"] = measure(args.reference, args.image, args.iterations)
-    print_table(results, args.iterations)
-    if registry is not None:
-        stop_registry(registry)
+    print_table(run_sides(args, measure), args.iterations)
     return 0
+
+
+Measure = Callable[[str, str, int], dict[str, list[float]]]
+
+
+def run_sides(args: argparse.Namespace, measure: Measure) -> dict[str, dict[str, list[float]]]:
+    """`measure` on kiyot-py (`--socket`, or a service of the benchmark's own) and on the
+    `--reference` runtime if given, in one run; the tests' registry for the default image."""
+    registry = ensure_test_registry() if args.image == DEFAULT_IMAGE else None
+    results: dict[str, dict[str, list[float]]] = {}
+    try:
+        if args.socket:
+            results["kiyot-py"] = measure(args.socket, args.image, args.iterations)
+        else:
+            with own_service() as target:
+                results["kiyot-py"] = measure(target, args.image, args.iterations)
+        if args.reference:
+            results["reference"] = measure(args.reference, args.image, args.iterations)
+    finally:
+        if registry is not None:
+            stop_registry(registry)
+    return results
 
 
 if __name__ == "__main__":

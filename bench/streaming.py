@@ -29,10 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.lifecycle import DEFAULT_IMAGE, ensure_test_registry, own_service, p90, wait_ready
+from bench.lifecycle import DEFAULT_IMAGE, p90, run_sides, wait_ready
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from kiyot_py.gen.runtime.v1 import api_pb2_grpc
-from tests.support.registry import stop_registry
 
 REPO = Path(__file__).resolve().parent.parent
 KIT = Path(os.environ.get("KIYOTPY_CONFORMANCE_KIT", REPO.parent / "shared" / "conformance"))
@@ -150,18 +149,7 @@ def main() -> int:
         parser.error("--iterations must be between 1 and 1000")
     if not (KIT / "bin" / "crictl").exists():
         parser.error(f"no crictl in {KIT}/bin: set KIYOTPY_CONFORMANCE_KIT")
-    registry = ensure_test_registry() if args.image == DEFAULT_IMAGE else None
-    results: dict[str, dict[str, list[float]]] = {}
-    if args.socket:
-        results["kiyot-py"] = measure(args.socket, args.image, args.iterations)
-    else:
-        with own_service() as target:
-            results["kiyot-py"] = measure(target, args.image, args.iterations)
-    if args.reference:
-        results["reference"] = measure(args.reference, args.image, args.iterations)
-    print_table(results, args.iterations)
-    if registry is not None:
-        stop_registry(registry)
+    print_table(run_sides(args, measure), args.iterations)
     return 0
 
 

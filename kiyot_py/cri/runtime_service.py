@@ -9,9 +9,9 @@ from kiyot_py.cri import convert, metrics
 from kiyot_py.cri.errors import answer_unimplemented, rpc
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from kiyot_py.gen.runtime.v1 import api_pb2_grpc
-from kiyot_py.model import Sandbox, now_ns, to_json
+from kiyot_py.model import Container, Sandbox, now_ns, to_json
 from kiyot_py.pods.runtime import PodRuntime
-from kiyot_py.pods.stats import PodUsage
+from kiyot_py.pods.stats import ContainerUsage, PodUsage
 from kiyot_py.streaming import requests as streams
 from kiyot_py.streaming.server import StreamingServer
 
@@ -204,16 +204,20 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         for page in convert.pages(self._container_stats(request.filter)):
             yield pb.StreamContainerStatsResponse(container_stats=page)
 
-    def _pod_stats(self, sb: Sandbox, usage: PodUsage | None) -> pb.PodSandboxStats:
-        containers = self._container_stats(pb.ContainerStatsFilter(pod_sandbox_id=sb.id))
-        return convert.pod_sandbox_stats(sb, usage, containers, now_ns())
+    def _pod_stats(self, sb: Sandbox, usage: PodUsage | None,
+                   containers: list[tuple[Container, ContainerUsage | None]]) -> pb.PodSandboxStats:
+        now, fs = now_ns(), self._rt.stats.layer_filesystem
+        return convert.pod_sandbox_stats(sb, usage, [convert.container_stats(c, u, fs, now) for c, u in containers],
+                                         now)
 
     @rpc
     async def PodSandboxStats(self, request, context):
-        return pb.PodSandboxStatsResponse(stats=self._pod_stats(*self._rt.stats.sandbox(request.pod_sandbox_id)))
+        sb, usage = self._rt.stats.sandbox(request.pod_sandbox_id)
+        return pb.PodSandboxStatsResponse(stats=self._pod_stats(sb, usage, self._rt.stats.containers(
+            sandbox_prefix=sb.id)))
 
     def _pods_stats(self, f: pb.PodSandboxStatsFilter) -> list[pb.PodSandboxStats]:
-        return [self._pod_stats(sb, usage) for sb, usage in self._rt.stats.sandboxes(f.id, dict(f.label_selector))]
+        return [self._pod_stats(*found) for found in self._rt.stats.sandboxes(f.id, dict(f.label_selector))]
 
     @rpc
     async def ListPodSandboxStats(self, request, context):
@@ -230,8 +234,8 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
 
     def _pod_metrics(self) -> list[pb.PodSandboxMetrics]:
         stats = self._rt.stats
-        return [metrics.pod_sandbox_metrics(sb, usage, stats.containers(sandbox_prefix=sb.id), stats.layer_filesystem)
-                for sb, usage in stats.sandboxes()]
+        return [metrics.pod_sandbox_metrics(sb, usage, containers, stats.layer_filesystem)
+                for sb, usage, containers in stats.sandboxes()]
 
     @rpc
     async def ListPodSandboxMetrics(self, request, context):

@@ -215,7 +215,13 @@ class StatsCache:
             raise Unavailable(f"pod sandbox {sb.id} is not ready: its cell runs no more")
         return sb, self._pods.get(sb.id)
 
-    def sandboxes(self, id_prefix: str = "",
-                  labels: dict[str, str] | None = None) -> list[tuple[Sandbox, PodUsage | None]]:
-        """The ready sandboxes the filter names: one whose cell runs no more uses nothing."""
-        return [(sb, self._pods.get(sb.id)) for sb in self._index.list_sandboxes(id_prefix, SANDBOX_READY, labels)]
+    def sandboxes(self, id_prefix: str = "", labels: dict[str, str] | None = None
+                  ) -> list[tuple[Sandbox, PodUsage | None, list[tuple[Container, ContainerUsage | None]]]]:
+        """The ready sandboxes the filter names (one whose cell runs no more uses nothing),
+        each with its containers: one pass over the containers, whatever the number of pods."""
+        chosen = self._index.list_sandboxes(id_prefix, SANDBOX_READY, labels)
+        by_sandbox: dict[str, list[tuple[Container, ContainerUsage | None]]] = {sb.id: [] for sb in chosen}
+        for c in self._index.containers.values():
+            if c.sandbox_id in by_sandbox:
+                by_sandbox[c.sandbox_id].append((c, self._containers.get(c.id)))
+        return [(sb, self._pods.get(sb.id), by_sandbox[sb.id]) for sb in chosen]

@@ -8,7 +8,6 @@ connection is one agent stream to the port inside the pod's network.
 from __future__ import annotations
 
 import asyncio
-import base64
 import struct
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -171,14 +170,7 @@ async def serve_websocket_channels(ws: WebSocket, protocol: str, open_port: Open
                                    ports: tuple[int, ...]) -> None:
     """Port i's bytes on channel 2i, its errors on 2i+1; each channel first carries its
     port (u16, little-endian). One connection per port, for the WebSocket's life."""
-    as_text = "base64" in protocol
-
-    async def send(channel: int, payload: bytes) -> None:
-        if as_text:
-            await ws.send(chr(ord("0") + channel) + base64.b64encode(payload).decode())
-        else:
-            await ws.send(bytes([channel]) + payload)
-
+    send = ws.send_channel
     clients = [ChannelByteClient(send, 2 * i) for i in range(len(ports))]
     for i, port in enumerate(ports):
         await send(2 * i, struct.pack("<H", port))
@@ -187,15 +179,8 @@ async def serve_websocket_channels(ws: WebSocket, protocol: str, open_port: Open
 
     async def read_client() -> None:
         try:
-            while (message := await ws.receive()) is not None:
-                if isinstance(message, str):
-                    if not as_text or not message:
-                        continue
-                    channel, payload = ord(message[0]) - ord("0"), base64.b64decode(message[1:])
-                elif message:
-                    channel, payload = message[0], message[1:]
-                else:
-                    continue
+            while (message := await ws.receive_channel()) is not None:
+                channel, payload = message
                 if channel % 2 == 0 and channel // 2 < len(clients) and payload:
                     await clients[channel // 2].incoming.put(payload)
         finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -88,11 +88,6 @@ async def relay_command(client: CommandClient, agent: AgentStream, *, stdin: boo
     """Copy stdin and resizes to the agent and its output back, until the agent's status
     (or the client leaving, which ends the session in the cell)."""
 
-    async def pump_stdin() -> None:
-        while data := await client.read_stdin():
-            await agent.send(STDIN, data)
-        await agent.close_stdin()
-
     async def pump_resizes() -> None:
         while (size := await client.next_resize()) is not None:
             await agent.resize(*size)
@@ -106,7 +101,7 @@ async def relay_command(client: CommandClient, agent: AgentStream, *, stdin: boo
                 return Outcome.of_status(payload)
         return Outcome(error="the cell ended the stream without a status")
 
-    helpers = [pump_stdin()] if stdin else []
+    helpers = [_copy_in(client.read_stdin, agent)] if stdin else []
     if tty:
         helpers.append(pump_resizes())
     return await _until_status(pump_output(), helpers, client.gone)
@@ -124,11 +119,6 @@ async def relay_port(client: ByteClient, agent: AgentStream, gone: asyncio.Event
     """Copy one forwarded connection both ways, half-closes included, until the agent's
     status: the connection in the cell is over."""
 
-    async def pump_up() -> None:
-        while data := await client.read():
-            await agent.send(STDIN, data)
-        await agent.close_stdin()
-
     async def pump_down() -> Outcome:
         while (message := await agent.receive()) is not None:
             channel, payload = message
@@ -138,7 +128,14 @@ async def relay_port(client: ByteClient, agent: AgentStream, gone: asyncio.Event
                 return Outcome.of_status(payload)
         return Outcome(error="the cell ended the stream without a status")
 
-    return await _until_status(pump_down(), [pump_up()], gone)
+    return await _until_status(pump_down(), [_copy_in(client.read, agent)], gone)
+
+
+async def _copy_in(read: Callable[[], Awaitable[bytes]], agent: AgentStream) -> None:
+    """The client's bytes to the agent's stdin channel, then its end."""
+    while data := await read():
+        await agent.send(STDIN, data)
+    await agent.close_stdin()
 
 
 async def _until_status(main: Coroutine[Any, Any, Outcome], helpers: list[Coroutine[Any, Any, None]],

@@ -6,8 +6,6 @@ relayed to the cell's agent (relay.py). The wire facts: ../shared/reference/stre
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -189,7 +187,6 @@ def writer_of(conn: HttpConnection) -> Callable[[bytes], Awaitable[None]]:
 class WebSocketCommandClient:
     def __init__(self, ws: WebSocket, protocol: str) -> None:
         self._ws = ws
-        self._base64 = "base64" in protocol
         self._v5 = protocol.startswith("v5.")
         self._status_json = protocol.startswith(("v4.", "v5."))
         # One message of stdin at a time: the client's socket is read no faster than the
@@ -200,17 +197,14 @@ class WebSocketCommandClient:
         self.gone = asyncio.Event()
 
     async def start(self, first_channel: int) -> None:
-        await self._send(first_channel, b"")  # the client learns the session is up
+        await self._ws.send_channel(first_channel, b"")  # the client learns the session is up
         self._reader = asyncio.create_task(self._read_client())
 
     async def _read_client(self) -> None:
         stdin_open = True
         try:
-            while (message := await self._ws.receive()) is not None:
-                decoded = self._decode(message)
-                if decoded is None:
-                    continue
-                channel, payload = decoded
+            while (message := await self._ws.receive_channel()) is not None:
+                channel, payload = message
                 if channel == STDIN and stdin_open and payload:
                     await self._stdin.put(payload)
                 elif channel == RESIZE:
@@ -226,22 +220,6 @@ class WebSocketCommandClient:
                 with_room(self._stdin, b"")
             with_room(self._resizes, None)
 
-    def _decode(self, message: bytes | str) -> tuple[int, bytes] | None:
-        if isinstance(message, str):
-            if not self._base64 or not message:
-                return None
-            try:
-                return ord(message[0]) - ord("0"), base64.b64decode(message[1:])
-            except (binascii.Error, ValueError):
-                return None
-        return (message[0], message[1:]) if message else None
-
-    async def _send(self, channel: int, payload: bytes) -> None:
-        if self._base64:
-            await self._ws.send(chr(ord("0") + channel) + base64.b64encode(payload).decode())
-        else:
-            await self._ws.send(bytes([channel]) + payload)
-
     async def read_stdin(self) -> bytes:
         return await self._stdin.get()
 
@@ -249,13 +227,13 @@ class WebSocketCommandClient:
         return await self._resizes.get()
 
     async def write(self, channel: int, data: bytes) -> None:
-        await self._send(channel, data)
+        await self._ws.send_channel(channel, data)
 
     async def finish(self, outcome: Outcome) -> None:
         report = outcome.v4_status() if self._status_json else outcome.text()
         try:
             if report:
-                await self._send(STATUS, report)
+                await self._ws.send_channel(STATUS, report)
         except ConnectionError:
             pass
         await self._ws.close()

@@ -7,6 +7,8 @@ before `receive` reports the end.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 
 from wsproto import ConnectionType, WSConnection
@@ -37,6 +39,7 @@ class WebSocket:
         self._parts: list[bytes | str] = []
         self._size = 0
         self.closed = False
+        self._base64 = False  # the channel protocol's base64 variant: text messages
 
     async def handshake(self, head: RequestHead, choose: list[str]) -> str | None:
         """Accept the client's upgrade with the first of its offered subprotocols that is
@@ -58,6 +61,7 @@ class WebSocket:
             await self._conn.answer(400, f"bad WebSocket upgrade: {exc}")
             return None
         await self._write(self._ws.send(AcceptConnection(subprotocol=chosen or None)))
+        self._base64 = "base64" in chosen
         return chosen
 
     async def _write(self, data: bytes) -> None:
@@ -112,6 +116,29 @@ class WebSocket:
             except RemoteProtocolError:
                 self.closed = True
                 return None
+
+    # The channel protocols (k8s.io's remotecommand and port-forward): each message is a
+    # channel byte then the payload, or in the base64 variants, text: the channel as a
+    # digit, then the payload in base64.
+
+    async def send_channel(self, channel: int, payload: bytes) -> None:
+        if self._base64:
+            await self.send(chr(ord("0") + channel) + base64.b64encode(payload).decode())
+        else:
+            await self.send(bytes([channel]) + payload)
+
+    async def receive_channel(self) -> tuple[int, bytes] | None:
+        """The next (channel, payload); None once closed. Undecodable messages are skipped."""
+        while (message := await self.receive()) is not None:
+            if isinstance(message, bytes):
+                if message:
+                    return message[0], message[1:]
+            elif self._base64 and message:
+                try:
+                    return ord(message[0]) - ord("0"), base64.b64decode(message[1:], validate=True)
+                except (binascii.Error, ValueError):
+                    continue
+        return None
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self.closed:
