@@ -282,7 +282,7 @@ class _Cfg:
 def test_umoci_past_its_timeout_is_killed_and_frees_the_locks(tmp_path, monkeypatch, cell_images, hostile,
                                                                pull_node):
     """A layer that got past the check (marked checked, as by an older check) with a FIFO at
-    etc/group: `umoci unpack` blocks resolving the image's User; it is killed at the bound,
+    etc/group: umoci blocks resolving the image's User; it is killed at the bound,
     and the same store pulls and unpacks busybox."""
     monkeypatch.setattr(cell_images_mod, "UNPACK_TIMEOUT", 3.0)
     img = hostile["hostile-fifo-group"]
