@@ -217,19 +217,26 @@ _PROTOCOLS = {api_pb2.TCP: "tcp", api_pb2.UDP: "udp"}
 
 
 def host_ports(config: api_pb2.PodSandboxConfig) -> list[HostPort]:
-    """The sandbox's port mappings that ask for a port on the node (host_port > 0)."""
+    """The sandbox's port mappings that ask for a port on the node (host_port > 0).
+
+    A hostNetwork pod has its cell's network, never the node's; what it serves on the
+    node's network is what it declares: each mapping of only a container port is that
+    port on the node too (the kubelet sends host_port = container_port for such a pod)."""
+    nso = config.linux.security_context.namespace_options
+    host_network = nso.network == api_pb2.NODE
     ports: list[HostPort] = []
     for m in config.port_mappings:
-        if m.host_port <= 0:
+        host_port = m.host_port if m.host_port > 0 or not host_network else m.container_port
+        if host_port <= 0:
             continue  # only a container port: the pod IP serves it as it is
-        if m.host_port > 65535 or not 0 < m.container_port <= 65535:
-            raise InvalidArgument(f"port mapping {m.host_port}->{m.container_port} is out of range")
+        if host_port > 65535 or not 0 < m.container_port <= 65535:
+            raise InvalidArgument(f"port mapping {host_port}->{m.container_port} is out of range")
         protocol = _PROTOCOLS.get(m.protocol)
         if protocol is None:
             raise InvalidArgument(
-                f"host port {m.host_port}: protocol {api_pb2.Protocol.Name(m.protocol)} is not supported")
-        port = HostPort(protocol, m.host_ip, m.host_port, m.container_port)
-        if any((p.protocol, p.host_ip, p.host_port) == (protocol, m.host_ip, m.host_port) for p in ports):
+                f"host port {host_port}: protocol {api_pb2.Protocol.Name(m.protocol)} is not supported")
+        port = HostPort(protocol, m.host_ip, host_port, m.container_port)
+        if any((p.protocol, p.host_ip, p.host_port) == (protocol, m.host_ip, host_port) for p in ports):
             raise InvalidArgument(f"host port {port} is mapped twice")
         ports.append(port)
     return ports

@@ -64,11 +64,11 @@ def test_a_hostname_longer_than_64_bytes_is_refused(cri, tmp_path):
                 if sb.metadata.name == "long-hostname"]
 
 
-def serve_web(cri, img, test_images, pod) -> None:
-    """busybox's httpd on the pod's port 8080, serving the test image's /www."""
+def serve_web(cri, img, test_images, pod, port: int = 8080) -> None:
+    """busybox's httpd on the pod's `port`, serving the test image's /www."""
     ref = test_images["busybox"].ref
     pull(img, ref)
-    run(cri, pod, "web", ref, ["httpd", "-f", "-p", "8080", "-h", "/www"])
+    run(cri, pod, "web", ref, ["httpd", "-f", "-p", str(port), "-h", "/www"])
 
 
 def wait_for_page(url: str) -> bytes | None:
@@ -134,6 +134,27 @@ def test_host_ports_come_back_after_a_restart(service, cri, img, test_images, tm
         assert b"hello from kiyot" in wait_for_page(f"http://127.0.0.1:{host_port}/index.html")
     finally:
         remove_pod(service.runtime, sandbox_id)
+
+
+def test_a_host_network_pod_serves_its_declared_ports_on_the_node(cri, img, test_images, tmp_path):
+    # hostNetwork is the cell's network; a port it declares (critest's "portforward in host
+    # network" declares only a container port) is that port on the node as well.
+    port = free_port()
+    config = sandbox_config("host-network-port", tmp_path)
+    config.linux.security_context.namespace_options.network = pb.NODE
+    config.port_mappings.append(pb.PortMapping(protocol=pb.TCP, container_port=port))
+    sandbox_id = run_pod(cri, config)
+    try:
+        serve_web(cri, img, test_images, (sandbox_id, config), port)
+        ip = cri.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)).status.network.ip
+
+        assert b"hello from kiyot" in wait_for_page(f"http://127.0.0.1:{port}/index.html")
+        assert ip != "127.0.0.1" and b"hello from kiyot" in wait_for_page(f"http://{ip}:{port}/index.html")
+    finally:
+        remove_pod(cri, sandbox_id)
+    with socket.socket() as s:  # removed: the node no longer listens there
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
 
 
 def test_a_container_port_alone_is_served_at_the_pod_ip(cri, img, test_images, tmp_path):
