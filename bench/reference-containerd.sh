@@ -191,6 +191,19 @@ server = "http://$REGISTRY"
   capabilities = ["pull", "resolve"]
   skip_verify = true
 EOF
+# The conformance kit's images (critest pulls registry.k8s.io/... and gcr.io/...) come from
+# the same registry, as the kit's registries.conf sends them there for kiyot-py: critest
+# runs against both runtimes offline.
+for upstream in registry.k8s.io gcr.io; do
+    mkdir -p "$ETC/certs.d/$upstream"
+    cat >"$ETC/certs.d/$upstream/hosts.toml" <<EOF
+server = "https://$upstream"
+
+[host."http://$REGISTRY"]
+  capabilities = ["pull", "resolve"]
+  skip_verify = true
+EOF
+done
 
 # isGateway=false: no address on the bridge, so the bridge plugin leaves net.ipv4.ip_forward
 # alone (with isGateway it turns it on host-wide); the pods need no route out for the bench.

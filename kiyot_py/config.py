@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,24 @@ class StreamingSettings:
 
 
 @dataclass
+class PoolSettings:
+    """A warm pool (`[[pools]]`): standby cells of one shape, booted and their agents
+    answering, that RunPodSandbox claims instead of waiting for a boot."""
+
+    name: str = "default"  # a tag value: lower-case letters, digits and '-'
+    size: int = 0  # standby cells kept ready (0: the pool is off)
+    # The standby cells' shape, as a pod's requests would give it (0: the provider's
+    # smallest cell). A pod is given a standby cell only if that cell fits it.
+    cpu_millis: int = 0
+    memory_mib: int = 0
+    architecture: str = ""  # GOARCH; "": the provider's default
+
+
+POOL_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+MAX_POOL_SIZE = 64
+
+
+@dataclass
 class Settings:
     socket: Path = Path("/run/kiyot-py/kiyot.sock")
     state_dir: Path = Path("/var/lib/kiyot-py")
@@ -108,6 +127,7 @@ class Settings:
     aws: AwsSettings = field(default_factory=AwsSettings)
     volumes: VolumeSettings = field(default_factory=VolumeSettings)
     streaming: StreamingSettings = field(default_factory=StreamingSettings)
+    pools: list[PoolSettings] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.provider not in ("local", "aws"):
@@ -147,6 +167,18 @@ class Settings:
                 raise ConfigError(
                     f"local.deny_egress: {entry!r} is not a CIDR such as 10.0.0.0/8 or fd00::/8 ({exc})"
                 ) from None
+        names: set[str] = set()
+        for i, pool in enumerate(self.pools):
+            where = f"pools[{i}]"
+            if not POOL_NAME_RE.match(pool.name):
+                raise ConfigError(f"{where}.name {pool.name!r}: use 1-32 lower-case letters, digits and '-'")
+            if pool.name in names:
+                raise ConfigError(f"{where}.name {pool.name!r}: two pools have this name")
+            names.add(pool.name)
+            if not 0 <= pool.size <= MAX_POOL_SIZE:
+                raise ConfigError(f"{where}.size must be within 0-{MAX_POOL_SIZE}, got {pool.size}")
+            if pool.cpu_millis < 0 or pool.memory_mib < 0:
+                raise ConfigError(f"{where}: cpu_millis and memory_mib cannot be negative")
         if self.registries_conf is not None and not self.registries_conf.is_file():
             raise ConfigError(f"registries_conf {self.registries_conf} does not exist")
 
@@ -160,12 +192,26 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
         if key not in names:
             raise ConfigError(f"{where}: unknown setting {key!r}")
         current = getattr(obj, key)
+        item_type = _TABLE_ARRAYS.get(str(names[key].type))
+        if item_type is not None:  # an array of tables, e.g. [[pools]]
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ConfigError(f"{where}: {key} must be an array of tables ([[{key}]])")
+            items = []
+            for i, table in enumerate(value):
+                item = item_type()
+                _apply(item, table, f"{where}.{key}[{i}]")
+                items.append(item)
+            setattr(obj, key, items)
+            continue
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: {key} must be a table")
             _apply(current, value, f"{where}.{key}")
             continue
         setattr(obj, key, _coerce(str(names[key].type), value, f"{where}.{key}"))
+
+
+_TABLE_ARRAYS: dict[str, type] = {"list[PoolSettings]": PoolSettings}
 
 
 def _coerce(type_name: str, value: Any, where: str) -> object:

@@ -42,11 +42,16 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
             recursive_read_only_mounts=features.recursive_read_only_mounts,
             user_namespaces=features.user_namespaces,
         ))
+        info = {}
+        if request.verbose and self._rt.pools is not None:  # `crictl info`: the warm pools' fill
+            info["pools"] = json.dumps({name: {"ready": ready_n, "size": size}
+                                        for name, (ready_n, size) in self._rt.pools.sizes().items()})
         return pb.StatusResponse(
             status=pb.RuntimeStatus(conditions=conditions),
             runtime_handlers=[handler],
             # The agent resolves users in the rootfs with either policy (Merge, Strict).
             features=pb.RuntimeFeatures(supplemental_groups_policy=True),
+            info=info,
         )
 
     @rpc

@@ -3,7 +3,8 @@
 Bringing a cell up is three waits, each of its own: the provider accepts the launch
 (`launch`, idempotent by a token derived from the pod), the provider says it runs
 (`wait_running`, tens of seconds for a VM), its agent answers (polled here). Then the
-node learns the cell's facts, from which every container spec is built.
+node learns the cell's facts, from which every container spec is built. With warm pools
+(pool.py), a sandbox first claims a standby cell that has been through all of it.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import structlog
 
 from kiyot_py.agent_client import AgentClient, AgentError, AgentUnreachable
 from kiyot_py.config import Settings
 from kiyot_py.crashpoints import crash_point
-from kiyot_py.errors import DeadlineExceeded, FailedPrecondition
+from kiyot_py.errors import DeadlineExceeded, FailedPrecondition, KiyotError
 from kiyot_py.gen.runtime.v1 import api_pb2
 from kiyot_py.model import Cell, CellFacts, Sandbox, from_json
 from kiyot_py.providers.base import (
@@ -27,14 +29,21 @@ from kiyot_py.providers.base import (
     TAG_POD,
     TAG_POD_ATTEMPT,
     TAG_POD_UID,
+    TAG_POOL,
     TAG_ROLE,
     TAG_SANDBOX,
+    CellNotFound,
     CellShape,
     Provider,
 )
 from kiyot_py.registry.pullpath import PullGrants
 
+if TYPE_CHECKING:
+    from kiyot_py.pods.pool import WarmPools
+
 log = structlog.get_logger("kiyot.pods.cells")
+
+CLAIM_HEALTH_TIMEOUT = 2.0  # seconds a claimed standby cell's agent has to answer
 
 # Makes the agent client for a cell; tests give a fake agent here.
 AgentFactory = Callable[[Cell], AgentClient]
@@ -77,6 +86,7 @@ class Cells:
         self._agents = agents
         self._enroll = enroll
         self.grants = grants if grants is not None else PullGrants()  # what each cell may fetch
+        self.pools: WarmPools | None = None  # set by the runtime when pools are configured
 
     async def terminate(self, cell_id: str) -> None:
         """Take the cell down (idempotent), and with it what it may fetch from the node."""
@@ -115,30 +125,88 @@ class Cells:
                          runtime_handler=sb.runtime_handler, tags=tags, annotations=dict(sb.annotations))
 
     async def launch(self, sb: Sandbox, save: Callable[[Sandbox], None]) -> AgentClient:
-        """Bring the sandbox's cell up until its agent answers and its facts are known."""
-        sb.cell = await self.provider.launch(self.shape(sb), sb.launch_token)
-        save(sb)  # the cell is recorded before the long waits: a restart finds it
+        """Bring the sandbox's cell up until its agent answers and its facts are known: a
+        warm pool's standby cell when one fits (up already), else a cell of its own."""
+        shape = self.shape(sb)
+        agent = await self._claim(sb, shape, save)
+        if agent is not None:
+            return agent
+        if sb.cell is None or TAG_POOL not in sb.cell.tags:  # not a claim resumed after a restart
+            sb.cell = await self.provider.launch(shape, sb.launch_token)
+            save(sb)  # the cell is recorded before the long waits: a restart finds it
+
+        def record(cell: Cell) -> None:
+            sb.cell = cell
+            save(sb)
+
+        await self.bring_up(sb.cell, record)
+        return self.agent(sb)
+
+    async def bring_up(self, cell: Cell, record: Callable[[Cell], None]) -> Cell:
+        """Wait until a launched cell runs, is enrolled and its agent answers, then learn
+        its facts; `record` is given the cell each time more of it is known."""
         # One deadline for the whole start (running, enrolled, its agent answering), so that
         # RunPodSandbox answers within the kubelet's runtime request timeout (2 minutes).
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.cell_boot_timeout
-        sb.cell = await self.provider.wait_running(sb.cell.id, max(0.0, deadline - loop.time()))
-        save(sb)
-        if sb.cell.enrollment == "console":
-            await self._enroll_cell(sb.cell, deadline)
-        agent = self.agent(sb)
+        cell = await self.provider.wait_running(cell.id, max(0.0, deadline - loop.time()))
+        record(cell)
+        if cell.enrollment == "console":
+            await self._enroll_cell(cell, deadline)
+        agent = self._agents(cell)
         await self._wait_for_agent(agent, deadline)
         crash_point("cell-agent-answering")
-        await self.learn_facts(sb, agent)
-        save(sb)
+        cell.facts = from_json(CellFacts, await agent.facts())
+        log.info("cell facts", cell=cell.id, sandbox=cell.sandbox_id, architecture=cell.facts.architecture,
+                 kernel=cell.facts.kernel)
+        record(cell)
+        return cell
+
+    async def _claim(self, sb: Sandbox, shape: CellShape, save: Callable[[Sandbox], None]) -> AgentClient | None:
+        """The agent of a standby cell claimed for the sandbox, or None: launch one.
+
+        The claim is saved on the sandbox before the cell is retagged as the pod's: after a
+        kill -9 between the two, the record owns the cell, the pool never hands it out
+        again, and the adopted sandbox's launch takes it over here (and then through the
+        whole bring-up, as nothing of it is known after a restart)."""
+        claimed_now = False
+        if sb.cell is None and self.pools is not None:
+            cell = self.pools.claim(shape)
+            if cell is None:
+                return None
+            sb.cell, claimed_now = cell, True
+            save(sb)
+            crash_point("pool-claim-recorded")
+        if sb.cell is None or TAG_POOL not in sb.cell.tags:
+            return None
+        cell = sb.cell
+        try:
+            await self.provider.retag(cell.id, shape.tags)
+            cell.tags.update(shape.tags)
+            cell.sandbox_id = sb.id
+            save(sb)
+            crash_point("pool-cell-retagged")
+            if not claimed_now:
+                return None
+            agent = self.agent(sb)
+            await agent.health(timeout=CLAIM_HEALTH_TIMEOUT)  # waiting for a pod, it may have died
+        except (CellNotFound, AgentError) as exc:
+            log.warning("a standby cell failed its claim: launching one for the pod", sandbox=sb.id,
+                        cell=cell.id, error=str(exc))
+            try:
+                await self.terminate(cell.id)
+            except KiyotError as cleanup:  # still tagged as the pod's: the orphan collector's then
+                log.warning("terminating a failed standby cell failed", cell=cell.id, error=str(cleanup))
+            sb.cell = None
+            save(sb)
+            return None
+        log.info("standby cell claimed", sandbox=sb.id, cell=cell.id, pool=cell.tags.get(TAG_POOL, ""))
         return agent
 
     async def learn_facts(self, sb: Sandbox, agent: AgentClient) -> CellFacts:
         assert sb.cell is not None
         if sb.cell.facts is None:
             sb.cell.facts = from_json(CellFacts, await agent.facts())
-            log.info("cell facts", sandbox=sb.id, architecture=sb.cell.facts.architecture,
-                     kernel=sb.cell.facts.kernel)
         return sb.cell.facts
 
     async def _enroll_cell(self, cell: Cell, deadline: float) -> None:

@@ -64,6 +64,7 @@ class OrphanCollector:
             and cell.id not in owned and cell.tags.get(TAG_SANDBOX, cell.sandbox_id) not in creating
             and cell.launched_at <= young
         }
+        log.debug("orphan collection pass", cells=len(cells), orphans=len(orphans & self._suspects))
         for cell_id in orphans & self._suspects:
             log.info("terminating orphan cell", cell=cell_id)
             await self._provider.terminate(cell_id)

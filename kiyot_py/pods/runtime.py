@@ -10,8 +10,9 @@
 
 Beside them: `cells.py` (bringing a cell up, its agent), `sync.py` (watchers, log
 shippers), `recovery.py` (after a restart), `cellwatch.py` (cells that went away: spot
-interruptions, instances terminated or stopped), `gc.py` (orphan cells), `index.py` (the
-records). The provider and the agent client are injected: tests give fakes.
+interruptions, instances terminated or stopped), `gc.py` (orphan cells), `pool.py` (warm
+pools of standby cells), `index.py` (the records). The provider and the agent client are
+injected: tests give fakes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kiyot_py.pods.containers import Containers
 from kiyot_py.pods.gc import OrphanCollector
 from kiyot_py.pods.images import ImageManager
 from kiyot_py.pods.index import Index
+from kiyot_py.pods.pool import WarmPools
 from kiyot_py.pods.recovery import recover
 from kiyot_py.pods.sandboxes import Sandboxes
 from kiyot_py.pods.stats import StatsCache
@@ -65,12 +67,17 @@ class PodRuntime:
         self.cell_images = CellImages(self.index, cells, images)
         self.gc = OrphanCollector(self.index, provider, settings.node_name, settings.gc_interval,
                                   settings.gc_grace)
+        self.pools = WarmPools(settings, cells, self.index) if any(p.size for p in settings.pools) else None
+        cells.pools = self.pools
 
     async def start(self) -> None:
-        """Recover what the records name, then start watching cells and collecting orphans."""
+        """Recover what the records name, then start watching cells, collecting orphans and
+        keeping the warm pools full (after recovery: a claimed cell is its sandbox's)."""
         await recover(self.index, self.cells, self.sync, self.sandboxes, self._hostports, self.volumes)
         self.watch.start()
         self.gc.start()
+        if self.pools is not None:
+            await self.pools.start()
 
     async def _cell_lost(self, sb: Sandbox, now: Cell | None, reason: str, message: str) -> None:
         """A ready sandbox's cell runs no more: not ready, its containers exited; what is
@@ -94,7 +101,9 @@ class PodRuntime:
             self.index.save(sb)
 
     async def close(self) -> None:
-        """Stop watching, shipping and collecting; cells and containers keep running."""
+        """Stop watching, shipping, collecting and refilling; cells and containers keep running."""
+        if self.pools is not None:
+            await self.pools.close()
         await self.watch.close()
         await self.gc.close()
         await self.sync.close()

@@ -27,7 +27,10 @@ TAG_POD = "kiyot-pod"
 TAG_ROLE = "kiyot-role"
 TAG_POD_UID = "kiyot-pod-uid"
 TAG_POD_ATTEMPT = "kiyot-pod-attempt"
+# The warm pool a cell was launched for; it keeps the tag once a pod claimed it.
+TAG_POOL = "kiyot-pool"
 ROLE_POD = "pod"
+ROLE_STANDBY = "standby"
 POD_LABEL_TAG_PREFIX = "pod-label:"
 
 
@@ -155,6 +158,14 @@ class Provider(Protocol):
         """Ask for a cell; returns once the provider has it (state pending or running).
 
         The same token always gives the same cell, also after a restart of the node."""
+
+    def fits(self, cell: Cell, shape: CellShape) -> bool:
+        """Whether a cell already running (a standby one) would do for a pod of this shape:
+        what a launch for the shape might have chosen, or more."""
+
+    async def retag(self, cell_id: str, tags: dict[str, str]) -> None:
+        """Set these tags on the cell (others stay): a standby cell becomes a pod's.
+        Idempotent; CellNotFound when the cell is gone."""
 
     async def wait_running(self, cell_id: str, timeout: float) -> Cell:
         """Wait until the cell runs and has its address; CellNotFound when it is gone."""

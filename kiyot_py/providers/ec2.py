@@ -43,6 +43,7 @@ from kiyot_py.pki import NodePKI, cell_server_name
 from kiyot_py.providers import ec2_interruptions
 from kiyot_py.providers.base import (
     TAG_NODE,
+    TAG_ROLE,
     TAG_SANDBOX,
     CapacityError,
     CellEvents,
@@ -56,7 +57,7 @@ from kiyot_py.providers.base import (
     QuotaError,
     Readiness,
 )
-from kiyot_py.providers.ec2_catalog import Catalog, PriceSnapshot, choose
+from kiyot_py.providers.ec2_catalog import Catalog, Choice, PriceSnapshot, choose
 from kiyot_py.providers.ec2_offerings import (
     SPOT,
     Offering,
@@ -377,6 +378,26 @@ class Ec2Provider:
         raise CellNotFound("every instance launched for this pod attempt was terminated (or its "
                            "launch refused as another request's)")
 
+    def fits(self, cell: Cell, shape: CellShape) -> bool:
+        """A running instance fits a pod when its type is one a launch for the pod might
+        choose (size, architecture, allow-list, an explicit type) in a market the pod's
+        spot policy takes."""
+        if self._catalog is None:
+            return False
+        policy = spot_policy(shape.annotations.get(ANNOTATION_SPOT, ""), self._s.spot)
+        market = cell.offering.get("market", "")
+        if (policy == "never" and market == "spot") or (policy == "always" and market != "spot"):
+            return False
+        try:
+            choices = self._choices(shape)
+        except errors.KiyotError:
+            return False
+        return cell.offering.get("instance_type", "") in {c.instance_type.name for c in choices}
+
+    async def retag(self, cell_id: str, tags: dict[str, str]) -> None:
+        await self._call("tagging the cell", self._ec2.create_tags, Resources=[cell_id], Tags=ec2_tags(tags))
+        log.info("instance retagged", instance=cell_id, role=tags.get(TAG_ROLE, ""))
+
     async def wait_running(self, cell_id: str, timeout: float) -> Cell:
         state = "pending"
         try:
@@ -522,16 +543,7 @@ class Ec2Provider:
         """Every offering that fits the pod under its spot policy, in the order to try them."""
         if self._catalog is None or self._catalog.stale(time.time(), self._s.catalog_max_age):
             await self._refresh_catalog()
-        assert self._catalog is not None
-        annotations = shape.annotations
-        choices = choose(
-            cpu_millis=shape.cpu_millis, memory_bytes=shape.memory_bytes,
-            architecture=annotations.get(ANNOTATION_ARCHITECTURE, shape.architecture),
-            explicit_type=annotations.get(ANNOTATION_INSTANCE_TYPE, ""),
-            allowed=[t.strip() for t in self._s.instance_types.split(",") if t.strip()],
-            headroom_cpu_millis=self._s.headroom_cpu_millis, headroom_memory_mib=self._s.headroom_memory_mib,
-            types=self._catalog.types, offered=self._catalog.offered, zones=set(self._zones.values()),
-            prices=self._prices, region=self._s.region)
+        choices = self._choices(shape)
         spot_prices = await self._spot_prices(policy)
         found = offerings(choices, list(self._zones.values()), policy, spot_prices)
         if not found:  # only spot can come to nothing: every fitting type is offered on demand
@@ -540,6 +552,19 @@ class Ec2Provider:
                 f"{' and more' if len(choices) > 6 else ''} in {', '.join(self._zone_names)} "
                 "at or below the on-demand price, and the pod's spot policy is 'always'")
         return found
+
+    def _choices(self, shape: CellShape) -> list[Choice]:
+        """The instance types that fit the pod, cheapest first (the catalog is loaded)."""
+        assert self._catalog is not None
+        annotations = shape.annotations
+        return choose(
+            cpu_millis=shape.cpu_millis, memory_bytes=shape.memory_bytes,
+            architecture=annotations.get(ANNOTATION_ARCHITECTURE, shape.architecture),
+            explicit_type=annotations.get(ANNOTATION_INSTANCE_TYPE, ""),
+            allowed=[t.strip() for t in self._s.instance_types.split(",") if t.strip()],
+            headroom_cpu_millis=self._s.headroom_cpu_millis, headroom_memory_mib=self._s.headroom_memory_mib,
+            types=self._catalog.types, offered=self._catalog.offered, zones=set(self._zones.values()),
+            prices=self._prices, region=self._s.region)
 
     async def _spot_prices(self, policy: str) -> dict[tuple[str, str], float]:
         """The current spot price of every (type, zone) of the subnets' zones, read again

@@ -455,6 +455,21 @@ class LocalProvider:
             log.info("cell launched", cell=cell_id, address=cell.address)
             return self._cell(cell)
 
+    def fits(self, cell: Cell, shape: CellShape) -> bool:
+        # Every local cell is the same: the node's kernel, cores and memory, one runtime.
+        return shape.runtime_handler in ("", self._settings.runtime) and \
+            shape.architecture in ("", self.default_architecture)
+
+    async def retag(self, cell_id: str, tags: dict[str, str]) -> None:
+        # Not under the launch lock: a claim must not wait behind another cell's launch,
+        # and only the one claiming a ready cell ever writes its record.
+        cell = self._read(cell_id)
+        if cell is None:
+            raise CellNotFound(f"cell {cell_id} does not exist")
+        cell.tags.update(tags)
+        cell.sandbox_id = cell.tags.get(TAG_SANDBOX, "")
+        self._write(cell)
+
     async def wait_running(self, cell_id: str, timeout: float) -> Cell:
         # A launch here returns only once the cell runs; what is not running now never will.
         cell = self._read(cell_id)

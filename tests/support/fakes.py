@@ -75,6 +75,16 @@ class FakeProvider:
                 tags=dict(shape.tags), hostname=cell_id, pull_path="10.0.0.1:5380")
         return _copy(self.cells[cell_id])
 
+    def fits(self, cell: Cell, shape: CellShape) -> bool:
+        return shape.architecture in ("", self.architecture)
+
+    async def retag(self, cell_id: str, tags: dict[str, str]) -> None:
+        cell = self.cells.get(cell_id)
+        if cell is None:
+            raise CellNotFound(f"cell {cell_id} does not exist")
+        cell.tags.update(tags)
+        cell.sandbox_id = cell.tags.get("kiyot-sandbox", "")
+
     async def wait_running(self, cell_id: str, timeout: float) -> Cell:
         cell = self.cells.get(cell_id)
         if cell is None:
