@@ -14,6 +14,8 @@
 #   KIYOTPY_CONFORMANCE_KIT   the kit (default: ../shared/conformance beside the repo, else
 #                           /work/shared/conformance)
 #   KIYOTPY_CONFORMANCE_OUT   where the results go (default /tmp/kiyot-conformance/<time>)
+#   KIYOTPY_CONFORMANCE_POOL  standby cells in the service's warm pool (default 2; 0: none,
+#                           every pod waits for its cell's boot)
 set -euo pipefail
 
 # A node's / is a shared mount (systemd makes it so; the kubelet makes its root directory
@@ -50,6 +52,8 @@ if [ -z "$KIT" ] || [ ! -x "$KIT/run-critest.sh" ]; then
 fi
 [ -x "$REPO/.venv/bin/kiyot-py" ] || bash "$REPO/scripts/setup.sh"
 
+POOL=${KIYOTPY_CONFORMANCE_POOL:-2}
+case "$POOL" in ''|*[!0-9]*) echo "conformance: KIYOTPY_CONFORMANCE_POOL must be a number, got '$POOL'" >&2; exit 2;; esac
 OUT=${KIYOTPY_CONFORMANCE_OUT:-/tmp/kiyot-conformance/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -67,6 +71,10 @@ allow_privileged = true
 bridge = "kiyotcrit0"
 subnet = "10.125.0.0/24"
 CONF
+if [ "$POOL" -gt 0 ]; then
+    # Standby cells, as a node that starts pods quickly runs with: each spec's pod claims one.
+    printf '[[pools]]\nname = "conformance"\nsize = %d\n' "$POOL" >> "$CONFIG"
+fi
 
 SERVE_PID=
 cleanup() {

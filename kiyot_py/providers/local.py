@@ -57,6 +57,7 @@ from kiyot_py.providers.hostcell import (
 log = structlog.get_logger("kiyot.providers.local")
 
 NETNS_DIR = Path("/run/netns")
+NET_ADDR_SET = "3"  # /sys/class/net/<dev>/addr_assign_type of an address set by hand
 
 
 @dataclass
@@ -313,6 +314,7 @@ class LocalProvider:
         addrs = await run("ip", "-o", "addr", "show", "dev", bridge)
         if f" {self._gateway}/" not in addrs:
             await run("ip", "addr", "add", f"{self._gateway}/{self._net.prefixlen}", "dev", bridge)
+        await self._pin_bridge_address()
         await run("ip", "link", "set", bridge, "up")
         await self._fence_host()
         self._features = await self._probe_features()
@@ -331,6 +333,19 @@ class LocalProvider:
             if str(self._dir / cell.id / "agent") not in running:
                 log.info("reviving cell agent", cell=cell.id)
                 await self._start_agent(cell)
+
+    async def _pin_bridge_address(self) -> None:
+        """Give the bridge its MAC address for good (its present one).
+
+        A bridge whose address nobody set takes the lowest of its ports' addresses, so a
+        cell's veth joining or leaving can change the gateway's MAC under every other cell:
+        their packets to the node then go to the old MAC until their ARP entry expires
+        (15-45 s of silence; a pull or an agent reply stalls that long). An address set
+        explicitly stays (addr_assign_type 3)."""
+        sysfs = Path(f"/sys/class/net/{self._settings.bridge}")
+        if (sysfs / "addr_assign_type").read_text().strip() != NET_ADDR_SET:
+            address = (sysfs / "address").read_text().strip()
+            await run("ip", "link", "set", "dev", self._settings.bridge, "address", address)
 
     async def close(self) -> None:
         pass

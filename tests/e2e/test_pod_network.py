@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import socket
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
 
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 
+from .conftest import BRIDGE
 from .helpers import remove_pod, run, sandbox_config, wait_for, wait_state
 
 
@@ -169,4 +171,17 @@ def test_a_container_port_alone_is_served_at_the_pod_ip(cri, img, test_images, t
         assert b"hello from kiyot" in wait_for_page(f"http://{ip}:8080/index.html")
     finally:
         remove_pod(cri, sandbox_id)
+
+
+def test_the_bridge_keeps_its_address_as_cells_come_and_go(cri, tmp_path):
+    """A bridge takes the lowest MAC of its ports unless its own was set: a cell's veth
+    coming or going would change the gateway's MAC under every other cell (their ARP
+    entries stale for up to 45 s). The service sets it once (addr_assign_type 3)."""
+    sysfs = Path(f"/sys/class/net/{BRIDGE}")
+    assert (sysfs / "addr_assign_type").read_text().strip() == "3"
+    before = (sysfs / "address").read_text()
+    sandboxes = [run_pod(cri, sandbox_config(f"bridge-mac-{i}", tmp_path)) for i in range(3)]
+    for sandbox_id in sandboxes:
+        remove_pod(cri, sandbox_id)
+    assert (sysfs / "address").read_text() == before
 
