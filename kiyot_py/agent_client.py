@@ -206,6 +206,10 @@ class AgentClient:
     async def delete_volume(self, name: str) -> None:
         await self._call("DELETE", f"/v1/volumes/{name}")
 
+    async def use_shared_image(self, digest: str, path: str, size: int) -> dict:
+        """Have a cell on the node's disk take the node's unpack of manifest `digest`."""
+        return await self._call("POST", "/v1/images/shared", {"digest": digest, "path": path, "size": size})
+
     async def remove_image(self, digest: str) -> None:
         await self._call("DELETE", f"/v1/images/{digest}")
 
@@ -332,4 +336,9 @@ def _error(status: int, data: bytes) -> AgentError:
         code, message = body.get("error", ""), body.get("message", "") or str(body)
     except (ValueError, AttributeError):
         code, message = "", data.decode(errors="replace")[:500]
+    return agent_error(status, code, message)
+
+
+def agent_error(status: int, code: str, message: str) -> AgentError:
+    """The typed error for an agent's answer (also for the agent's image store run on the node)."""
     return _BY_STATUS.get(status, AgentFailed)(message, status=status, code=code)

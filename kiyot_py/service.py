@@ -22,8 +22,10 @@ from kiyot_py.cri.server import start_server
 from kiyot_py.model import Cell
 from kiyot_py.pki import NodePKI
 from kiyot_py.platforms import Platform
+from kiyot_py.pods import shared_images
 from kiyot_py.pods.images import ImageManager
 from kiyot_py.pods.runtime import PodRuntime
+from kiyot_py.pods.shared_images import SharedImages
 from kiyot_py.providers import make_provider
 from kiyot_py.registry.client import RegistryClient
 from kiyot_py.registry.config import RegistriesConfig
@@ -89,7 +91,7 @@ async def serve(settings: Settings) -> None:
     settings.node_name = persisted_node_id(settings)
     store = Store(settings.state_dir / STORE_FILE)
     pki = NodePKI(settings.state_dir / PKI_DIR, settings.node_name)
-    provider = make_provider(settings, pki)
+    provider = make_provider(settings, pki, shared_images.unpacked_dir(settings.state_dir))
     await provider.start()
     registries = RegistriesConfig.load(settings.registries_conf)
     registry = RegistryClient()
@@ -110,7 +112,11 @@ async def serve(settings: Settings) -> None:
         url = urllib.parse.urlsplit(cell.agent_url)
         return enrollment.enroll(http, url.hostname or cell.address, url.port or 443, pki, cell.id, console)
 
-    runtime = PodRuntime(settings, store, provider, images, grants=grants, enroll=enroll,
+    shared: SharedImages | None = None  # one unpack per image on the node, for cells on its disk
+    if pull_path is not None and provider.pull_path is not None and provider.features.shares_node_disk:
+        assert content is not None
+        shared = SharedImages(settings.state_dir, pki, provider.pull_path, grants, content)
+    runtime = PodRuntime(settings, store, provider, images, grants=grants, enroll=enroll, shared_images=shared,
                          agents=lambda cell: AgentClient(http, cell.agent_url, pki.client_context(), cell.server_name))
     await runtime.start()
     streaming = StreamingServer(runtime.streams, settings.streaming.address, settings.streaming.port)

@@ -59,6 +59,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direct-pulls", action="store_true",
                    help="pull from registries (the node names them and sends the pod's credentials) instead "
                         "of the node's pull path only: for a cell that is a VM of its own")
+    p.add_argument("--shared-images", type=Path, default=None, metavar="DIR",
+                   help="the node's read-only unpacked images (a cell on the node's own disk): "
+                        "POST /v1/images/shared uses one from under DIR instead of pulling it")
     p.add_argument("--instance-metadata", default="", metavar="URL",
                    help="the instance metadata service of a cell that is a VM (e.g. http://169.254.169.254): "
                         "polled for EC2's spot interruption and rebalance notices, reported on /v1/events")
@@ -121,6 +124,7 @@ def _config(ns: argparse.Namespace) -> AgentConfig:
         runtime_root=ns.runtime_root.resolve() if ns.runtime_root else None,
         log_max_size=ns.log_max_size, seccomp_profile=ns.seccomp_profile, direct_pulls=ns.direct_pulls,
         instance_metadata=ns.instance_metadata, stats_interval=ns.stats_interval,
+        shared_images_dir=ns.shared_images.resolve() if ns.shared_images else None,
     )
     if key_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.get("cli").warning("key_file_mode", path=str(ns.tls_dir / "cell.key"), mode=oct(key_mode & 0o777),

@@ -40,6 +40,14 @@ class AgentConfig:
     instance_metadata: str = ""
     # Seconds between two samples of what the containers and the pod use (GET /v1/stats).
     stats_interval: float = 1.0
+    # Where the node keeps its own read-only unpacks, for a cell that shares its disk (a
+    # local cell): POST /v1/images/shared takes an image from under here instead of a
+    # pull. None: the cell pulls every image itself.
+    shared_images_dir: Path | None = None
+    # Helpers (skopeo, umoci) die with the agent (PR_SET_PDEATHSIG, set in the child before
+    # exec). Off where the image store runs in a process with threads (the node's, beside
+    # gRPC's): Python code between fork and exec there can crash the child.
+    helpers_die_with_agent: bool = True
 
     # Layout of the state directory, in one place.
     @property

@@ -214,6 +214,10 @@ class ImageStore:
                 link.unlink(missing_ok=True)
                 link.symlink_to(self.cfg.tls_dir / target)
 
+    async def _run(self, argv: list[str], timeout: float, env: dict[str, str] | None = None,
+                   pass_fds: tuple[int, ...] = ()) -> tuple[int | None, bytes, bytes]:
+        return await _run(argv, timeout, env, pass_fds, die_with_caller=self.cfg.helpers_die_with_agent)
+
     def has(self, digest: str) -> bool:
         return digest in self.images
 
@@ -272,7 +276,7 @@ class ImageStore:
         argv += [f"docker://{src}", f"oci:{self.layout}:{tag}"]
         env = dict(os.environ, TMPDIR=str(self.cfg.tmp_dir))
         try:
-            rc, out, err = await _run(argv, self.cfg.pull_timeout, env=env, pass_fds=pass_fds)
+            rc, out, err = await self._run(argv, self.cfg.pull_timeout, env=env, pass_fds=pass_fds)
         finally:
             for fd in pass_fds:
                 os.close(fd)
@@ -360,6 +364,36 @@ class ImageStore:
 
         await asyncio.to_thread(undo)
 
+    # --- shared unpacks -------------------------------------------------------------------
+
+    async def use_shared(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Take an image the node unpacked on its own disk (a cell that shares it): its tree
+        becomes the containers' lower layer here, read as it is, never written, never
+        pulled. The node checked its layers as a pull here would have."""
+        digest = body.get("digest")
+        if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+            raise invalid("'digest' must be sha256:<64 hex>")
+        root = self.cfg.shared_images_dir
+        if root is None:
+            raise invalid("this cell takes no shared images (it was started without --shared-images)")
+        path = body.get("path")
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise invalid("'path' must be an absolute path")
+        real = Path(os.path.realpath(path))  # noqa: ASYNC240 - a few stats of the node's own disk
+        if real.parent != root.resolve() or real.name != self.tag(digest):
+            raise invalid(f"'path' must be {root}/{self.tag(digest)}, got {path!r}")
+        if not (real / "rootfs").is_dir() or not (real / "config.json").is_file():
+            raise conflict(f"no unpacked image at {real} (rootfs/ and config.json)")
+        async with self._pull_lock:
+            known = self.images.get(digest)
+            if known is None or known.get("shared") != str(real):
+                if known is not None and "shared" not in known:
+                    return {"digest": digest, "size": known["size"]}  # pulled here before: keep it
+                self.images[digest] = {"size": int(body.get("size") or 0), "tag": self.tag(digest),
+                                       "shared": str(real)}
+                atomic_write_json(self._images_file, self.images)
+        return {"digest": digest, "size": self.images[digest]["size"]}
+
     # --- remove and usage -----------------------------------------------------------------
 
     async def remove(self, digest: str, in_use: bool) -> None:
@@ -372,12 +406,18 @@ class ImageStore:
             return
         if in_use:
             raise conflict(f"image {digest} is in use by a container of this cell")
+        if "shared" in self.images[digest]:  # the node's tree: only forgotten here
+            async with self._pull_lock:
+                del self.images[digest]
+                atomic_write_json(self._images_file, self.images)
+            _log.info("image_removed", digest=digest, shared=True)
+            return
         async with self._pull_lock:
             await self.lock.acquire_write()
             try:
                 await asyncio.to_thread(shutil.rmtree, self._unpacked_dir / self.tag(digest), True)
                 await asyncio.to_thread(self._untag, self.tag(digest))
-                rc, out, err = await _run([self.cfg.umoci_path, "gc", "--layout", str(self.layout)], GC_TIMEOUT)
+                rc, out, err = await self._run([self.cfg.umoci_path, "gc", "--layout", str(self.layout)], GC_TIMEOUT)
                 if rc is None:
                     raise ApiError("internal", f"umoci gc did not finish within {GC_TIMEOUT:.0f}s (killed)")
                 if rc != 0:
@@ -408,6 +448,8 @@ class ImageStore:
         this rootfs as its read-only lower layer, so nothing ever writes to it."""
         if digest not in self.images:
             raise conflict(f"image {digest} has not been pulled in this cell")
+        if "shared" in self.images[digest]:
+            return Path(self.images[digest]["shared"])
         final = self._unpacked_dir / self.tag(digest)
         async with self._unpack_locks.setdefault(digest, asyncio.Lock()):
             if final.is_dir():
@@ -424,10 +466,10 @@ class ImageStore:
                 # without the mtree manifest `unpack` writes for a later `repack` (never
                 # done here), which takes over nine tenths of its time.
                 tmp.mkdir()
-                rc, out, err = await _run([self.cfg.umoci_path, "raw", "unpack", "--image", image,
+                rc, out, err = await self._run([self.cfg.umoci_path, "raw", "unpack", "--image", image,
                                            str(tmp / "rootfs")], UNPACK_TIMEOUT)
                 if rc == 0:  # the config after the tree: it reads the image's users from it
-                    rc, out, err = await _run([self.cfg.umoci_path, "raw", "runtime-config", "--image", image,
+                    rc, out, err = await self._run([self.cfg.umoci_path, "raw", "runtime-config", "--image", image,
                                                "--rootfs", str(tmp / "rootfs"), str(tmp / "config.json")],
                                               UNPACK_TIMEOUT)
             finally:
@@ -446,12 +488,13 @@ class ImageStore:
 
 
 async def _run(argv: list[str], timeout: float, env: dict[str, str] | None = None,
-               pass_fds: tuple[int, ...] = ()) -> tuple[int | None, bytes, bytes]:
+               pass_fds: tuple[int, ...] = (), die_with_caller: bool = True) -> tuple[int | None, bytes, bytes]:
     """(exit code, stdout, stderr) of a helper; (None, ...) when it ran past `timeout` and
     was killed (and reaped). A cancelled caller kills it too: no helper outlives its request."""
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=env, preexec_fn=die_with_parent, pass_fds=pass_fds)
+        stderr=asyncio.subprocess.PIPE, env=env, pass_fds=pass_fds,
+        preexec_fn=die_with_parent if die_with_caller else None)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:

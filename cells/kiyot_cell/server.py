@@ -159,6 +159,11 @@ async def pull(request: web.Request) -> web.Response:
     return web.json_response(await request.app[IMAGES].pull(body))
 
 
+async def use_shared_image(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    return web.json_response(await request.app[IMAGES].use_shared(body))
+
+
 async def remove_image(request: web.Request) -> web.Response:
     digest = request.match_info["digest"]
     await request.app[IMAGES].remove(digest, in_use=request.app[MGR].uses_image(digest))
@@ -338,6 +343,7 @@ def build_app(cfg: AgentConfig, tls_context: ssl.SSLContext | None = None) -> we
     r.add_get("/v1/volumes/{name}/file", read_volume_file)
     r.add_delete("/v1/volumes/{name}", delete_volume)
     r.add_post("/v1/images/pull", pull)
+    r.add_post("/v1/images/shared", use_shared_image)
     r.add_delete("/v1/images/{digest}", remove_image)
     r.add_get("/v1/usage", usage)
     r.add_get("/v1/stats", stats)

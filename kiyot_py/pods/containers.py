@@ -25,6 +25,7 @@ from kiyot_py.model import (
     Container,
     new_id,
 )
+from kiyot_py.pods.cell_images import CellImages
 from kiyot_py.pods.cells import Cells
 from kiyot_py.pods.images import ImageManager
 from kiyot_py.pods.index import Index
@@ -37,9 +38,10 @@ log = structlog.get_logger("kiyot.pods.containers")
 
 
 class Containers:
-    def __init__(self, index: Index, cells: Cells, images: ImageManager, sync: CellSync,
-                 volumes: PodVolumes) -> None:
+    def __init__(self, index: Index, cells: Cells, images: ImageManager, cell_images: CellImages,
+                 sync: CellSync, volumes: PodVolumes) -> None:
         self._index = index
+        self._cell_images = cell_images
         self._volumes = volumes
         self._cells = cells
         self._images = images
@@ -76,12 +78,7 @@ class Containers:
                 sandbox_config = api_pb2.PodSandboxConfig.FromString(sb.config)
             agent = self._cells.agent(sb)
             facts = await self._cells.learn_facts(sb, agent)
-            # The cell's platform's manifest, in the node's store: the cell may fetch it, and
-            # only it, from the pull path.
-            chosen = await self._images.for_cell(image, facts)
-            if sb.cell.pull_path:
-                assert self._images.content is not None  # a provider with a pull path has a content store
-                self._cells.grants.grant(sb.cell.id, self._images.content.manifest_blobs(chosen.platform_digest))
+            chosen = await self._images.for_cell(image, facts)  # the cell's platform's manifest
             try:
                 spec = build_container_spec(config, sandbox_config, chosen.config.get("config") or {}, facts,
                                             hostname=sb.hostname or None)
@@ -107,7 +104,7 @@ class Containers:
             self._reserved_names.add(name_key)
             self._sync.in_flight.add(container.id)
             try:
-                await agent.pull(**self._images.cell_pull(image, sb.cell, chosen.platform_digest))
+                await self._cell_images.provide(sb, agent, image, chosen.platform_digest)
                 record = await agent.create_container({
                     "id": container.id, "name": md.name, "image_digest": chosen.platform_digest,
                     "spec": spec.spec, "user": spec.user, "groups_policy": spec.groups_policy,

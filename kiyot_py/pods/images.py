@@ -254,6 +254,11 @@ class ImageManager:
             self._collect_when_idle()
 
 
+    @staticmethod
+    def repository_of(record: Image) -> str:
+        """The image's repository, as a pull path client names it (for its logs only)."""
+        return parse_reference(record.repo_digests[0]).repository if record.repo_digests else "image"
+
     def cell_pull(self, record: Image, cell: Cell, platform_digest: str,
                   auth: Credentials | None = None) -> dict[str, Any]:
         """What a cell's agent pulls for this image's manifest `platform_digest`, by digest.
@@ -263,8 +268,8 @@ class ImageManager:
         gets the registries to try, mirrors first as the node's registries.conf lists
         them, and `auth` only with the one its `server_address` names."""
         if cell.pull_path:
-            name = parse_reference(record.repo_digests[0]).repository if record.repo_digests else "image"
-            return {"ref": f"{cell.pull_path}/{name}@{platform_digest}", "digest": platform_digest}
+            at_node = f"{cell.pull_path}/{self.repository_of(record)}@{platform_digest}"
+            return {"ref": at_node, "digest": platform_digest}
         if not record.repo_digests:
             raise FailedPrecondition(f"image {record.id} names no repository for cell {cell.id} to pull from")
         ref = parse_reference(record.repo_digests[0].split("@", 1)[0] + "@" + platform_digest)

@@ -5,7 +5,7 @@
 | RunPodSandbox, StopPodSandbox, RemovePodSandbox, PodSandboxStatus, ListPodSandbox | `sandboxes.py` |
 | Create/Start/Stop/RemoveContainer, ContainerStatus, ListContainers, ReopenContainerLog, ExecSync | `containers.py` |
 | PullImage, ImageStatus, ListImages | `images.py` |
-| RemoveImage, ImageFsInfo | `cell_images.py` |
+| RemoveImage, ImageFsInfo (and an image into a cell, for CreateContainer) | `cell_images.py` |
 | (List)ContainerStats, (List)PodSandboxStats, ListPodSandboxMetrics (and their streams) | `stats.py` |
 
 Beside them: `cells.py` (bringing a cell up, its agent), `sync.py` (watchers, log
@@ -34,6 +34,7 @@ from kiyot_py.pods.index import Index
 from kiyot_py.pods.pool import WarmPools
 from kiyot_py.pods.recovery import recover
 from kiyot_py.pods.sandboxes import Sandboxes
+from kiyot_py.pods.shared_images import SharedImages
 from kiyot_py.pods.stats import StatsCache
 from kiyot_py.pods.streams import PodStreams
 from kiyot_py.pods.sync import CellSync
@@ -47,7 +48,8 @@ log = structlog.get_logger("kiyot.pods.runtime")
 
 class PodRuntime:
     def __init__(self, settings: Settings, store: Store, provider: Provider, images: ImageManager,
-                 agents: AgentFactory, grants: PullGrants | None = None, enroll: Enroller | None = None) -> None:
+                 agents: AgentFactory, grants: PullGrants | None = None, enroll: Enroller | None = None,
+                 shared_images: SharedImages | None = None) -> None:
         self.index = Index(store)
         self.events = self.index.events  # GetContainerEvents
         self._provider = provider
@@ -61,10 +63,10 @@ class PodRuntime:
         self.sync = CellSync(self.index, cells, self.stats, self.watch,
                              before_exit=self.volumes.read_back_termination if self.volumes.ships else None)
         self.sandboxes = Sandboxes(settings, self.index, cells, self.sync, self._hostports, self.volumes)
-        self.containers = Containers(self.index, cells, images, self.sync, self.volumes)
+        self.cell_images = CellImages(self.index, cells, images, shared_images)
+        self.containers = Containers(self.index, cells, images, self.cell_images, self.sync, self.volumes)
         self.images = images
         self.streams = PodStreams(self.index, cells)
-        self.cell_images = CellImages(self.index, cells, images)
         self.gc = OrphanCollector(self.index, provider, settings.node_name, settings.gc_interval,
                                   settings.gc_grace)
         self.pools = WarmPools(settings, cells, self.index) if any(p.size for p in settings.pools) else None

@@ -149,8 +149,10 @@ def fence_rules(
             ("-j", "DROP"),
         )),
         # The pull path listens on the gateway address, which the node's other interfaces
-        # (its LAN, its loopback) would reach too: it serves the cells only.
+        # (its LAN, its loopback) would reach too: it serves the cells, and the node's own
+        # image store (pods/shared_images.py, from the gateway address over loopback) only.
         FenceChain("filter", pull_guard_chain(bridge), "INPUT", ("!", "-i", bridge), (
+            ("-i", "lo", "-s", f"{gateway}/32", *pull, "-j", "RETURN"),
             (*pull, "-j", "DROP"),
         )),
         # New connections from a cell to any of the node's addresses, before DNAT could
@@ -264,8 +266,10 @@ IFF_UP = 0x1
 class LocalProvider:
     name = "local"
 
-    def __init__(self, state_dir: Path, settings: LocalCellSettings, pki: NodePKI) -> None:
+    def __init__(self, state_dir: Path, settings: LocalCellSettings, pki: NodePKI,
+                 shared_images: Path | None = None) -> None:
         self._dir = state_dir / "cells"
+        self._shared_images = shared_images  # the node's unpacked images, for the agents
         self._pki = pki
         self._settings = settings
         self._net = ipaddress.ip_network(settings.subnet)
@@ -586,6 +590,8 @@ class LocalProvider:
             "--runtime-root", str(cell_dir / "runc"),
             "--log-max-size", str(self._settings.log_max_size),
         ]
+        if self._shared_images is not None:  # a cell on this disk: the node unpacks each image once
+            argv += ["--shared-images", str(self._shared_images)]
         with open(cell_dir / "agent.log", "ab") as out:  # noqa: ASYNC230 - only opened (for the child), never read
             proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out)
         if await proc.wait() != 0:

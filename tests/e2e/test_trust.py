@@ -68,9 +68,11 @@ def _probe(netns: str, tls_dir: str, paths: list[str]) -> dict[str, object]:
 def test_the_pull_path_gives_a_cell_its_own_pods_image_and_nothing_more(service, pod, busybox, test_images,
                                                                          tmp_path):
     """From the pod's network namespace: with no cell certificate (all a container has)
-    the pull path answers nothing; with the cell's own, only the blobs of its pod's image;
-    no path makes the node reach a canary on its own loopback (the old pull path
-    forwarded `/v2/127.0.0.1_<port>/…` there, issue #12 point 1)."""
+    the pull path answers nothing; with the cell's own, nothing either (a local cell runs
+    the node's own unpack: pods/shared_images.py); with that store's identity, only the
+    blobs of the pod's image it was granted; no path makes the node reach a canary on its
+    own loopback (the old pull path forwarded `/v2/127.0.0.1_<port>/…` there, issue #12
+    point 1)."""
     cri, sandbox_id = service.runtime, pod[0]
     app = test_images["app"]  # on the node, pulled for no container of this pod
     service.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=app.ref)))
@@ -93,8 +95,10 @@ def test_the_pull_path_gives_a_cell_its_own_pods_image_and_nothing_more(service,
         assert all(str(v).startswith("tls:") for v in as_pod.values()), as_pod
         identity = str(cell_dir(service.state_dir, sandbox_id) / "tls")
         as_cell = _probe(cell["netns"], identity, owned + foreign + forwarded)
-        assert {p: as_cell[p] for p in owned} == dict.fromkeys(owned, 200), as_cell
-        assert {p: as_cell[p] for p in foreign + forwarded} == dict.fromkeys(foreign + forwarded, 404), as_cell
+        assert as_cell == dict.fromkeys(owned + foreign + forwarded, 404), as_cell
+        as_store = _probe(cell["netns"], str(service.state_dir / "shared-images" / "tls"), owned + foreign + forwarded)
+        assert {p: as_store[p] for p in owned} == dict.fromkeys(owned, 200), as_store
+        assert {p: as_store[p] for p in foreign + forwarded} == dict.fromkeys(foreign + forwarded, 404), as_store
         assert canary.hits() == []
         # The control: the canary answers whoever asks it directly.
         import urllib.request
@@ -131,9 +135,10 @@ def test_the_agent_channel_on_the_pods_interface_is_tls_only(service, pod, busyb
     stream = b"".join(bytes.fromhex(s["payload"]) for s in agent)
     for clear in (b"HTTP/1.", b"/v1/", b"Authorization", marker.encode(), busybox.encode(), b"PRIVATE KEY"):
         assert clear not in stream, clear
-    # The image came through the pull path, in TLS too; the pull's password crossed nothing.
+    # A local cell runs the node's own unpack of the image: nothing of it crosses the pod's
+    # interface (EC2 cells fetch through TLS, tests/ec2); the pull's password crossed nothing.
     pulled = [s for s in segments if LocalCellSettings().pull_path_port in (s["sport"], s["dport"])]
-    assert pulled, "the capture saw no pull-path traffic: the cell pulled nothing"
+    assert pulled == [], "the cell fetched the image itself"
     everything = b"".join(bytes.fromhex(s["payload"]) for s in segments)
     for clear in (CANARY_PASSWORD.encode(), base64.b64encode(f"puller:{CANARY_PASSWORD}".encode()), b"HTTP/1."):
         assert clear not in everything, clear

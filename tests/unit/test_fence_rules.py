@@ -50,10 +50,10 @@ def test_input_accepts_replies_and_the_pull_path_then_drops_the_rest():
     )
 
 
-def test_the_pull_path_is_dropped_from_every_other_interface():
+def test_the_pull_path_is_dropped_from_every_other_interface_but_the_nodes_own_store():
     c = chain(fence().v4, pull_guard_chain(BRIDGE))
     assert (c.table, c.hook, c.match) == ("filter", "INPUT", ("!", "-i", BRIDGE))
-    assert c.rules == ((*PULL, "-j", "DROP"),)
+    assert c.rules == (("-i", "lo", "-s", "10.89.0.1/32", *PULL, "-j", "RETURN"), (*PULL, "-j", "DROP"))
 
 
 def test_new_connections_to_the_node_drop_before_dnat():
