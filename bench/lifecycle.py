@@ -5,6 +5,7 @@ recreate (the container's next attempt in the same pod, as the kubelet restarts 
     python bench/lifecycle.py -n 20                      # starts its own kiyot-py serve
     python bench/lifecycle.py --socket unix:///run/kiyot-py/kiyot.sock
     python bench/lifecycle.py --reference unix:///run/containerd/containerd.sock
+    python bench/lifecycle.py --pool 2                   # its own service keeps 2 standby cells
 
 Prints min / median / p90 per operation in milliseconds, one column group per runtime
 (kiyot-py, and the reference runtime when given). Each iteration is bounded; no timing
@@ -14,6 +15,7 @@ is asserted anywhere.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -39,23 +41,42 @@ OPS = ["pull", "runp", "create", "start", "stop", "rm", "recreate", "stopp", "rm
 
 
 @contextmanager
-def own_service():
-    """A kiyot-py serve of the benchmark's own, on a bridge and subnet apart."""
+def own_service(pool: int = 0):
+    """A kiyot-py serve of the benchmark's own, on a bridge and subnet apart; with `pool`
+    standby cells in a warm pool (waited for before the first iteration)."""
     base = Path(tempfile.mkdtemp(prefix="kiyot-bench-"))
     config = base / "kiyot.toml"
     config.write_text(
         f'socket = "{base}/kiyot.sock"\nstate_dir = "{base}/state"\nlog_level = "warning"\n'
         '[local]\nbridge = "kiyotb0"\nsubnet = "10.124.0.0/24"\n'
+        + (f'[[pools]]\nname = "bench"\nsize = {pool}\n' if pool else "")
     )
     with open(base / "serve.log", "wb") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen([sys.executable, "-m", "kiyot_py.cli", "serve", "--config", str(config)],
                                 stdout=log, stderr=log)
+    target = f"unix://{base}/kiyot.sock"
     try:
-        yield f"unix://{base}/kiyot.sock"
+        if pool:
+            wait_pool_full(target)
+        yield target
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        # Standby cells outlive the service, as VMs would: reset takes them.
+        subprocess.run([sys.executable, "-m", "kiyot_py.cli", "reset", "--yes", "--config", str(config)],
+                       check=False, capture_output=True)
         remove_host_network("kiyotb0")
+
+
+def wait_pool_full(target: str) -> None:
+    channel = wait_ready(target)
+    rt = api_pb2_grpc.RuntimeServiceStub(channel)
+    for _ in range(600):  # bounded: 60 s
+        fill = json.loads(rt.Status(pb.StatusRequest(verbose=True)).info.get("pools", "{}"))
+        if fill and all(p["ready"] == p["size"] for p in fill.values()):
+            break
+        time.sleep(0.1)
+    channel.close()
 
 
 def ensure_test_registry():
@@ -158,6 +179,8 @@ def main() -> int:
                         help="image to run (must hold sleep); default %(default)s")
     parser.add_argument("--socket", help="a running kiyot-py's CRI endpoint; default: start one")
     parser.add_argument("--reference", help="a reference runtime's CRI endpoint, e.g. containerd's")
+    parser.add_argument("--pool", type=int, default=0, metavar="N",
+                        help="standby cells in the warm pool of the benchmark's own service (default 0: none)")
     args = parser.parse_args()
     if not 1 <= args.iterations <= 1000:
         parser.error("--iterations must be between 1 and 1000")
@@ -178,7 +201,7 @@ def run_sides(args: argparse.Namespace, measure: Measure) -> dict[str, dict[str,
         if args.socket:
             results["kiyot-py"] = measure(args.socket, args.image, args.iterations)
         else:
-            with own_service() as target:
+            with own_service(getattr(args, "pool", 0)) as target:
                 results["kiyot-py"] = measure(target, args.image, args.iterations)
         if args.reference:
             results["reference"] = measure(args.reference, args.image, args.iterations)

@@ -14,7 +14,6 @@ import os
 import stat
 import sys
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cells"))
 
 from kiyot_cell import images as cell_images_mod
 from kiyot_cell import layercheck, spec
+from kiyot_cell.config import AgentConfig
 from kiyot_cell.errors import ApiError
 
 HANG_GUARD = 60  # seconds a request may stay unanswered before the test gives up on it
@@ -258,26 +258,6 @@ def test_resolve_user_refuses_special_and_big_files(tmp_path):
 
 # --- umoci bounded: killed past its timeout, the locks free again --------------------------
 
-@dataclass
-class _Cfg:
-    """What ImageStore reads of the agent's config."""
-
-    state_dir: Path
-    tls_dir: Path
-    skopeo_path: str = "skopeo"
-    umoci_path: str = "umoci"
-    pull_timeout: float = 120.0
-    direct_pulls: bool = False
-
-    @property
-    def images_dir(self) -> Path:
-        return self.state_dir / "images"
-
-    @property
-    def tmp_dir(self) -> Path:
-        return self.state_dir / "tmp"
-
-
 @needs_root
 def test_umoci_past_its_timeout_is_killed_and_frees_the_locks(tmp_path, monkeypatch, cell_images, hostile,
                                                                pull_node):
@@ -289,7 +269,8 @@ def test_umoci_past_its_timeout_is_killed_and_frees_the_locks(tmp_path, monkeypa
     fifo = imgs.make_layer(imgs.HOSTILE_LAYERS["hostile-fifo-group"] or [], sort=False)
     cell_id = "c-umoci-timeout"
     pull_node.pki.issue_cell(cell_id).write(tmp_path / "tls")
-    store = cell_images_mod.ImageStore(_Cfg(tmp_path / "state", tmp_path / "tls"))  # type: ignore[arg-type]
+    store = cell_images_mod.ImageStore(AgentConfig(host="127.0.0.1", port=0, tls_dir=tmp_path / "tls",
+                                                   state_dir=tmp_path / "state", pull_timeout=120.0))
 
     async def scenario() -> None:
         store.load()
