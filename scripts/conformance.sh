@@ -14,7 +14,7 @@
 #   KIYOTPY_CONFORMANCE_KIT   the kit (default: ../shared/conformance beside the repo, else
 #                           /work/shared/conformance)
 #   KIYOTPY_CONFORMANCE_OUT   where the results go (default /tmp/kiyot-conformance/<time>)
-#   KIYOTPY_CONFORMANCE_POOL  standby cells in the service's warm pool (default 2; 0: none,
+#   KIYOTPY_CONFORMANCE_POOL  standby cells in the service's warm pool (default 4; 0: none,
 #                           every pod waits for its cell's boot)
 set -euo pipefail
 
@@ -52,7 +52,7 @@ if [ -z "$KIT" ] || [ ! -x "$KIT/run-critest.sh" ]; then
 fi
 [ -x "$REPO/.venv/bin/kiyot-py" ] || bash "$REPO/scripts/setup.sh"
 
-POOL=${KIYOTPY_CONFORMANCE_POOL:-2}
+POOL=${KIYOTPY_CONFORMANCE_POOL:-4}
 case "$POOL" in ''|*[!0-9]*) echo "conformance: KIYOTPY_CONFORMANCE_POOL must be a number, got '$POOL'" >&2; exit 2;; esac
 OUT=${KIYOTPY_CONFORMANCE_OUT:-/tmp/kiyot-conformance/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"

@@ -171,7 +171,9 @@ class Cells:
         whole bring-up, as nothing of it is known after a restart)."""
         claimed_now = False
         if sb.cell is None and self.pools is not None:
-            cell = self.pools.claim(shape)
+            # At most half the start's deadline waiting for a standby cell still coming up:
+            # the other half is a launch's, should that one fail.
+            cell = await self.pools.claim(shape, self._settings.cell_boot_timeout / 2)
             if cell is None:
                 return None
             sb.cell, claimed_now = cell, True

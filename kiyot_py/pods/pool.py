@@ -14,6 +14,7 @@ keep (a pool that shrank or went away, a cell that never came up).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,7 +37,8 @@ RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # seconds between refills that failed, doubl
 class _Pool:
     settings: PoolSettings
     ready: list[Cell] = field(default_factory=list)  # oldest first: claimed first
-    warming: int = 0  # cells launched or being brought up
+    warming: int = 0  # cells being launched or brought up
+    coming: dict[str, Cell] = field(default_factory=dict)  # of those, the ones launched: id -> cell
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -53,13 +55,27 @@ class WarmPools:
         ordered = sorted((p for p in settings.pools if p.size > 0), key=lambda p: (p.cpu_millis, p.memory_mib))
         self._pools = {p.name: _Pool(p) for p in ordered}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Condition()  # a standby cell came up, or one coming up failed
 
     def sizes(self) -> dict[str, tuple[int, int]]:
         """Each pool's (ready, configured size)."""
         return {name: (len(p.ready), p.settings.size) for name, p in self._pools.items()}
 
-    def claim(self, shape: CellShape) -> Cell | None:
-        """A ready standby cell that fits the shape, now out of its pool; None if none does."""
+    async def claim(self, shape: CellShape, wait: float) -> Cell | None:
+        """A ready standby cell that fits the shape, now out of its pool. When none is ready
+        but one that fits is coming up, that one once it is up (for at most `wait` seconds):
+        it is further along than a launch for the pod would be. None when none fits."""
+        deadline = asyncio.get_running_loop().time() + wait
+        async with self._changed:
+            while True:
+                cell = self._take(shape)
+                left = deadline - asyncio.get_running_loop().time()
+                if cell is not None or left <= 0 or not self._coming_fits(shape):
+                    return cell
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), left)
+
+    def _take(self, shape: CellShape) -> Cell | None:
         provider = self._cells.provider
         for pool in self._pools.values():
             for i, cell in enumerate(pool.ready):
@@ -68,6 +84,10 @@ class WarmPools:
                     pool.wake.set()
                     return cell
         return None
+
+    def _coming_fits(self, shape: CellShape) -> bool:
+        provider = self._cells.provider
+        return any(provider.fits(cell, shape) for pool in self._pools.values() for cell in pool.coming.values())
 
     async def start(self) -> None:
         """Take back the standby cells a previous run left, then keep each pool full."""
@@ -134,16 +154,23 @@ class WarmPools:
     async def _bring_up(self, pool: _Pool, cell: Cell) -> bool:
         """Bring a standby cell up and into the ready list (counted in `warming`)."""
         t0 = time.monotonic()
+        pool.coming[cell.id] = cell
+        up: Cell | None = None
         try:
-            cell = await self._cells.bring_up(cell, lambda _: None)
+            up = await self._cells.bring_up(cell, lambda _: None)
         except KiyotError as exc:
             log.warning("a standby cell did not come up; terminating it", pool=pool.name, cell=cell.id,
                         error=str(exc))
-            await self._terminate(cell.id)
-            return False
         finally:
             pool.warming -= 1
-        pool.ready.append(cell)
+            del pool.coming[cell.id]
+            if up is not None:
+                pool.ready.append(up)
+            async with self._changed:  # claims waiting for it (or, if it failed, for nothing now)
+                self._changed.notify_all()
+        if up is None:
+            await self._terminate(cell.id)
+            return False
         log.info("standby cell ready", pool=pool.name, cell=cell.id, seconds=round(time.monotonic() - t0, 3),
                  ready=len(pool.ready), size=pool.settings.size)
         return True

@@ -36,6 +36,7 @@ class FakeProvider:
         self.sink: CellEvents | None = None  # where the provider's feed goes (watch_events)
         self.interruptions: list[str] = []  # cells the provider was told are being taken back
         self.ready = Readiness()  # what readiness() answers
+        self.running_delay = 0.0  # seconds wait_running takes (a VM's boot)
 
     @property
     def features(self) -> CellFeatures:
@@ -86,6 +87,7 @@ class FakeProvider:
         cell.sandbox_id = cell.tags.get("kiyot-sandbox", "")
 
     async def wait_running(self, cell_id: str, timeout: float) -> Cell:
+        await asyncio.sleep(self.running_delay)
         cell = self.cells.get(cell_id)
         if cell is None:
             raise CellNotFound(f"cell {cell_id} does not exist")

@@ -96,6 +96,7 @@ async def test_client_covers_every_route(fake_agent):
     await client.facts()
     await client.put_pod({"sandbox_id": CID})
     await client.pull("r", "sha256:x")
+    await client.use_shared_image("sha256:" + CID, "/var/lib/kiyot-py/shared-images/images/unpacked/" + CID, 1)
     await client.remove_image("sha256:" + CID)
     await client.put_volume("ab" * 16, {"kind": "empty"})
     assert await client.read_volume_file("ab" * 16) == b"bye"

@@ -158,3 +158,18 @@ async def test_a_pod_too_big_for_the_pool_gets_its_own_cell(tmp_path):
         assert len(standby_ids(node)) == 1
     finally:
         await node.stop()
+
+
+async def test_a_pod_waits_for_a_standby_cell_coming_up_rather_than_launch_its_own(tmp_path):
+    node = pooled(tmp_path, size=1)
+    node.provider.running_delay = 0.3  # the standby cell is still booting when the pod comes
+    await node.start()
+    try:
+        assert node.runtime.pools is not None and node.runtime.pools.sizes() == {"small": (0, 1)}
+        sid = await run_pod(node)
+        cell = node.runtime.index.sandboxes[sid].cell
+        assert cell.tags.get("kiyot-pool") == "small"
+        assert launch_token("node-a", "uid-1", 0) not in node.provider.launches
+    finally:
+        await node.stop()
+
