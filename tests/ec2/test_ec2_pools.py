@@ -36,7 +36,9 @@ def test_a_pod_claims_a_standby_instance_and_the_pool_refills(tmp_path, sim, tes
         t0 = time.monotonic()
         sandbox_id = run_pod(svc.runtime, config)
         claimed = time.monotonic() - t0
-        ctr = container_config("hello", busybox(test_images), ["sh", "-c", "echo from the pool"])
+        image = busybox(test_images)
+        svc.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image)))
+        ctr = container_config("hello", image, ["sh", "-c", "echo from the pool"])
         cid = start(svc.runtime, (sandbox_id, config), ctr)
         assert wait_state(svc.runtime, cid, pb.CONTAINER_EXITED, 60).exit_code == 0
         print(f"RunPodSandbox on a standby instance: {claimed * 1000:.0f} ms "
