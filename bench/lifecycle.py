@@ -158,18 +158,19 @@ def p90(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
 
-def print_table(results: dict[str, dict[str, list[float]]], n: int) -> None:
+def print_table(results: dict[str, dict[str, list[float]]], rows: list[str], title: str,
+                first: str = "op") -> None:
+    """min / median / p90 of each row, one column group per runtime ("n/a": no samples)."""
     names = list(results)
-    header = f"{'op':<8}" + "".join(f"| {name + ' min/med/p90 (ms)':<36}" for name in names)
-    print(f"\n{n} iterations\n{header}\n{'-' * len(header)}")
-    for op in OPS:
-        row = f"{op:<8}"
+    width = max(len(first), *(len(r) for r in rows)) + 1
+    header = f"{first:<{width}}" + "".join(f"| {name + ' min/med/p90':<30}" for name in names)
+    print(f"\n{title}\n{header}\n{'-' * len(header)}")
+    for row in rows:
+        line = f"{row:<{width}}"
         for name in names:
-            v = results[name][op]
-            row += f"| {min(v):9.1f} {statistics.median(v):9.1f} {p90(v):9.1f}       "
-        print(row)
-    totals = {name: sum(statistics.median(results[name][op]) for op in OPS) for name in names}
-    print(f"{'total':<8}" + "".join(f"| {'':9} {totals[name]:9.1f} {'':9}       " for name in names))
+            v = results[name][row]
+            line += f"| {min(v):8.1f} {statistics.median(v):8.1f} {p90(v):8.1f}    " if v else f"| {'n/a':<30}"
+        print(line)
 
 
 def main() -> int:
@@ -185,7 +186,10 @@ def main() -> int:
     if not 1 <= args.iterations <= 1000:
         parser.error("--iterations must be between 1 and 1000")
 
-    print_table(run_sides(args, measure), args.iterations)
+    results = run_sides(args, measure)
+    print_table(results, OPS, f"{args.iterations} iterations (ms)")
+    totals = {name: sum(statistics.median(results[name][op]) for op in OPS) for name in results}
+    print("sum of medians: " + ", ".join(f"{name} {total:.1f} ms" for name, total in totals.items()))
     return 0
 
 

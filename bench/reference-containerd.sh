@@ -127,7 +127,7 @@ if running && cri_up; then
 fi
 
 # --- config -----------------------------------------------------------------------------
-mkdir -p "$ETC/cni" "$ETC/certs.d/$REGISTRY" "$ROOT" "$STATE"
+mkdir -p "$ETC/cni" "$ROOT" "$STATE"
 cat >"$ETC/config.toml" <<EOF
 # containerd for bench/lifecycle.py's --reference (written by bench/reference-containerd.sh)
 version = 2
@@ -184,20 +184,14 @@ oom_score = 0
     config_path = "$ETC/certs.d"
 EOF
 
-cat >"$ETC/certs.d/$REGISTRY/hosts.toml" <<EOF
-server = "http://$REGISTRY"
-
-[host."http://$REGISTRY"]
-  capabilities = ["pull", "resolve"]
-  skip_verify = true
-EOF
-# The conformance kit's images (critest pulls registry.k8s.io/... and gcr.io/...) come from
-# the same registry, as the kit's registries.conf sends them there for kiyot-py: critest
-# runs against both runtimes offline.
-for upstream in registry.k8s.io gcr.io; do
-    mkdir -p "$ETC/certs.d/$upstream"
-    cat >"$ETC/certs.d/$upstream/hosts.toml" <<EOF
-server = "https://$upstream"
+# Every image comes from the tests' registry: under its own name, and under the upstreams
+# the conformance kit's images name (registry.k8s.io/..., gcr.io/...), as the kit's
+# registries.conf sends those there for kiyot-py: critest runs against both runtimes offline.
+for name in "$REGISTRY" registry.k8s.io gcr.io; do
+    if [ "$name" = "$REGISTRY" ]; then server="http://$REGISTRY"; else server="https://$name"; fi
+    mkdir -p "$ETC/certs.d/$name"
+    cat >"$ETC/certs.d/$name/hosts.toml" <<EOF
+server = "$server"
 
 [host."http://$REGISTRY"]
   capabilities = ["pull", "resolve"]

@@ -18,7 +18,6 @@ import concurrent.futures
 import contextlib
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.lifecycle import DEFAULT_IMAGE, p90, run_sides, wait_ready
+from bench.lifecycle import DEFAULT_IMAGE, print_table, run_sides, wait_ready
 from kiyot_py.gen.runtime.v1 import api_pb2 as pb
 from kiyot_py.gen.runtime.v1 import api_pb2_grpc
 
@@ -126,18 +125,6 @@ def measure(endpoint: str, image: str, n: int) -> dict[str, list[float]]:
     return samples
 
 
-def print_table(results: dict[str, dict[str, list[float]]], n: int) -> None:
-    names = list(results)
-    header = f"{'':<22}" + "".join(f"| {name + ' min/med/p90':<30}" for name in names)
-    print(f"\n{n} iterations (throughput: 3)\n{header}\n{'-' * len(header)}")
-    for row in ROWS:
-        line = f"{row:<22}"
-        for name in names:
-            v = results[name][row]
-            line += f"| {min(v):8.1f} {statistics.median(v):8.1f} {p90(v):8.1f}    " if v else f"| {'n/a':<30}"
-        print(line)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--iterations", type=int, default=10)
@@ -149,7 +136,7 @@ def main() -> int:
         parser.error("--iterations must be between 1 and 1000")
     if not (KIT / "bin" / "crictl").exists():
         parser.error(f"no crictl in {KIT}/bin: set KIYOTPY_CONFORMANCE_KIT")
-    print_table(run_sides(args, measure), args.iterations)
+    print_table(run_sides(args, measure), ROWS, f"{args.iterations} iterations (throughput: 3)", first="")
     return 0
 
 

@@ -382,6 +382,9 @@ class ImageStore:
         real = Path(os.path.realpath(path))  # noqa: ASYNC240 - a few stats of the node's own disk
         if real.parent != root.resolve() or real.name != self.tag(digest):
             raise invalid(f"'path' must be {root}/{self.tag(digest)}, got {path!r}")
+        size = body.get("size", 0)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise invalid("'size' must be a number of bytes")
         if not (real / "rootfs").is_dir() or not (real / "config.json").is_file():
             raise conflict(f"no unpacked image at {real} (rootfs/ and config.json)")
         async with self._pull_lock:
@@ -389,7 +392,7 @@ class ImageStore:
             if known is None or known.get("shared") != str(real):
                 if known is not None and "shared" not in known:
                     return {"digest": digest, "size": known["size"]}  # pulled here before: keep it
-                self.images[digest] = {"size": int(body.get("size") or 0), "tag": self.tag(digest),
+                self.images[digest] = {"size": size, "tag": self.tag(digest),
                                        "shared": str(real)}
                 atomic_write_json(self._images_file, self.images)
         return {"digest": digest, "size": self.images[digest]["size"]}

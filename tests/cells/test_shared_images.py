@@ -51,6 +51,8 @@ def test_only_the_images_own_tree_under_the_shared_dir_is_taken(tmp_path, sharin
     for path in (str(outside), str(shared / ("0" * 64)), f"{shared}/../outside/{tag}", "relative/path"):
         r = sharing_agent.call("POST", "/v1/images/shared", {"digest": digest, "path": path})
         assert r.status == 400, (path, r.body)
+    r = sharing_agent.call("POST", "/v1/images/shared", {"digest": digest, "path": str(shared / tag), "size": "big"})
+    assert r.status == 400 and "'size'" in r.json()["message"]
     empty = shared / ("1" * 64)
     empty.mkdir()
     r = sharing_agent.call("POST", "/v1/images/shared", {"digest": "sha256:" + "1" * 64, "path": str(empty)})
