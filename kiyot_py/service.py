@@ -15,6 +15,7 @@ from typing import IO
 import aiohttp
 import structlog
 
+from kiyot_cell.tls import small_read_buffers
 from kiyot_py import enrollment
 from kiyot_py.agent_client import AgentClient
 from kiyot_py.config import ConfigError, Settings
@@ -87,6 +88,7 @@ def persisted_node_id(settings: Settings) -> str:
 
 async def serve(settings: Settings) -> None:
     _reap_with_pidfds()
+    small_read_buffers()  # two TLS streams to every cell's agent
     lock = _lock_state_dir(settings)
     settings.node_name = persisted_node_id(settings)
     store = Store(settings.state_dir / STORE_FILE)

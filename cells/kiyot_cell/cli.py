@@ -28,6 +28,7 @@ certificate and answers only a client whose certificate the node's CA signed for
   kiyot-cell serve     --listen 10.89.0.2:7070 --tls-dir /etc/kiyot/tls --state-dir /var/lib/kiyot-cell
   kiyot-cell supervise <same arguments>   # runs `serve` and restarts it when it dies
   kiyot-cell boot [--root /var/lib/kiyot-cell]   # a VM's cell: settings from its user data
+  kiyot-cell spawner   # the node's, for local cells: requests on stdin, a unix socket
 
 Containers are held by conmon and outlive the agent: a restarted agent re-attaches to
 them from the records in --state-dir.
@@ -97,6 +98,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b.add_argument("--cgroup-parent", default="kiyot-cell", metavar="PATH",
                    help="cgroup under which each container gets <PATH>/<id> (default: kiyot-cell)")
     b.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    sp = sub.add_parser(
+        "spawner", help="fork local cells' agents from one interpreter (run by the node, not by hand)",
+        description="Import the agent once, then on each request on stdin (a unix socket the node "
+                    "holds the other end of) fork a local cell's pid 1 into the cell's network namespace "
+                    "and new IPC, PID and mount namespaces, running `supervise` with the request's "
+                    "arguments (kiyot_cell/spawner.py). Exits with its parent.")
+    sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return ap.parse_args(argv)
 
 
@@ -137,6 +145,7 @@ async def _serve(cfg: AgentConfig) -> None:
 
     from .server import build_app
 
+    tls.small_read_buffers()
     context = tls.server_context(cfg.tls_dir)
     app = build_app(cfg, context)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
@@ -231,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = parse_args(argv)
     log.setup(ns.log_level)
+    if ns.command == "spawner":
+        from .spawner import serve
+        return serve()
     if ns.command == "boot":
         try:
             ns = parse_args([*boot(ns.root, ns.imds, ns.runtime_root, ns.cgroup_parent), "--log-level", ns.log_level,

@@ -435,6 +435,8 @@ class ContainerManager:
             first = rec.log_prev_base if has_prev else rec.log_base
             offset = max(offset, first)
             if offset >= rec.log_base:
+                if _size(paths.log) <= offset - rec.log_base:
+                    return offset, b""  # nothing new: a follower's every look, without a thread
                 return offset, await asyncio.to_thread(_read_at, paths.log, offset - rec.log_base)
             return offset, await asyncio.to_thread(_read_at, paths.log_prev, offset - rec.log_prev_base)
 
@@ -483,6 +485,13 @@ class ContainerManager:
 
     def log_size(self, cid: str) -> int:
         return self.view(self.get(cid))["log_size"]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _read_at(path: Path, pos: int, limit: int = 256 * 1024) -> bytes:

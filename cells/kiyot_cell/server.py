@@ -27,7 +27,9 @@ from .volumes import Volumes
 
 _log = log.get("server")
 HEARTBEAT = 5.0
-LOG_POLL = 0.1
+LOG_POLL = 0.1  # between two looks at a log that had new lines within LOG_QUIET seconds
+LOG_POLL_IDLE = 0.5  # at a quiet one: a hundred idle containers must cost next to nothing
+LOG_QUIET = 2.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -241,6 +243,8 @@ async def container_logs(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "X-Log-Offset": str(start)})
     await resp.prepare(request)
     pos = start
+    loop = asyncio.get_running_loop()
+    last_line = loop.time()
     while True:
         # Read the state *before* the bytes: once it says exited, conmon has written every line.
         rec = mgr.store.get(cid)
@@ -248,12 +252,13 @@ async def container_logs(request: web.Request) -> web.StreamResponse:
         while data:
             await resp.write(data)
             pos += len(data)
+            last_line = loop.time()
             data = await _log_bytes_at(mgr, cid, pos)
         if not follow or finished:
             break
         # New lines show by the next look; an exit at once, so that a reader (the node,
         # before it reports the exit) never waits a whole look for the end of the log.
-        await mgr.wait_changed(LOG_POLL)
+        await mgr.wait_changed(LOG_POLL if loop.time() - last_line < LOG_QUIET else LOG_POLL_IDLE)
         data = await _log_bytes_at(mgr, cid, pos)
     await resp.write_eof()
     return resp

@@ -16,6 +16,21 @@ NODE_URI_PREFIX = "kiyot:node:"
 FILES = ("cell.key", "ca.crt")  # and cell.crt, or (a cell not enrolled yet) provisional.crt
 
 
+# asyncio's TLS gives every connection a read buffer of SSLProtocol.max_size (256 KiB),
+# zeroed and so resident: with the two streams a node holds open to each agent (events,
+# logs), half a MiB per cell on each side, most of the node's memory at 100 pods. Reads
+# of 32 KiB keep a log stream at disk speed.
+TLS_READ_BUFFER = 32 * 1024
+
+
+def small_read_buffers() -> None:
+    """Make asyncio's TLS read buffers TLS_READ_BUFFER bytes (for connections made after)."""
+    import asyncio.sslproto
+
+    if hasattr(asyncio.sslproto.SSLProtocol, "max_size"):  # CPython 3.11 to 3.13; elsewhere as it is
+        asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
+
+
 def server_context(tls_dir: Path) -> ssl.SSLContext:
     """Serve with the cell's certificate, or its provisional one until the node enrolls it."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls_dir / "ca.crt"))

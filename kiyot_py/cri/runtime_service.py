@@ -20,6 +20,8 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     def __init__(self, runtime: PodRuntime, streaming: StreamingServer) -> None:
         self._rt = runtime
         self._streaming = streaming
+        self._listed_sandboxes = convert.Remembered(convert.pod_sandbox, convert.pod_sandbox_version)
+        self._listed_containers = convert.Remembered(convert.container, convert.container_version)
 
     @rpc
     async def Version(self, request, context):
@@ -97,7 +99,7 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     def _sandboxes(self, f: pb.PodSandboxFilter) -> list[pb.PodSandbox]:
         state = convert.SANDBOX_STATE_NAMES[f.state.state] if f.HasField("state") else None
         found = self._rt.sandboxes.list(f.id, state, dict(f.label_selector))
-        return [convert.pod_sandbox(sb) for sb in found]
+        return self._listed_sandboxes(found)
 
     @rpc
     async def ListPodSandbox(self, request, context):
@@ -148,7 +150,7 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     def _containers(self, f: pb.ContainerFilter) -> list[pb.Container]:
         state = convert.CONTAINER_STATE_NAMES[f.state.state] if f.HasField("state") else None
         found = self._rt.containers.list(f.id, f.pod_sandbox_id, state, dict(f.label_selector))
-        return [convert.container(c) for c in found]
+        return self._listed_containers(found)
 
     @rpc
     async def ListContainers(self, request, context):

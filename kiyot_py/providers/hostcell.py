@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import re
+import threading
 from pathlib import Path
 
 from kiyot_py.providers.base import ProviderUnavailable
+
+CLONE_NEWNET = 0x40000000
 
 
 async def run(*argv: str, check: bool = True) -> str:
@@ -20,6 +24,34 @@ async def run(*argv: str, check: bool = True) -> str:
     if check and proc.returncode != 0:
         raise ProviderUnavailable(f"{' '.join(argv)}: {err.decode().strip() or proc.returncode}")
     return out.decode()
+
+
+def write_netns_sysctls(netns: Path, values: dict[str, str]) -> None:
+    """Write sysctls (paths under /proc/sys) of the network namespace `netns`, without a
+    process: /proc/sys/net shows the namespace of the thread that opens it, so a thread of
+    its own enters the namespace, writes and ends (no thread of ours stays in a cell's)."""
+    failure: list[OSError] = []
+
+    def write() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        try:
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns {netns}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            for key, value in values.items():
+                Path("/proc/sys", key).write_text(value)
+        except OSError as e:
+            failure.append(e)
+
+    thread = threading.Thread(target=write, name="netns-sysctl")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 def process_group(pid: int) -> int:

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,9 @@ from kiyot_py.providers.hostcell import (
     process_group,
     remove_cgroups,
     run,
+    write_netns_sysctls,
 )
+from kiyot_py.providers.local_spawner import Spawner
 
 log = structlog.get_logger("kiyot.providers.local")
 
@@ -253,6 +254,15 @@ async def _run_input(argv: Sequence[str], data: str) -> tuple[int, str]:
     return proc.returncode or 0, out.decode()
 
 
+async def ip_batch(commands: Sequence[str], netns: str = "") -> None:
+    """`ip -batch`: several ip commands in one process (in the named namespace if given);
+    stops at the first that fails."""
+    argv = ["ip", *(["-n", netns] if netns else []), "-batch", "-"]
+    code, out = await _run_input(argv, "".join(c + "\n" for c in commands))
+    if code != 0:
+        raise ProviderUnavailable(f"{' '.join(argv)}: {out.strip() or code}")
+
+
 async def _succeeds(*argv: str) -> bool:
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
@@ -274,8 +284,11 @@ class LocalProvider:
         self._settings = settings
         self._net = ipaddress.ip_network(settings.subnet)
         self._gateway = str(next(self._net.hosts()))
-        self._lock = asyncio.Lock()
+        # One lock per cell, not one for all: cells are built side by side (N pods made at
+        # once scale with the cores); a repeated launch or a terminate waits for its own.
+        self._locks: dict[str, asyncio.Lock] = {}
         self._features = CellFeatures(shares_node_disk=True)
+        self._spawner = Spawner(self._dir / "spawner.log")
 
     @property
     def features(self) -> CellFeatures:
@@ -322,6 +335,7 @@ class LocalProvider:
         await run("ip", "link", "set", bridge, "up")
         await self._fence_host()
         self._features = await self._probe_features()
+        await self._spawner.start()
         # A launch cut short right after making the cell's directory left no record: the
         # cell was never handed to anyone. Take down whatever of it was built.
         for unrecorded in self._unrecorded_dirs():
@@ -333,7 +347,7 @@ class LocalProvider:
         for cell in self._read_all():
             if not Path(NETNS_DIR / cell.netns).exists():  # noqa: ASYNC240 - a stat of /run/netns
                 continue
-            await self._ipv6_off(cell, check=False)  # cells made before cells had no IPv6
+            self._ipv6_off(cell, check=False)  # cells made before cells had no IPv6
             if str(self._dir / cell.id / "agent") not in running:
                 log.info("reviving cell agent", cell=cell.id)
                 await self._start_agent(cell)
@@ -352,7 +366,7 @@ class LocalProvider:
             await run("ip", "link", "set", "dev", self._settings.bridge, "address", address)
 
     async def close(self) -> None:
-        pass
+        await self._spawner.close()  # the cells it forked stay, as VMs would
 
     def watch_events(self, sink: CellEvents) -> None:
         pass  # a local cell goes only when this node says so: no feed to watch
@@ -362,10 +376,9 @@ class LocalProvider:
 
     async def reset(self) -> int:
         """Delete every cell here and undo start() (fence, bridge); the number of cells deleted."""
-        async with self._lock:
-            cell_ids = [d.name for d in self._dir.iterdir() if d.is_dir()] if self._dir.exists() else []
-            for cell_id in cell_ids:
-                await self._teardown(cell_id)
+        cell_ids = [d.name for d in self._dir.iterdir() if d.is_dir()] if self._dir.exists() else []
+        for cell_id in cell_ids:
+            await self.terminate(cell_id)
         await remove_host_network(self._settings.bridge)
         return len(cell_ids)
 
@@ -413,19 +426,21 @@ class LocalProvider:
             else:
                 raise ProviderUnavailable(f"{tool}-restore could not install the host fence: {error.strip()}")
 
-    async def _ipv6_off(self, cell: _CellFile, *, check: bool = True) -> None:
-        """No IPv6 on a cell's link, either end, as for a pod of an IPv4 cluster.
-
-        Loopback keeps ::1 (pods have it; what binds [::1] still works). `default` first,
-        so eth0 is born without IPv6 and never sends a router solicitation or DAD.
-        """
-        if not Path("/proc/sys/net/ipv6").exists():  # noqa: ASYNC240 - a procfs stat, never blocks
+    def _ipv6_off(self, cell: _CellFile, *, check: bool = True) -> None:
+        """No IPv6 on a cell's link, either end, as for a pod of an IPv4 cluster: set on
+        both ends before they come up, so eth0 never sends a router solicitation or DAD.
+        Loopback keeps ::1 (pods have it; what binds [::1] still works)."""
+        if not Path("/proc/sys/net/ipv6").exists():
             return
-        in_cell = ["nsenter", f"--net={NETNS_DIR / cell.netns}", "--", "sysctl", "-q", "-w"]
-        await run(*in_cell, "net.ipv6.conf.default.disable_ipv6=1", check=check)
-        if Path(f"/sys/class/net/{cell.veth}").exists():  # noqa: ASYNC240 - a sysfs stat, never blocks
-            await run("sysctl", "-q", "-w", f"net.ipv6.conf.{cell.veth}.disable_ipv6=1", check=check)
-        await run(*in_cell, "net.ipv6.conf.eth0.disable_ipv6=1", check=False)  # eth0 once it exists
+        try:
+            write_netns_sysctls(NETNS_DIR / cell.netns,
+                                {f"net/ipv6/conf/{dev}/disable_ipv6": "1" for dev in ("default", "eth0")})
+            host_end = Path(f"/proc/sys/net/ipv6/conf/{cell.veth}/disable_ipv6")
+            if host_end.exists():
+                host_end.write_text("1")
+        except OSError as e:
+            if check:
+                raise ProviderUnavailable(f"cell {cell.id}: IPv6 could not be turned off: {e}") from None
 
     # -- cells ------------------------------------------------------------------
 
@@ -438,7 +453,7 @@ class LocalProvider:
             raise ProviderConfigError(
                 f"local cells are {self.default_architecture}; {shape.architecture} was asked for")
         cell_id = "c" + token[:12]
-        async with self._lock:
+        async with self._locks.setdefault(cell_id, asyncio.Lock()):
             existing = self._read(cell_id)
             if existing is not None:
                 if existing.token != token:
@@ -456,11 +471,11 @@ class LocalProvider:
             crash_point("cell-dir-made")
             try:
                 cell = _CellFile(
-                    id=cell_id, sandbox_id=shape.tags.get(TAG_SANDBOX, ""), address=self._allocate_address(),
+                    id=cell_id, sandbox_id=shape.tags.get(TAG_SANDBOX, ""), address="",
                     netns=f"kiyot-{token[:12]}", veth=f"kv{token[:12]}", tags=dict(shape.tags),
                     token=token, state="pending",
                 )
-                self._write(cell)  # claims the address before anything is built
+                self._record_with_address(cell)  # claims the address before anything is built
                 crash_point("cell-recorded")
                 await self._build_network(cell)
                 crash_point("cell-network-built")
@@ -500,8 +515,9 @@ class LocalProvider:
         raise ProviderConfigError("a local cell's identity comes from the node: there is nothing to enroll")
 
     async def terminate(self, cell_id: str) -> None:
-        async with self._lock:
+        async with self._locks.setdefault(cell_id, asyncio.Lock()):
             await self._teardown(cell_id)
+        self._locks.pop(cell_id, None)
 
     async def describe(self, cell_ids: list[str]) -> dict[str, Cell]:
         cells = (self._read(cell_id) for cell_id in cell_ids)
@@ -528,31 +544,34 @@ class LocalProvider:
             pull_path=f"{self._gateway}:{self._settings.pull_path_port}", hostname=cell.id,
         )
 
-    def _allocate_address(self) -> str:
-        # The file lock keeps two kiyot-py processes on one host from taking one address:
-        # the addresses in use are read under it.
+    def _record_with_address(self, cell: _CellFile) -> None:
+        """Give `cell` a free address and write its record, which claims the address.
+        Under the file lock, read and written in one step: neither another launch nor
+        another kiyot-py process on this host takes the same address."""
         with open(self._dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             used = {c.address for c in self._read_all()} | {self._gateway}
             for host in self._net.hosts():
                 if str(host) not in used:
-                    return str(host)
+                    cell.address = str(host)
+                    self._write(cell)
+                    return
         raise CapacityError(f"no free address left in {self._net} for another cell")
 
     async def _build_network(self, cell: _CellFile) -> None:
+        # Few processes per cell: one `ip -batch` for each step that must come before the
+        # next (the namespace and the link; the host's end up; the cell's end up).
         ns = cell.netns
-        await run("ip", "netns", "add", ns)
-        await self._ipv6_off(cell)  # before the veth exists: eth0 is born without IPv6
-        await run("ip", "link", "add", cell.veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        await self._ipv6_off(cell)  # and the host end, before it comes up
-        await run("ip", "link", "set", cell.veth, "master", self._settings.bridge, "up")
-        await run("ip", "-n", ns, "addr", "add", f"{cell.address}/{self._net.prefixlen}", "dev", "eth0")
-        await run("ip", "-n", ns, "link", "set", "eth0", "up")
-        await run("ip", "-n", ns, "link", "set", "lo", "up")
-        await run("ip", "-n", ns, "route", "add", "default", "via", self._gateway)
-        await self._forget_neighbour(cell.address)
+        await ip_batch([f"netns add {ns}", f"link add {cell.veth} type veth peer name eth0 netns {ns}"])
+        self._ipv6_off(cell)  # both ends still down
+        await ip_batch([f"link set {cell.veth} master {self._settings.bridge} up",
+                        # A reused address would otherwise go to the old cell's MAC for as
+                        # long as the kernel deems that entry reachable (15-45 s).
+                        f"neigh flush to {cell.address} dev {self._settings.bridge}"])
+        await ip_batch([f"addr add {cell.address}/{self._net.prefixlen} dev eth0", "link set eth0 up",
+                        "link set lo up", f"route add default via {self._gateway}"], netns=ns)
         # The agent's port answers the node only, not the pod's own containers.
-        await run("nsenter", f"--net={NETNS_DIR / ns}", "iptables", "-A", "INPUT", "-p", "tcp",
+        await run("nsenter", f"--net={NETNS_DIR / ns}", "iptables", "-w", "-A", "INPUT", "-p", "tcp",
                    "--dport", str(self._settings.agent_port), "!", "-s", self._gateway, "-j", "DROP")
 
     async def _forget_neighbour(self, address: str) -> None:
@@ -568,17 +587,13 @@ class LocalProvider:
         # The cell is the pod's host, as in a VM: namespaces of its own for IPC, PIDs and
         # mounts (with its own /proc), so that hostIPC and hostPID containers (no such
         # namespace in their spec: runc leaves them in the agent's) share the cell's,
-        # never the node's. Mounts made in the cell stay there (`slave`: the node's new
-        # mounts, such as the kubelet's volumes, still reach it) and go with it. `unshare`
-        # forks the supervisor as the namespace's pid 1 and kills it when it dies itself;
-        # the whole namespace dies with pid 1. `setsid --fork` makes the cell no child of
-        # this service (asyncio kills the children it still has when its loop ends; a VM
-        # outlives the node's service) and a session of its own. Its command line is ours
-        # (setsid and nsenter exec), how the node finds a cell's processes.
+        # never the node's. Mounts made in the cell stay there (the node's new mounts,
+        # such as the kubelet's volumes, still reach it) and go with it. The spawner forks
+        # the supervisor as the namespace's pid 1, in a session of its own and no child of
+        # this service (a VM outlives the node's service); the whole namespace dies with
+        # pid 1. Its command line reads as below: how the node finds a cell's processes.
         argv = [
-            "setsid", "--fork", "nsenter", f"--net={NETNS_DIR / cell.netns}", "--",
-            "unshare", "--ipc", "--pid", "--kill-child", "--mount-proc", "--propagation", "slave", "--",
-            sys.executable, "-m", "kiyot_cell.cli", "supervise",
+            "supervise",
             "--listen", f"{cell.address}:{self._settings.agent_port}",
             "--tls-dir", str(cell_dir / "tls"),
             "--state-dir", str(cell_dir / "agent"),
@@ -592,12 +607,9 @@ class LocalProvider:
         ]
         if self._shared_images is not None:  # a cell on this disk: the node unpacks each image once
             argv += ["--shared-images", str(self._shared_images)]
-        with open(cell_dir / "agent.log", "ab") as out:  # noqa: ASYNC230 - only opened (for the child), never read
-            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out)
-        if await proc.wait() != 0:
-            raise ProviderUnavailable(f"cell {cell.id}: its agent could not be started (see {cell_dir / 'agent.log'})")
+        pid = await self._spawner.spawn(argv, NETNS_DIR / cell.netns, cell_dir / "agent.log")
         crash_point("cell-supervisor-spawned")  # its pid not saved yet
-        cell.supervisor_pid = await _session_leader(cell_dir)
+        cell.supervisor_pid = pid
         self._write(cell)
 
     def _unrecorded_dirs(self) -> list[str]:
@@ -686,14 +698,3 @@ def running_agents() -> dict[str, list[int]]:
             found.setdefault(state_dir, []).append(pid)
     return found
 
-
-async def _session_leader(cell_dir: Path) -> int:
-    """The pid of the process that leads a cell's session (`unshare`, the parent of its pid
-    1), once it shows: 0 if it never does (the cell's agent died at once; its log says why)."""
-    for _ in range(100):  # bounded: 1 s
-        for pid in agent_processes(cell_dir):
-            with contextlib.suppress(ProcessLookupError):
-                if os.getsid(pid) == pid:
-                    return pid
-        await asyncio.sleep(0.01)
-    return 0

@@ -108,13 +108,12 @@ def log_lines(path: str) -> list[tuple[str, str, str]]:
 
 
 def cell_init(its_dir: Path) -> int:
-    """The node's pid of a cell's pid 1 (its supervisor, which `unshare` forked), or 0."""
+    """The node's pid of a cell's pid 1 (its supervisor, which the spawner forked), or 0."""
     try:
-        unshare = json.loads((its_dir / "cell.json").read_text())["supervisor_pid"]
-        children = Path(f"/proc/{unshare}/task/{unshare}/children").read_text().split()
+        pid = json.loads((its_dir / "cell.json").read_text())["supervisor_pid"]
     except (OSError, ValueError, KeyError):
         return 0
-    return int(children[0]) if children else 0
+    return pid if pid and Path(f"/proc/{pid}").exists() else 0
 
 
 def cell_runc(its_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
